@@ -1,0 +1,235 @@
+"""The Python face of vitlens: ``explain(model, images, methods, target)``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vitlens.engine import run_batch
+from vitlens.errors import InputError
+from vitlens.methods import get_method, parse_methods, to_pixels
+from vitlens.models import ExplainableModel, load_model
+
+
+@dataclass
+class Prediction:
+    """A class decision: index, human-readable name and softmax probability."""
+
+    index: int
+    name: str
+    prob: float
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "name": self.name, "prob": round(float(self.prob), 6)}
+
+
+@dataclass
+class InputRecord:
+    """Where an explained image came from and how it was cropped for the model."""
+
+    source: str | None
+    image: Image.Image | None
+    crop_box: tuple | None
+
+
+@dataclass
+class ExplainResult:
+    """Maps and predictions for a batch of images.
+
+    Attributes
+    ----------
+    methods : list of str
+    maps : dict
+        method -> (B, K, H, W) float tensor in [0, 1] at the model's input resolution.
+    patch_maps : dict
+        method -> (B, K, h, w) raw, un-normalised patch maps.
+    targets : LongTensor
+        (B, K) explained classes (K = 1 unless top-k targets were asked for).
+    predictions : list of Prediction
+        Top-1 prediction per image.
+    probabilities : Tensor
+        (B, classes) softmax probabilities.
+    inputs : list of InputRecord
+    params : dict
+        method -> the parameters used.
+    """
+
+    model: ExplainableModel
+    methods: list
+    maps: dict
+    patch_maps: dict
+    targets: torch.Tensor
+    predictions: list
+    probabilities: torch.Tensor
+    inputs: list
+    params: dict = field(default_factory=dict)
+
+    def __getitem__(self, method: str) -> torch.Tensor:
+        """(B, H, W) maps of a method when there is one target per image, else (B, K, H, W)."""
+        maps = self.maps[method]
+        return maps[:, 0] if maps.shape[1] == 1 else maps
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+    def target_predictions(self, i: int) -> list:
+        """The explained targets of image ``i`` as :class:`Prediction` objects."""
+        return [
+            Prediction(int(t), self.model.class_name(int(t)), float(self.probabilities[i, int(t)]))
+            for t in self.targets[i].tolist()
+        ]
+
+    def save(self, out_dir, cmap: str = "jet", alpha: float = 0.5) -> Path:
+        """Write overlays (PNG), raw maps (``.npy``) and ``manifest.json`` into ``out_dir``."""
+        from vitlens.outputs import RunWriter
+
+        writer = RunWriter(out_dir, self.model, {m: self.params[m] for m in self.methods}, cmap=cmap, alpha=alpha)
+        for i in range(len(self)):
+            record = self.inputs[i]
+            key = _key_for(record.source, i)
+            writer.write_image(key, record.source, record.image, record.crop_box, self, i, label=None)
+        writer.finish()
+        return Path(out_dir)
+
+
+def _key_for(source: str | None, index: int) -> str:
+    if source:
+        stem = Path(source).stem
+        return f"{index:04d}_{stem}"
+    return f"image_{index:04d}"
+
+
+def prepare_inputs(model: ExplainableModel, images) -> tuple[torch.Tensor, list]:
+    """Turn paths, PIL images, numpy arrays or tensors into one preprocessed batch.
+
+    A torch tensor is taken as already preprocessed model input, (3, H, W) or (B, 3, H, W).
+    Numpy arrays are raw images: (H, W, 3) or (H, W) uint8, or floats in [0, 1].
+    """
+    if isinstance(images, torch.Tensor):
+        batch = images.unsqueeze(0) if images.dim() == 3 else images
+        if batch.dim() != 4 or batch.shape[1] != 3:
+            raise InputError(f"a tensor input must be (B, 3, H, W) preprocessed images, got {tuple(images.shape)}")
+        return batch.float(), [InputRecord(None, None, None) for _ in range(batch.shape[0])]
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        images = [images]
+    tensors, records = [], []
+    for item in images:
+        if isinstance(item, torch.Tensor):
+            if item.dim() != 3:
+                raise InputError("a tensor in a list of images must be one (3, H, W) preprocessed image")
+            tensors.append(item.float())
+            records.append(InputRecord(None, None, None))
+            continue
+        source = None
+        if isinstance(item, (str, os.PathLike)):
+            from vitlens.data import load_image
+
+            source = str(item)
+            image = load_image(item)
+        elif isinstance(item, Image.Image):
+            image = item.convert("RGB")
+        elif isinstance(item, np.ndarray):
+            image = _array_to_image(item)
+        else:
+            raise InputError(f"cannot explain an input of type {type(item).__name__}: give paths, PIL images, arrays or tensors")
+        tensor, box = model.preprocess(image)
+        tensors.append(tensor)
+        records.append(InputRecord(source, image, box))
+    if not tensors:
+        raise InputError("no images given")
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise InputError(f"images of different preprocessed sizes cannot share a batch: {sorted(shapes)}")
+    return torch.stack(tensors), records
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.dtype != np.uint8:
+        array = np.clip(np.asarray(array, dtype=np.float64), 0, 1) * 255.0
+        array = np.round(array).astype(np.uint8)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3):
+        raise InputError(f"an image array must be (H, W) or (H, W, 3), got shape {array.shape}")
+    return Image.fromarray(array).convert("RGB")
+
+
+def explain(model, images, methods=None, target=None, batch_size: int = 16, device=None,
+            params: dict | None = None) -> ExplainResult:
+    """Explain images with one or more methods, all from one pass per batch.
+
+    Parameters
+    ----------
+    model : ExplainableModel, nn.Module or str
+        An adapter from :func:`vitlens.load_model`, a supported module, or a model spec.
+    images : path, PIL image, array, tensor, or a sequence of them
+        Tensors are taken as preprocessed model input.
+    methods : str or sequence of str, optional
+        Method names, ``'all'`` (default) or a comma-separated string.
+    target : optional
+        None / ``'pred'`` (predicted class), an index, a class name, ``'topK'``, or one
+        index/name per image.
+    batch_size : int
+        Images per forward pass.
+    device : str or torch.device, optional
+        Defaults to the model's device.
+    params : dict, optional
+        Per-method parameter overrides, e.g. ``{'rollout': {'discard_ratio': 0.9}}``.
+
+    Returns
+    -------
+    ExplainResult
+    """
+    if not isinstance(model, ExplainableModel):
+        model = load_model(model)
+    names = parse_methods(methods)
+    resolved = {name: get_method(name).params((params or {}).get(name)) for name in names}
+    unknown = set(params or {}) - set(names)
+    if unknown:
+        from vitlens.errors import MethodError
+
+        raise MethodError(f"parameters given for methods not requested: {', '.join(sorted(unknown))}")
+    if device is not None:
+        model.to(device)
+    batch, records = prepare_inputs(model, images)
+    per_image_targets = isinstance(target, (list, tuple)) or (isinstance(target, torch.Tensor) and target.dim() >= 1)
+    maps: dict = {n: [] for n in names}
+    patch_maps: dict = {n: [] for n in names}
+    targets, logits = [], []
+    for start in range(0, batch.shape[0], batch_size):
+        chunk = batch[start:start + batch_size].to(model.device)
+        chunk_target = target[start:start + chunk.shape[0]] if per_image_targets else target
+        result = run_batch(model, chunk, resolved, chunk_target)
+        for name in names:
+            raw = result.patch_maps[name]
+            b, k, h, w = raw.shape
+            patch_maps[name].append(raw.cpu())
+            maps[name].append(to_pixels(raw.reshape(b * k, h, w), result.input_size).reshape(b, k, *result.input_size).cpu())
+        targets.append(result.targets.cpu())
+        logits.append(result.logits.cpu())
+    all_logits = torch.cat(logits)
+    probabilities = all_logits.float().softmax(dim=-1)
+    top = probabilities.argmax(dim=-1)
+    predictions = [Prediction(int(i), model.class_name(int(i)), float(probabilities[b, i])) for b, i in enumerate(top)]
+    return ExplainResult(
+        model=model,
+        methods=names,
+        maps={n: torch.cat(v) for n, v in maps.items()},
+        patch_maps={n: torch.cat(v) for n, v in patch_maps.items()},
+        targets=torch.cat(targets),
+        predictions=predictions,
+        probabilities=probabilities,
+        inputs=records,
+        params=resolved,
+    )
+
+
+__all__ = ["ExplainResult", "InputRecord", "Prediction", "explain", "prepare_inputs"]

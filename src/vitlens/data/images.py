@@ -1,0 +1,221 @@
+"""Decode any common image file into an 8-bit RGB ``PIL.Image.Image``.
+
+Models want three 8-bit channels, but real folders hold grayscale scans, palette GIFs, transparent
+PNGs, 16-bit PNGs, CMYK JPEGs and phone photos whose pixels are stored sideways. ``load_image``
+turns all of them into what the user sees in an image viewer, and turns every way a file can be
+unreadable into one ``InputError`` line, so a batch run can report the file and move on.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+import zlib
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from vitlens.errors import InputError
+
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "is_image_file", "load_image"]
+
+#: File name endings (lower case, with the dot) that are treated as images when listing folders.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {
+        ".jpg", ".jpeg", ".jpe", ".jfif",
+        ".png", ".webp", ".bmp", ".gif",
+        ".tif", ".tiff",
+        ".ppm", ".pgm", ".pbm", ".pnm",
+    }
+)  # fmt: skip
+
+#: Largest image accepted, in pixels (400 megapixels: about 1.2 GB once decoded to RGB).
+MAX_PIXELS = 400_000_000
+
+# PIL refuses images above 2 * MAX_IMAGE_PIXELS (about 179 MP by default) as decompression bombs,
+# which rejects real panoramas and scans. Raise it so PIL only stops truly absurd files; our own,
+# clearer check against MAX_PIXELS runs before any pixel is decoded. Never lower a user's setting.
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+# What PIL and its codecs raise on damaged data: there is no single base class for it.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+
+
+
+class _UnsupportedMode(Exception):
+    """A decoded image whose colour mode has no conversion to RGB (e.g. LAB)."""
+
+
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_INTEGER_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """Tell whether ``path`` is an existing regular file with an image extension.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to check. Its content is not opened: a corrupt ``.jpg`` still counts, so that
+        the error surfaces later from :func:`load_image`, naming the file.
+
+    Returns
+    -------
+    bool
+        True when the (case-insensitive) extension is in :data:`IMAGE_EXTENSIONS` and the path is
+        a file.
+    """
+    return has_image_extension(path) and os.path.isfile(path)
+
+
+def has_image_extension(path: str | os.PathLike[str]) -> bool:
+    """Tell whether the name of ``path`` ends in one of :data:`IMAGE_EXTENSIONS` (no disk access)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Read an image file and return it fully decoded, upright, in 8-bit RGB mode.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Any format PIL can decode (JPEG/JFIF, PNG, WebP, BMP, GIF, TIFF, PPM/PGM, ...). The
+        format is found from the content, not the extension.
+
+    Returns
+    -------
+    PIL.Image.Image
+        A new image in mode ``"RGB"``, not tied to the file. In detail:
+
+        - the EXIF (or XMP) orientation is applied, so the size is what a viewer shows;
+        - animated GIF/WebP/PNG and multi-page TIFF give their first frame;
+        - transparency (alpha channel or palette/colour-key transparency) is composited over white;
+        - 16-bit grayscale is scaled to 8 bit (``v * 255 / 65535``, rounded), not clipped;
+          32-bit integer and float images are stretched from their own min..max (float images
+          already in 0..1 are scaled by 255);
+        - grayscale, palette, bilevel and CMYK images are converted to RGB (colour profiles
+          are ignored).
+
+    Raises
+    ------
+    InputError
+        One line, ``cannot read image '<path>': <reason>``, when the path is missing, a folder,
+        empty, not an image, truncated or corrupt, larger than :data:`MAX_PIXELS`, or in a colour
+        mode that has no RGB conversion.
+    """
+    name = os.fspath(path)
+
+    def fail(reason: str) -> InputError:
+        return InputError(f"cannot read image '{name}': {reason}")
+
+    # Check the common mistakes first: PIL's own messages for them are long or misleading.
+    if not os.path.exists(name):
+        raise fail("no such file")
+    if os.path.isdir(name):
+        raise fail("is a directory, not an image file")
+    try:
+        if os.path.getsize(name) == 0:
+            raise fail("file is empty")
+    except OSError as exc:
+        raise fail(_short_reason(exc)) from exc
+
+    try:
+        with warnings.catch_warnings():
+            # Size is checked below with a clearer message; PIL's warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(name) as im:
+                width, height = im.size
+                if width * height > MAX_PIXELS:
+                    raise fail(
+                        f"image is too large ({width}x{height} = {width * height / 1e6:.0f} "
+                        f"megapixels; the limit is {MAX_PIXELS / 1e6:.0f})"
+                    )
+                # Decode every pixel now so that a truncated file fails here, naming the file,
+                # rather than somewhere deep inside preprocessing.
+                im.load()
+                upright = _apply_orientation(im)
+                return _to_rgb(upright)
+    except InputError:
+        raise
+    except _UnsupportedMode as exc:
+        raise fail(str(exc)) from exc
+    except Image.DecompressionBombError as exc:
+        raise fail(f"image is too large ({_short_reason(exc)})") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise fail("not an image file, or a format that cannot be decoded") from exc
+    except PermissionError as exc:
+        raise fail("permission denied") from exc
+    except _DECODE_ERRORS as exc:
+        raise fail(f"truncated or corrupt image data ({_short_reason(exc)})") from exc
+
+
+def _apply_orientation(im: Image.Image) -> Image.Image:
+    """Rotate/flip ``im`` as its EXIF/XMP orientation tag says; leave it alone if the tag is broken."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:
+        # Damaged metadata is common in camera files and does not make the pixels unreadable:
+        # showing the image unrotated is better than refusing it.
+        return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert a decoded image of any mode into a new 8-bit RGB image."""
+    if im.mode in _INTEGER_MODES:
+        im = _integer_to_l(im)
+    elif im.mode == "F":
+        im = _float_to_l(im)
+
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        # PIL's convert understands every form of transparency (alpha band, palette index,
+        # colour key); dropping it instead would show whatever colour hides under the alpha.
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode == "RGB":
+        return im.copy()
+    try:
+        return im.convert("RGB")
+    except ValueError as exc:
+        raise _UnsupportedMode(f"colour mode {im.mode!r} cannot be converted to RGB") from exc
+
+
+def _integer_to_l(im: Image.Image) -> Image.Image:
+    """Map a 16/32-bit integer grayscale image to 8 bit without clipping."""
+    values = np.asarray(im).astype(np.int64)
+    if values.size and values.min() >= 0 and values.max() <= 65535:
+        # 16-bit data (PIL opens 16-bit PNG/TIFF/PGM as I;16 or I): use the full 16-bit range,
+        # so a dark image stays dark instead of being stretched.
+        scaled = (values * 255 + 32767) // 65535
+    else:
+        scaled = _stretch(values.astype(np.float64))
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def _float_to_l(im: Image.Image) -> Image.Image:
+    """Map a 32-bit float grayscale image to 8 bit: 0..1 data times 255, anything else stretched."""
+    values = np.nan_to_num(np.asarray(im, dtype=np.float64))
+    if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        scaled = np.rint(values * 255.0)
+    else:
+        scaled = _stretch(values)
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """Linearly map min..max of ``values`` onto 0..255 (a constant image becomes 0)."""
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape)
+    return np.rint((values - low) * (255.0 / (high - low)))
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line errors."""
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    return text.splitlines()[0] if text else type(exc).__name__
+

@@ -1,0 +1,122 @@
+"""Explanation methods: pure functions of captured tensors, and the registry that names them.
+
+Each method declares what it needs from the model run (``needs``): the engine captures exactly
+that, once per batch, and hands the same tensors to every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from vitlens.errors import MethodError
+from vitlens.methods.chefer import chefer_rollout
+from vitlens.methods.common import Captured, minmax, to_pixels
+from vitlens.methods.gmar import gmar
+from vitlens.methods.gmar_pp import gmar_plus_plus
+from vitlens.methods.legrad import legrad, resolve_layers
+from vitlens.methods.rollout import attention_rollout, raw_attention
+
+ATTENTIONS = "attentions"
+GRADIENTS = "gradients"  # d(target logit)/dA per layer
+LAYER_GRADIENTS = "layer_gradients"  # LeGrad: d(layer score)/dA of the same layer
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A named method: its function, what it needs captured, and its default parameters."""
+
+    name: str
+    function: Callable
+    needs: frozenset
+    class_specific: bool
+    defaults: dict = field(default_factory=dict)
+    summary: str = ""
+
+    def params(self, overrides: dict | None = None) -> dict:
+        params = dict(self.defaults)
+        for key, value in (overrides or {}).items():
+            if key not in params:
+                valid = ", ".join(sorted(params)) or "none"
+                raise MethodError(f"method '{self.name}' has no parameter '{key}' (parameters: {valid})")
+            params[key] = value
+        return params
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+register(MethodSpec("attention", raw_attention, frozenset({ATTENTIONS}), False, {"layer": -1},
+                    "raw last-layer attention of the class token, mean over heads (baseline)"))
+register(MethodSpec("rollout", attention_rollout, frozenset({ATTENTIONS}), False,
+                    {"head_fusion": "mean", "discard_ratio": 0.0, "start_layer": 0, "residual": 1.0},
+                    "attention rollout (Abnar & Zuidema 2020)"))
+register(MethodSpec("gmar-l1", gmar, frozenset({ATTENTIONS, GRADIENTS}), True,
+                    {"norm": "l1", "residual": 1.0, "start_layer": 0},
+                    "gradient-weighted head rollout, L1 head norms (Jo et al. 2025)"))
+register(MethodSpec("gmar-l2", gmar, frozenset({ATTENTIONS, GRADIENTS}), True,
+                    {"norm": "l2", "residual": 1.0, "start_layer": 0},
+                    "gradient-weighted head rollout, L2 head norms (Jo et al. 2025)"))
+register(MethodSpec("gmar++", gmar_plus_plus, frozenset({ATTENTIONS, GRADIENTS}), True,
+                    {"norm": "l2", "residual": 1.0, "normalize": "none", "start_layer": 0},
+                    "positive gradients x attention, per-layer head weights, residual rollout"))
+register(MethodSpec("legrad", legrad, frozenset({ATTENTIONS, LAYER_GRADIENTS}), True,
+                    {"layers": "all", "pool": "model"},
+                    "per-layer gradient of per-layer scores (Bousselham et al. 2025)"))
+register(MethodSpec("chefer", chefer_rollout, frozenset({ATTENTIONS, GRADIENTS}), True,
+                    {"start_layer": 0},
+                    "gradient x attention rollout (Chefer et al., ICCV 2021)"))
+
+#: the methods ``all`` expands to, in display order
+DEFAULT_METHODS = ("attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer")
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise MethodError(f"unknown method '{name}': choose from {', '.join(REGISTRY)}") from None
+
+
+def parse_methods(methods) -> list[str]:
+    """``'all'``, a comma-separated string or a list -> validated method names (order kept, no repeats)."""
+    if methods is None or methods == "all" or methods == ["all"]:
+        return list(DEFAULT_METHODS)
+    if isinstance(methods, str):
+        methods = [m for m in methods.split(",")]
+    names = []
+    for raw in methods:
+        name = raw.strip()
+        if not name:
+            continue
+        if name == "all":
+            names.extend(m for m in DEFAULT_METHODS if m not in names)
+            continue
+        get_method(name)
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise MethodError("no methods given")
+    return names
+
+
+__all__ = [
+    "ATTENTIONS",
+    "Captured",
+    "DEFAULT_METHODS",
+    "GRADIENTS",
+    "LAYER_GRADIENTS",
+    "MethodSpec",
+    "REGISTRY",
+    "get_method",
+    "minmax",
+    "parse_methods",
+    "register",
+    "resolve_layers",
+    "to_pixels",
+]

@@ -1,0 +1,26 @@
+"""Generic attention-model explainability (Chefer, Gur & Wolf, ICCV 2021), self-attention rules.
+
+With G^l = d y_c / d A^l from one backward of the target logit:
+
+    A_bar^l = mean_h max(G^l_h * A^l_h, 0)          (clamp before the head mean)
+    R       = (I + A_bar^L) ... (I + A_bar^s)         (no normalisation: R <- R + A_bar R)
+    map     = w_cls^T R on patch columns
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vitlens.methods.common import Captured, readout_rows
+
+
+def chefer_rollout(captured: Captured, start_layer: int = 0) -> torch.Tensor:
+    """Chefer grad x attention rollout patch map (B, h, w)."""
+    relevance = None
+    for attention, gradient in zip(captured.attentions[start_layer:], captured.gradients[start_layer:]):
+        layer = (gradient * attention).clamp_min(0).mean(dim=1)
+        if relevance is None:
+            n = layer.shape[-1]
+            relevance = torch.eye(n, dtype=layer.dtype, device=layer.device).expand_as(layer).clone()
+        relevance = relevance + layer @ relevance
+    return readout_rows(relevance, captured)

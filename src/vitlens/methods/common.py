@@ -1,0 +1,112 @@
+"""Shared building blocks of the attention-based methods (all batched, any float dtype).
+
+Shapes: B images, K heads, N tokens (prefix tokens first, then h*w patches row-major).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8
+
+
+@dataclass
+class Captured:
+    """What one forward (+ backward) captured, as the methods see it (all detached).
+
+    Attributes
+    ----------
+    attentions : list of Tensor
+        Post-softmax attention probabilities per layer, (B, K, N, N).
+    gradients : list of Tensor or None
+        d(target logit)/dA per layer, (B, K, N, N), for this target.
+    layer_gradients : dict
+        ``{(pool, layer): dS_layer/dA_layer}`` for LeGrad, where ``S_layer`` is the target
+        score read out of that layer's output.
+    readout : Tensor
+        (N,) weights of the token rows the classifier reads (CLS: one-hot at 0).
+    num_prefix : int
+        Prefix tokens before the patches (CLS, distillation, registers).
+    grid : (int, int)
+        Patch grid (h, w).
+    """
+
+    attentions: list
+    gradients: list | None
+    readout: torch.Tensor
+    num_prefix: int
+    grid: tuple
+    layer_gradients: dict = field(default_factory=dict)
+
+
+def fuse_heads(attention: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """(B, K, N, N) -> (B, N, N) by the mean, max or min over heads."""
+    if how == "mean":
+        return attention.mean(dim=1)
+    if how == "max":
+        return attention.amax(dim=1)
+    if how == "min":
+        return attention.amin(dim=1)
+    raise ValueError(f"unknown head fusion {how!r}: expected mean, max or min")
+
+
+def add_residual(matrix: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Row-normalise (M + alpha * I): the residual connection in Abnar & Zuidema's model.
+
+    With rows of M summing to 1 and alpha = 1 this is (M + I) / 2. Rows that are all zero
+    (possible after discarding) become the identity row.
+    """
+    n = matrix.shape[-1]
+    eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+    augmented = matrix + alpha * eye
+    return augmented / augmented.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(matrix.dtype).tiny)
+
+
+def compose(matrices: list) -> torch.Tensor:
+    """R = M_L ... M_2 M_1 (left multiplication: token updates z^l = A^l z^{l-1})."""
+    result = matrices[0]
+    for m in matrices[1:]:
+        result = m @ result
+    return result
+
+
+def readout_rows(matrix: torch.Tensor, captured: Captured) -> torch.Tensor:
+    """Read an (B, N, N) token-to-token matrix the way the classifier pools tokens -> (B, h, w).
+
+    The patch map is ``w^T M`` restricted to patch columns, where ``w`` weighs the token rows
+    that feed the classifier: the CLS row for CLS pooling (the usual ``M[0, 1:]``), the mean of
+    the CLS and distillation rows for distilled DeiT, the mean of patch rows for average pooling.
+    """
+    weights = captured.readout.to(matrix.dtype).to(matrix.device)
+    row = torch.einsum("n,bnm->bm", weights, matrix)
+    return patches_to_grid(row[:, captured.num_prefix:], captured.grid)
+
+
+def patches_to_grid(values: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """(B, P) per-patch values -> (B, h, w), row-major (token t -> (t // w, t % w))."""
+    h, w = grid
+    if values.shape[-1] != h * w:
+        raise ValueError(f"{values.shape[-1]} patch tokens do not fill a {h}x{w} grid")
+    return values.reshape(values.shape[0], h, w)
+
+
+def minmax(maps: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Per-map (x - min) / (max - min + eps) over the last two dimensions."""
+    flat = maps.flatten(start_dim=-2)
+    lo = flat.amin(dim=-1, keepdim=True)
+    hi = flat.amax(dim=-1, keepdim=True)
+    return ((flat - lo) / (hi - lo + eps)).reshape(maps.shape)
+
+
+def to_pixels(patch_maps: torch.Tensor, size: tuple) -> torch.Tensor:
+    """(B, h, w) raw patch maps -> (B, H, W) in [0, 1].
+
+    Bilinear upsampling with ``align_corners=False`` (as Chefer, LeGrad and pytorch-grad-cam's
+    cv2 resize), then per-image min-max with eps 1e-8 so a constant map becomes all zeros
+    instead of NaN.
+    """
+    up = F.interpolate(patch_maps.unsqueeze(1).float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return minmax(up.squeeze(1))

@@ -1,0 +1,163 @@
+"""What every model adapter offers the engine.
+
+An adapter wraps a user's ``nn.Module`` without changing it. It knows, for its model family:
+
+* how to run the model and get logits (:meth:`ExplainableModel.logits`),
+* how to capture attention probabilities even under fused attention (:meth:`capture`),
+* its prefix tokens (CLS, distillation, registers) and patch grid,
+* which token rows the classifier reads (:meth:`readout_weights`, used to read rollout-style
+  matrices the way the model itself pools),
+* how to read a class score out of any intermediate layer with the model's own final norm and
+  head (:meth:`layer_logits`, used by LeGrad).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from vitlens.errors import TargetError
+from vitlens.models.capture import AttentionRecorder
+from vitlens.models.preprocess import Preprocess
+
+
+@dataclass
+class ModelInfo:
+    """Provenance recorded in run manifests."""
+
+    spec: str
+    weights: str | None = None
+    weights_sha256: str | None = None
+
+
+class ExplainableModel:
+    """Base class of the model adapters. Subclasses fill in the family-specific parts."""
+
+    family = "base"
+    #: True for transformers whose attention vitlens can capture.
+    has_attention = True
+
+    def __init__(
+        self,
+        module: nn.Module,
+        preprocess: Preprocess,
+        class_names: Sequence[str] | None = None,
+        info: ModelInfo | None = None,
+    ):
+        self.module = module
+        self.preprocess = preprocess
+        self.class_names = list(class_names) if class_names is not None else None
+        self.info = info or ModelInfo(spec=f"module:{type(module).__name__}")
+
+    # --- facts about the model -------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def grid(self, input_hw: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (h, w) for an input of the given (H, W)."""
+        ph, pw = self.patch_size
+        return input_hw[0] // ph, input_hw[1] // pw
+
+    def readout_weights(self, num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """(N,) weights over token rows that the classifier reads (sums to 1)."""
+        weights = torch.zeros(num_tokens, device=device, dtype=dtype)
+        weights[0] = 1.0
+        return weights
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def to(self, device) -> "ExplainableModel":
+        self.module.to(device)
+        return self
+
+    def class_name(self, index: int) -> str:
+        if self.class_names is not None and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return f"class {index}"
+
+    def class_index(self, name: str) -> int:
+        """Index of a class given by name (case-insensitive; any comma-separated synonym)."""
+        if self.class_names is None:
+            raise TargetError(f"target class {name!r} given by name, but the model has no class names")
+        wanted = name.strip().lower()
+        for i, full in enumerate(self.class_names):
+            if full.lower() == wanted:
+                return i
+        for i, full in enumerate(self.class_names):
+            if wanted in (part.strip().lower() for part in full.split(",")):
+                return i
+        raise TargetError(f"unknown target class name {name!r} for this model ({len(self.class_names)} classes)")
+
+    def check_class_index(self, index: int) -> int:
+        n = self.num_classes
+        if not 0 <= index < n:
+            raise TargetError(f"target class {index} is out of range: the model has {n} classes (0-{n - 1})")
+        return index
+
+    # --- running it ------------------------------------------------------------------------
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the model on a preprocessed batch and return its (B, classes) logits."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+        """Within the block, forwards report every layer's attention probabilities to ``recorder``."""
+        raise NotImplementedError
+        yield recorder  # pragma: no cover
+
+    def layer_logits(self, hidden: torch.Tensor, pool: str = "model") -> torch.Tensor:
+        """Class scores read out of a block's output with the model's own final norm and head.
+
+        Parameters
+        ----------
+        hidden : Tensor
+            (B, N, C) residual stream after some block.
+        pool : {'model', 'mean'}
+            ``'model'`` pools tokens exactly as the model does (CLS token, distillation average,
+            patch mean...). ``'mean'`` averages all N tokens first (the official LeGrad choice):
+            replacing every token by the mean makes any token pooling read that mean, and since
+            the final norm acts per token this equals norm-then-head of the mean.
+        """
+        if pool == "mean":
+            hidden = hidden.mean(dim=1, keepdim=True).expand_as(hidden)
+        elif pool != "model":
+            raise ValueError(f"unknown pool {pool!r}: expected 'model' or 'mean'")
+        return self._head(hidden)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Explanations are defined for the model in eval mode; restore the user's mode after."""
+        flags = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        try:
+            yield
+        finally:
+            for m, flag in flags:
+                m.training = flag
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spec={self.info.spec!r})"

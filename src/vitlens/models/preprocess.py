@@ -1,0 +1,141 @@
+"""Image preprocessing described by the model's own configuration.
+
+Every model family states its preprocessing somewhere different (a timm pretrained config, a Hugging
+Face image-processor config, torchvision's weight metadata). Adapters translate theirs into one
+:class:`Preprocess`, so the rest of vitlens never guesses a mean, a crop or an interpolation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+_PIL_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+# Hugging Face processor configs store PIL's integer codes.
+_PIL_CODE_TO_NAME = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a PIL image becomes the model's input tensor.
+
+    Parameters
+    ----------
+    input_size : (int, int)
+        Height and width of the model input.
+    mean, std : tuple of float
+        Per-channel normalisation applied to values scaled to [0, 1].
+    interpolation : str
+        Resampling filter name: ``nearest``, ``bilinear``, ``bicubic``, ``lanczos``...
+    crop_pct : float
+        ``resize_mode='shorter'`` resizes the shorter side to ``size / crop_pct`` and then centre
+        crops ``input_size`` (timm and torchvision convention); 1.0 means no margin is cropped.
+    resize_mode : str
+        ``'shorter'`` (resize shorter side, keep aspect, centre crop) or ``'exact'`` (resize both
+        sides to ``input_size``, aspect not kept: the Hugging Face ViT processor convention).
+    """
+
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    resize_mode: str = "shorter"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        if not d["extra"]:
+            del d["extra"]
+        return d
+
+    def geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+        """Resized size and the crop box in *original* pixel coordinates.
+
+        Returns
+        -------
+        resized : (int, int)
+            (width, height) the image is resized to before cropping.
+        crop_box : (x0, y0, x1, y1)
+            The region of the original image that ends up in the model input; explanation maps
+            are placed back onto the original image through this box.
+        """
+        out_h, out_w = self.input_size
+        if self.resize_mode == "exact":
+            return (out_w, out_h), (0.0, 0.0, float(width), float(height))
+        if self.resize_mode != "shorter":
+            raise ValueError(f"unknown resize_mode {self.resize_mode!r}")
+        if out_h == out_w:
+            # Same rule as timm / torchvision Resize(int): the shorter side becomes
+            # floor(size / crop_pct), the longer side keeps the aspect ratio (truncated).
+            target = math.floor(out_h / self.crop_pct)
+            if width <= height:
+                new_w, new_h = target, int(target * height / width)
+            else:
+                new_w, new_h = int(target * width / height), target
+        else:
+            # timm resizes non-square inputs to floor(size / crop_pct) per side.
+            new_w, new_h = math.floor(out_w / self.crop_pct), math.floor(out_h / self.crop_pct)
+        new_w, new_h = max(new_w, out_w), max(new_h, out_h)
+        left, top = _crop_offset(new_w, out_w), _crop_offset(new_h, out_h)
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+        return (new_w, new_h), box
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+        """Preprocess one RGB PIL image; returns the (3, H, W) tensor and the crop box."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        (new_w, new_h), box = self.geometry(*image.size)
+        resample = _PIL_RESAMPLE[self.interpolation]
+        resized = image.resize((new_w, new_h), resample=resample)
+        out_h, out_w = self.input_size
+        left, top = _crop_offset(new_w, out_w), _crop_offset(new_h, out_h)
+        cropped = resized.crop((left, top, left + out_w, top + out_h))
+        array = np.asarray(cropped, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (tensor - mean) / std, box
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a normalised (B, 3, H, W) batch back to [0, 1] pixel values."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return x * std + mean
+
+    def with_input_size(self, height: int, width: int) -> "Preprocess":
+        return Preprocess((height, width), self.mean, self.std, self.interpolation, self.crop_pct, self.resize_mode, self.extra)
+
+
+def _crop_offset(size: int, crop: int) -> int:
+    # torchvision CenterCrop rounds the same way
+    return int(round((size - crop) / 2.0))
+
+
+def interpolation_name(value) -> str:
+    """Normalise an interpolation given as a name, a PIL code or a torchvision enum."""
+    if isinstance(value, int):
+        return _PIL_CODE_TO_NAME.get(value, "bilinear")
+    name = getattr(value, "value", value)
+    name = str(name).lower()
+    if name not in _PIL_RESAMPLE:
+        return "bilinear"
+    return name

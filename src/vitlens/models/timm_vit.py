@@ -1,0 +1,141 @@
+"""Adapter for timm ``VisionTransformer`` and relatives (DeiT, distilled DeiT, register tokens)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from vitlens.errors import ModelError
+from vitlens.models.base import ExplainableModel
+from vitlens.models.capture import AttentionRecorder, attribute_set, explicit_attention, swapped_forward
+
+SUPPORTED_POOLS = ("token", "avg")
+
+
+def is_timm_vit(module: nn.Module) -> bool:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(module, VisionTransformer)
+
+
+def _check_attention(block_index: int, attn: nn.Module) -> None:
+    from timm.models.vision_transformer import Attention
+
+    if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
+        raise ModelError(
+            f"unsupported attention implementation {type(attn).__module__}.{type(attn).__name__} "
+            f"in block {block_index}: vitlens reads timm's standard Attention (qkv, q_norm, k_norm, proj)"
+        )
+
+
+class TimmViT(ExplainableModel):
+    """timm ``VisionTransformer`` (``vit_*``, ``deit_*``, ``*_reg*``, distilled DeiT)."""
+
+    family = "timm"
+
+    def __init__(self, module, preprocess, class_names=None, info=None):
+        super().__init__(module, preprocess, class_names, info)
+        pool = getattr(module, "global_pool", "token")
+        if pool not in SUPPORTED_POOLS:
+            raise ModelError(
+                f"timm global_pool={pool!r} is not supported: vitlens supports {', '.join(SUPPORTED_POOLS)}"
+            )
+        if pool == "token" and getattr(module, "cls_token", None) is None:
+            raise ModelError("timm model pools the class token but has none")
+        for i, block in enumerate(module.blocks):
+            _check_attention(i, block.attn)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.module.num_classes)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.module.blocks)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.module.num_prefix_tokens)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        p = self.module.patch_embed.patch_size
+        return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+    @property
+    def distilled(self) -> bool:
+        return getattr(self.module, "dist_token", None) is not None
+
+    def grid(self, input_hw):
+        patch_embed = self.module.patch_embed
+        if hasattr(patch_embed, "dynamic_feat_size") and getattr(self.module, "dynamic_img_size", False):
+            return tuple(int(v) for v in patch_embed.dynamic_feat_size(input_hw))
+        return super().grid(input_hw)
+
+    def readout_weights(self, num_tokens, device=None, dtype=torch.float32):
+        weights = torch.zeros(num_tokens, device=device, dtype=dtype)
+        if self.module.global_pool == "avg":
+            prefix = self.num_prefix_tokens
+            weights[prefix:] = 1.0 / (num_tokens - prefix)
+        elif self.distilled:
+            weights[0] = weights[1] = 0.5
+        else:
+            weights[0] = 1.0
+        return weights
+
+    def logits(self, x):
+        return self.module(x)
+
+    def _head(self, hidden):
+        return self.module.forward_head(self.module.norm(hidden))
+
+    @contextlib.contextmanager
+    def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+        with contextlib.ExitStack() as stack:
+            for i, block in enumerate(self.module.blocks):
+                attn = block.attn
+                stack.enter_context(swapped_forward(attn, _capturing_forward(attn, i, recorder)))
+                if recorder.keep_block_outputs:
+                    handle = block.register_forward_hook(_block_hook(i, recorder))
+                    stack.callback(handle.remove)
+            # checkpoint_seq would re-run blocks during backward and record twice
+            if getattr(self.module, "grad_checkpointing", False):
+                stack.enter_context(attribute_set(self.module, "grad_checkpointing", False))
+            yield recorder
+
+
+def _block_hook(index: int, recorder: AttentionRecorder):
+    def hook(module, inputs, output):
+        recorder.on_block_output(index, output)
+
+    return hook
+
+
+def _capturing_forward(attn: nn.Module, layer: int, recorder: AttentionRecorder):
+    """timm ``Attention.forward`` with the softmax made explicit (same parameters, same order)."""
+
+    def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        gate_module = getattr(attn, "gate", None)
+        gate = gate_module(x).sigmoid() if gate_module is not None else None
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        mask = attn_mask
+        if is_causal:
+            causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+            mask = causal if mask is None else mask & causal
+        out = explicit_attention(q, k, v, attn.scale, layer, recorder, mask)
+        out = out.transpose(1, 2).reshape(B, N, getattr(attn, "attn_dim", C))
+        out = attn.norm(out)
+        if gate is not None:
+            out = out * gate
+        out = attn.proj(out)
+        return attn.proj_drop(out)
+
+    return forward

@@ -1,0 +1,119 @@
+"""Turn scalar maps into colours.
+
+Only the colormap registry of matplotlib is used here: no figure, no backend, nothing global.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colormaps
+
+from vitlens.errors import VitlensError
+
+# Shown in the error message so a typo can be fixed without opening the matplotlib docs.
+_SUGGESTED_CMAPS = ("jet", "viridis", "inferno", "magma", "turbo", "bwr", "seismic", "coolwarm", "gray")
+
+
+class RenderError(VitlensError, ValueError):
+    """An invalid rendering argument (colormap name, alpha, cell size ...).
+
+    Also a ``ValueError`` so callers that treat bad arguments generically still catch it.
+    """
+
+
+class ColormapError(RenderError):
+    """An unknown colormap name."""
+
+
+def get_cmap(name: str):
+    """Look up a matplotlib colormap by name.
+
+    Parameters
+    ----------
+    name : str
+        Any name registered with matplotlib (``"jet"``, ``"bwr"``, ``"viridis_r"`` ...).
+
+    Returns
+    -------
+    matplotlib.colors.Colormap
+
+    Raises
+    ------
+    ColormapError
+        If the name is unknown; the one-line message lists a few valid names.
+    """
+    try:
+        return colormaps[name]
+    except (KeyError, TypeError):
+        raise ColormapError(
+            f"unknown colormap {name!r}; try one of: {', '.join(_SUGGESTED_CMAPS)}"
+        ) from None
+
+
+def clean_unit(values: np.ndarray) -> np.ndarray:
+    """Return ``values`` as float32 with NaN/±inf replaced and everything clipped to [0, 1].
+
+    NaN counts as "no evidence" (0); +inf as 1 and -inf as 0, which is what clipping a huge
+    value would give anyway.
+    """
+    arr = np.asarray(values, dtype=np.float32)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(arr, 0.0, 1.0)
+
+
+def apply_colormap(values: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """Colour-map a 2-D map of values in [0, 1].
+
+    Parameters
+    ----------
+    values : np.ndarray, shape (H, W)
+        Values in [0, 1]; values outside are clipped and NaN is treated as 0.
+    cmap : str, default "jet"
+        Name of a matplotlib colormap.
+
+    Returns
+    -------
+    np.ndarray, shape (H, W, 3), dtype uint8
+        RGB colours (the colormap's alpha channel is dropped).
+
+    Raises
+    ------
+    ColormapError
+        Unknown colormap name.
+    ValueError
+        ``values`` is not two-dimensional (a programming error, not a user error).
+    """
+    arr = np.asarray(values)
+    if arr.ndim != 2:
+        raise ValueError(f"apply_colormap expects a 2-D map, got shape {arr.shape}")
+    colormap = get_cmap(cmap)
+    # bytes=True makes matplotlib do the 0..255 quantisation exactly as it does for its own images.
+    rgba = colormap(clean_unit(arr), bytes=True)
+    return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
+
+
+def signed_to_unit(relevance: np.ndarray) -> np.ndarray:
+    """Map a signed relevance map to [0, 1] with 0.5 meaning zero relevance.
+
+    Scaling is symmetric by ``max |R|`` so that positive and negative evidence of equal
+    magnitude get equally strong colours on a diverging colormap (red positive, blue negative
+    with ``bwr``/``seismic``). An all-zero (or all-NaN) map maps to all 0.5. NaN counts as 0.
+
+    Parameters
+    ----------
+    relevance : np.ndarray
+        Signed values of any shape.
+
+    Returns
+    -------
+    np.ndarray
+        float32 array of the same shape, values in [0, 1].
+    """
+    arr = np.asarray(relevance, dtype=np.float32)
+    # Infinite relevance would make every finite value 0.5; treat it as the largest finite value.
+    finite = arr[np.isfinite(arr)]
+    bound = float(np.abs(finite).max()) if finite.size else 0.0
+    arr = np.nan_to_num(arr, nan=0.0, posinf=bound, neginf=-bound)
+    if bound == 0.0:
+        return np.full(arr.shape, 0.5, dtype=np.float32)
+    return np.clip(0.5 + 0.5 * arr / bound, 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,160 @@
+"""Blend explanation heatmaps onto the images they explain.
+
+Heatmaps come out of a model at patch resolution (e.g. 14x14) while the image can be any
+size; everything here is drawn at the image's own resolution so overlays line up with the
+picture a user actually looked at, not with the model's 224x224 crop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vitlens.render.atomic import write_atomic
+from vitlens.render.colors import RenderError, apply_colormap, clean_unit, signed_to_unit
+
+
+def resize_map(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize a 2-D map.
+
+    Parameters
+    ----------
+    heatmap : np.ndarray, shape (h, w)
+        Any real values. NaN propagates to neighbouring output pixels, so clean maps first
+        (:func:`overlay` does).
+    size : tuple of int
+        ``(width, height)`` of the result, PIL order.
+
+    Returns
+    -------
+    np.ndarray, shape (height, width), dtype float32
+        Every output value is a convex combination of input values, so the result stays
+        within ``[heatmap.min(), heatmap.max()]``.
+    """
+    arr = np.ascontiguousarray(heatmap, dtype=np.float32)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"resize_map expects a non-empty 2-D map, got shape {arr.shape}")
+    width, height = (int(v) for v in size)
+    if width <= 0 or height <= 0:
+        raise ValueError(f"resize_map target size must be positive, got {size}")
+    if arr.shape == (height, width):
+        return arr.copy()
+    # PIL's mode "F" keeps float32 precision; its bilinear filter uses pixel-centre alignment
+    # and non-negative weights (also when shrinking), hence no overshoot.
+    resized = Image.fromarray(arr).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def _check_alpha(alpha: float) -> float:
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise RenderError(f"alpha must be between 0 and 1, got {alpha:g}")
+    return alpha
+
+
+def _blend(image: Image.Image, colors: np.ndarray, alpha: float) -> Image.Image:
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    mixed = (1.0 - alpha) * base + alpha * colors.astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(mixed), 0, 255).astype(np.uint8))
+
+
+def overlay(
+    image: Image.Image, heatmap: np.ndarray, cmap: str = "jet", alpha: float = 0.5
+) -> Image.Image:
+    """Alpha-blend a colour-mapped heatmap onto an image at the image's original resolution.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+        Any mode; converted to RGB (transparency is dropped).
+    heatmap : np.ndarray, shape (h, w)
+        Values in [0, 1], any resolution. Before resizing, NaN is treated as 0 (no
+        evidence) and values outside [0, 1] are clipped, so a slightly-off map never
+        wraps around the colormap.
+    cmap : str, default "jet"
+        Matplotlib colormap name.
+    alpha : float, default 0.5
+        Weight of the heatmap: 0 returns the image pixels unchanged, 1 the pure colormap.
+
+    Returns
+    -------
+    PIL.Image.Image
+        RGB image of size ``image.size``.
+
+    Raises
+    ------
+    RenderError
+        ``alpha`` outside [0, 1] or unknown colormap (:class:`~vitlens.render.colors.ColormapError`).
+    """
+    alpha = _check_alpha(alpha)
+    values = resize_map(clean_unit(heatmap), image.size)
+    return _blend(image, apply_colormap(values, cmap), alpha)
+
+
+def signed_overlay(
+    image: Image.Image, relevance: np.ndarray, cmap: str = "bwr", alpha: float = 0.6
+) -> Image.Image:
+    """Overlay a signed relevance map (e.g. LRP) with a diverging colormap.
+
+    The map is scaled symmetrically by ``max |R|`` (:func:`~vitlens.render.colors.signed_to_unit`),
+    so with ``bwr`` positive relevance is red, negative blue and zero white. NaN counts as 0.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+    relevance : np.ndarray, shape (h, w)
+        Signed values, any resolution.
+    cmap : str, default "bwr"
+    alpha : float, default 0.6
+
+    Returns
+    -------
+    PIL.Image.Image
+        RGB image of size ``image.size``.
+    """
+    # Scale before resizing: the sign-to-colour mapping must not depend on output size.
+    return overlay(image, signed_to_unit(relevance), cmap=cmap, alpha=alpha)
+
+
+def heatmap_image(heatmap: np.ndarray, cmap: str = "jet") -> Image.Image:
+    """Colour-map a heatmap on its own, at its own resolution.
+
+    Parameters
+    ----------
+    heatmap : np.ndarray, shape (h, w)
+        Values in [0, 1]; clipped, NaN treated as 0.
+    cmap : str, default "jet"
+
+    Returns
+    -------
+    PIL.Image.Image
+        RGB image of size ``(w, h)``.
+    """
+    return Image.fromarray(apply_colormap(heatmap, cmap))
+
+
+def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Save ``image`` as PNG without ever leaving a half-written file at ``path``.
+
+    The PNG is written to a hidden temp file in the same directory and moved into place
+    with ``os.replace``. Parent directories are created.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+    path : path-like
+        Destination; the format is PNG whatever the suffix.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    OutputError
+        One-line message when the directory cannot be created or the file cannot be written.
+    """
+    return write_atomic(path, lambda handle: image.save(handle, format="PNG"))

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitlens.render import (
+    RenderError,
+    apply_colormap,
+    heatmap_image,
+    overlay,
+    resize_map,
+    signed_overlay,
+)
+
+
+@pytest.fixture
+def photo():
+    rng = np.random.default_rng(1)
+    # 37 wide x 53 tall: odd, non-square, unrelated to the 14x14 map.
+    return Image.fromarray(rng.integers(0, 256, (53, 37, 3), dtype=np.uint8))
+
+
+def test_resize_map_uses_width_height_order_and_keeps_range(gradient_map):
+    out = resize_map(gradient_map, (37, 53))
+    assert out.shape == (53, 37) and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    # The left-to-right ramp survives resizing.
+    assert (np.diff(out[0]) >= -1e-6).all() and out[0, -1] > out[0, 0]
+
+
+def test_resize_map_downscale_stays_in_range():
+    rng = np.random.default_rng(2)
+    big = rng.random((100, 80)) * 4 - 2
+    out = resize_map(big, (7, 9))
+    assert out.shape == (9, 7)
+    assert out.min() >= big.min() - 1e-6 and out.max() <= big.max() + 1e-6
+
+
+def test_resize_map_same_size_is_identity(gradient_map):
+    np.testing.assert_array_equal(resize_map(gradient_map, (14, 14)), gradient_map)
+
+
+def test_overlay_keeps_original_resolution(photo, gradient_map):
+    out = overlay(photo, gradient_map)
+    assert out.size == (37, 53) and out.mode == "RGB"
+
+
+def test_alpha_zero_returns_original_pixels(photo, gradient_map):
+    out = overlay(photo, gradient_map, alpha=0.0)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(photo))
+
+
+def test_alpha_one_returns_pure_colormap(photo, gradient_map):
+    out = overlay(photo, gradient_map, cmap="jet", alpha=1.0)
+    expected = apply_colormap(resize_map(gradient_map, photo.size), "jet")
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+def test_half_alpha_is_the_average(photo):
+    out = overlay(photo, np.zeros((14, 14)), cmap="gray", alpha=0.5)  # gray(0) is black
+    expected = np.rint(np.asarray(photo, dtype=np.float32) * 0.5)
+    np.testing.assert_allclose(np.asarray(out, dtype=np.float32), expected, atol=1)
+
+
+def test_nan_counts_as_zero_and_out_of_range_is_clipped(photo):
+    zeros = np.asarray(overlay(photo, np.zeros((4, 4)), alpha=1.0))
+    ones = np.asarray(overlay(photo, np.ones((4, 4)), alpha=1.0))
+    np.testing.assert_array_equal(np.asarray(overlay(photo, np.full((4, 4), np.nan), alpha=1.0)), zeros)
+    np.testing.assert_array_equal(np.asarray(overlay(photo, np.full((4, 4), -5.0), alpha=1.0)), zeros)
+    np.testing.assert_array_equal(np.asarray(overlay(photo, np.full((4, 4), 9.0), alpha=1.0)), ones)
+
+
+def test_overlay_accepts_grayscale_and_rgba_images(gradient_map):
+    for mode in ("L", "RGBA", "P"):
+        img = Image.new(mode, (20, 10))
+        out = overlay(img, gradient_map)
+        assert out.size == (20, 10) and out.mode == "RGB"
+
+
+def test_bad_alpha_is_a_user_error(photo, gradient_map):
+    for alpha in (-0.1, 1.5):
+        with pytest.raises(RenderError, match="alpha"):
+            overlay(photo, gradient_map, alpha=alpha)
+
+
+def test_signed_overlay_red_positive_blue_negative():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    relevance = np.zeros((2, 4))
+    relevance[:, :2] = -3.0
+    relevance[:, 2:] = 1.5
+    out = np.asarray(signed_overlay(img, relevance, alpha=1.0)).astype(int)
+    assert out.shape == (20, 40, 3)
+    left, right = out[10, 2], out[10, 37]
+    assert left[2] > 200 and left[0] < 50  # blue
+    # +1.5 against max |R| 3 is half-strength red: clearly red, lighter than full red.
+    assert right[0] > 200 and right[2] < right[0] - 60
+
+
+def test_signed_overlay_all_zero_is_neutral():
+    img = Image.new("RGB", (8, 8), (0, 0, 0))
+    out = np.asarray(signed_overlay(img, np.zeros((2, 2)), alpha=1.0))
+    assert out.min() > 240  # bwr's centre is white
+
+
+def test_heatmap_image_has_map_resolution(gradient_map):
+    img = heatmap_image(gradient_map[:, :10], cmap="jet")
+    assert img.size == (10, 14) and img.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(img), apply_colormap(gradient_map[:, :10], "jet"))
