@@ -2,7 +2,10 @@
 
 __version__ = "0.1.0"
 
+from vitlens.api import ExplainResult, Prediction, explain  # noqa: E402
 from vitlens.errors import VitlensError  # noqa: E402
+from vitlens.methods import DEFAULT_METHODS, REGISTRY as METHODS  # noqa: E402
 from vitlens.models import load_model  # noqa: E402
 
-__all__ = ["VitlensError", "__version__", "load_model"]
+__all__ = ["DEFAULT_METHODS", "METHODS", "ExplainResult", "Prediction", "VitlensError", "__version__", "explain",
+           "load_model"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+
 @pytest.fixture
 def write_image() -> Callable[..., Path]:
     """Return ``write(path, size=(8, 6), color=(200, 30, 30))``: save a small solid RGB image."""

@@ -31,7 +31,9 @@ def _one_line_error(path, match: str) -> str:
     return message
 
 
-@pytest.mark.parametrize("ext", [".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm"])
+@pytest.mark.parametrize(
+    "ext", [".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm"]
+)
 def test_common_formats_decode_to_rgb(tmp_path, write_image, ext):
     path = write_image(tmp_path / f"img{ext}", size=(9, 7), color=(200, 30, 30))
     pixels = _rgb(path)
@@ -67,7 +69,9 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path):
 def test_32bit_integer_and_float_images(tmp_path):
     Image.fromarray(np.array([[-10, 0, 10]], dtype=np.int32), mode="I").save(tmp_path / "i.tif")
     np.testing.assert_array_equal(_rgb(tmp_path / "i.tif")[0, :, 1], [0, 128, 255])
-    Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F").save(tmp_path / "f.tif")
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F").save(
+        tmp_path / "f.tif"
+    )
     np.testing.assert_array_equal(_rgb(tmp_path / "f.tif")[0, :, 2], [0, 128, 255])
 
 
@@ -197,7 +201,19 @@ def test_pil_bomb_limit_is_raised_to_400_megapixels():
 
 
 def test_image_extensions():
-    required = {".jpeg", ".jpg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".ppm", ".pgm"}
+    required = {
+        ".jpeg",
+        ".jpg",
+        ".png",
+        ".webp",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".jfif",
+        ".ppm",
+        ".pgm",
+    }
     assert required <= IMAGE_EXTENSIONS
     assert all(e == e.lower() and e.startswith(".") for e in IMAGE_EXTENSIONS)
 

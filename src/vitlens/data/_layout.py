@@ -68,4 +68,6 @@ def parse_floats(texts: list[str], path: str, what: str, n: int) -> list[float]:
     try:
         return [float(t) for t in texts]
     except ValueError:
-        raise InputError(f"{what} '{path}' line {n}: expected numbers, got {' '.join(texts)!r}") from None
+        raise InputError(
+            f"{what} '{path}' line {n}: expected numbers, got {' '.join(texts)!r}"
+        ) from None

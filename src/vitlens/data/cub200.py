@@ -60,15 +60,17 @@ def resolve_cub200(
     boxes_file = os.path.join(root, "bounding_boxes.txt")
     boxes = _read_boxes(boxes_file) if os.path.isfile(boxes_file) else {}
 
-    class_names = {classes.integer_key(cid): classes.text(cid) for cid in classes.keys()}
+    class_names = {classes.integer_key(cid): classes.text(cid) for cid in classes.ids()}
     samples = []
-    for image_id in sorted(images.keys(), key=natural_key):
+    for image_id in sorted(images.ids(), key=natural_key):
         if (splits.integer(image_id) == 1) != (split == "train"):
             continue
         class_id = labels.integer(image_id)
         class_name = class_names.get(class_id)
         if class_name is None:
-            raise InputError(f"'{labels.path}': class {class_id} of image {image_id} is not in classes.txt")
+            raise InputError(
+                f"'{labels.path}': class {class_id} of image {image_id} is not in classes.txt"
+            )
         if class_index is not None:
             label = class_index.label_of(class_name)
             name = class_index.names.get(class_name) or _readable(class_name)
@@ -104,10 +106,11 @@ class _Table:
             raise not_a_layout(root, LAYOUT, name)
         self.what = f"{LAYOUT} {name}"
         self.rows = {
-            key: (value.strip(), n) for n, (key, value) in read_records(self.path, self.what, fields=2)
+            key: (value.strip(), n)
+            for n, (key, value) in read_records(self.path, self.what, fields=2)
         }
 
-    def keys(self) -> list[str]:
+    def ids(self) -> list[str]:
         return list(self.rows)
 
     def text(self, key: str) -> str:

@@ -162,12 +162,18 @@ def _split_off(rest: str, kind: str, splits: tuple[str, ...], spec: str) -> tupl
     if tail.lower() in splits:
         return head, tail.lower()
     if os.path.exists(os.path.expanduser(head)):
-        raise InputError(f"unknown {kind} split '{tail}' in '{spec}' (expected {' or '.join(splits)})")
+        raise InputError(
+            f"unknown {kind} split '{tail}' in '{spec}' (expected {' or '.join(splits)})"
+        )
     return rest, None
 
 
 def _resolve_imagefolder(
-    root: str, split: str | None, spec: str, label_table: LabelTable | None, class_map: ClassIndex | None
+    root: str,
+    split: str | None,
+    spec: str,
+    label_table: LabelTable | None,
+    class_map: ClassIndex | None,
 ) -> list[Sample]:
     """One sub-folder per class, like ``torchvision.datasets.ImageFolder``."""
     classes = sorted(
@@ -201,7 +207,11 @@ def _resolve_imagefolder(
 
 
 def _resolve_imagenet_val(
-    root: str, split: str | None, spec: str, label_table: LabelTable | None, class_map: ClassIndex | None
+    root: str,
+    split: str | None,
+    spec: str,
+    label_table: LabelTable | None,
+    class_map: ClassIndex | None,
 ) -> list[Sample]:
     """The image files under a folder, labelled from a labels file (ImageNet validation style)."""
     if label_table is None:
@@ -231,13 +241,21 @@ def _resolve_imagenet_val(
 
 
 def _resolve_tinyimagenet(
-    root: str, split: str | None, spec: str, label_table: LabelTable | None, class_map: ClassIndex | None
+    root: str,
+    split: str | None,
+    spec: str,
+    label_table: LabelTable | None,
+    class_map: ClassIndex | None,
 ) -> list[Sample]:
     return tinyimagenet.resolve_tinyimagenet(root, split, spec, class_map)
 
 
 def _resolve_cub200(
-    root: str, split: str | None, spec: str, label_table: LabelTable | None, class_map: ClassIndex | None
+    root: str,
+    split: str | None,
+    spec: str,
+    label_table: LabelTable | None,
+    class_map: ClassIndex | None,
 ) -> list[Sample]:
     return cub200.resolve_cub200(root, split, spec, class_map)
 

@@ -43,7 +43,6 @@ if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 
 
-
 class _UnsupportedMode(Exception):
     """A decoded image whose colour mode has no conversion to RGB (e.g. LAB)."""
 
@@ -218,4 +217,3 @@ def _short_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         text = exc.strerror
     return text.splitlines()[0] if text else type(exc).__name__
-

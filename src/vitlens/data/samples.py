@@ -20,7 +20,9 @@ _MAX_KEY_LENGTH = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Names Windows refuses for files whatever the extension.
 _RESERVED = frozenset(
-    {"CON", "PRN", "AUX", "NUL"} | {f"COM{i}" for i in range(1, 10)} | {f"LPT{i}" for i in range(1, 10)}
+    {"CON", "PRN", "AUX", "NUL"}
+    | {f"COM{i}" for i in range(1, 10)}
+    | {f"LPT{i}" for i in range(1, 10)}
 )
 
 

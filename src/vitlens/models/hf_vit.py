@@ -133,7 +133,8 @@ class HFViT(ExplainableModel):
                     for i, layer in enumerate(self.layers):
                         handle = layer.register_forward_hook(_layer_hook(i, recorder))
                         stack.callback(handle.remove)
-                if getattr(self.module, "is_gradient_checkpointing", False):
+                if getattr(self.module, "gradient_checkpointing", False) or any(
+                        getattr(m, "gradient_checkpointing", False) for m in self.layers):
                     raise ModelError("disable gradient checkpointing before explaining a Hugging Face model")
                 yield recorder
         finally:

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-init ViTs of every supported family, and the real data beside the repo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VIT_TINY_WEIGHTS = SHARED_DATA / "vit_tiny_in1k_augreg" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.pth"
+VIT_TINY_SPEC = "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+requires_shared = pytest.mark.skipif(not VIT_TINY_WEIGHTS.is_file(), reason="../shared/data is not beside the checkout")
+
+
+def tiny_timm_vit(seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A small random timm ViT (32x32 input, 8x8 patches -> 4x4 grid) in eval mode."""
+    import timm
+
+    torch.manual_seed(seed)
+    options = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, mlp_ratio=2.0, num_classes=10)
+    options.update(kwargs)
+    name = options.pop("name", "vit_tiny_patch16_224")
+    return timm.create_model(name, pretrained=False, **options).eval()
+
+
+def tiny_hf_vit(seed: int = 0, kind: str = "vit", **kwargs) -> torch.nn.Module:
+    from transformers import (DeiTConfig, DeiTForImageClassification, DeiTForImageClassificationWithTeacher,
+                              ViTConfig, ViTForImageClassification)
+
+    torch.manual_seed(seed)
+    options = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                   image_size=32, patch_size=8, num_labels=10, layer_norm_eps=1e-6)
+    options.update(kwargs)
+    if kind == "vit":
+        return ViTForImageClassification(ViTConfig(**options)).eval()
+    config = DeiTConfig(**options)
+    if kind == "deit":
+        return DeiTForImageClassification(config).eval()
+    return DeiTForImageClassificationWithTeacher(config).eval()
+
+
+def tiny_torchvision_vit(seed: int = 0) -> torch.nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=4, hidden_dim=48, mlp_dim=96,
+                              num_classes=10)
+    # torchvision zero-initialises the head, which would make every logit and gradient zero
+    torch.nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model.eval()
+
+
+@pytest.fixture
+def timm_vit():
+    return tiny_timm_vit()
+
+
+@pytest.fixture(scope="session")
+def real_vit():
+    """The real ImageNet ViT-Tiny from ../shared/data (session-wide: loading takes a second)."""
+    if not VIT_TINY_WEIGHTS.is_file():
+        pytest.skip("../shared/data is not beside the checkout")
+    import vitlens
+
+    return vitlens.load_model(VIT_TINY_SPEC, weights=VIT_TINY_WEIGHTS)
