@@ -69,6 +69,7 @@ class ExplainResult:
     probabilities: torch.Tensor
     inputs: list
     params: dict = field(default_factory=dict)
+    input_tensors: torch.Tensor | None = None
 
     def __getitem__(self, method: str) -> torch.Tensor:
         """(B, H, W) maps of a method when there is one target per image, else (B, K, H, W)."""
@@ -89,20 +90,20 @@ class ExplainResult:
         """Write overlays (PNG), raw maps (``.npy``) and ``manifest.json`` into ``out_dir``."""
         from vitlens.outputs import RunWriter
 
-        writer = RunWriter(out_dir, self.model, {m: self.params[m] for m in self.methods}, cmap=cmap, alpha=alpha)
+        writer = RunWriter(out_dir, self.model, {m: self.params[m] for m in self.methods}, resume=False,
+                           cmap=cmap, alpha=alpha)
         for i in range(len(self)):
             record = self.inputs[i]
-            key = _key_for(record.source, i)
-            writer.write_image(key, record.source, record.image, record.crop_box, self, i, label=None)
+            writer.write_image(_key_for(record.source, i), record.source, record.image, record.crop_box, self, i)
         writer.finish()
         return Path(out_dir)
 
 
 def _key_for(source: str | None, index: int) -> str:
-    if source:
-        stem = Path(source).stem
-        return f"{index:04d}_{stem}"
-    return f"image_{index:04d}"
+    from vitlens.data.samples import make_key
+
+    name = Path(source).name if source else "image"
+    return f"{index:04d}_{make_key(name)}"
 
 
 def prepare_inputs(model: ExplainableModel, images) -> tuple[torch.Tensor, list]:
@@ -229,6 +230,7 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
         probabilities=probabilities,
         inputs=records,
         params=resolved,
+        input_tensors=batch.cpu(),
     )
 
 

@@ -108,6 +108,7 @@ def run_batch(model: ExplainableModel, x: torch.Tensor, methods: dict, target=No
         method name -> resolved parameter dict.
     target : see :func:`resolve_targets`.
     """
+    model.check_input(x)
     needs, layer_requests = plan(methods, model.num_layers)
     want_gradients = GRADIENTS in needs or LAYER_GRADIENTS in needs
     input_size = tuple(x.shape[-2:])

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from vitlens.errors import TargetError
+from vitlens.errors import ModelError, TargetError
 from vitlens.models.capture import AttentionRecorder
 from vitlens.models.preprocess import Preprocess
 
@@ -74,6 +74,17 @@ class ExplainableModel:
         """Patch grid (h, w) for an input of the given (H, W)."""
         ph, pw = self.patch_size
         return input_hw[0] // ph, input_hw[1] // pw
+
+    def fixed_input_size(self) -> tuple[int, int] | None:
+        """(H, W) the model requires, or None when it accepts other sizes."""
+        return None
+
+    def check_input(self, x: torch.Tensor) -> None:
+        fixed = self.fixed_input_size()
+        if fixed is not None and tuple(x.shape[-2:]) != tuple(fixed):
+            raise ModelError(
+                f"input of {x.shape[-2]}x{x.shape[-1]} pixels does not fit the model, which takes {fixed[0]}x{fixed[1]}"
+            )
 
     def readout_weights(self, num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """(N,) weights over token rows that the classifier reads (sums to 1)."""

@@ -106,6 +106,8 @@ def _load_from_spec(spec: str, weights, num_classes) -> ExplainableModel:
 def _load_timm(spec, name, weights, num_classes):
     import timm
 
+    from vitlens.models import hub
+
     base = name.split(".")[0]
     if not timm.is_model(base):
         raise ModelError(f"unknown timm model '{name}'")
@@ -113,6 +115,15 @@ def _load_timm(spec, name, weights, num_classes):
     if num_classes is None and state is not None:
         num_classes = _infer_num_classes(state, ("head.weight",))
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if weights is None:
+        cfg = timm.models.get_pretrained_cfg(name) if "." in name else timm.models.get_pretrained_cfg(base)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        cached = hub.hf_cached_file(hub_id) if hub_id else None
+        if cached is not None:
+            # read straight from the cache: no network round trip at all
+            kwargs["pretrained_cfg_overlay"] = {"file": cached}
+        elif not hub.reachable(hub.HF_HOST):
+            raise ModelError(f"cannot fetch pretrained weights for '{spec}': the model hub is unreachable; {HUB_HINT}")
     try:
         module = timm.create_model(name, pretrained=weights is None, **kwargs)
     except Exception as exc:  # hub errors come in many types
@@ -129,6 +140,10 @@ def _timm_preprocess(module) -> Preprocess:
 
     cfg = resolve_data_config({}, model=module)
     _, h, w = cfg["input_size"]
+    fixed = getattr(module.patch_embed, "img_size", None)
+    if fixed is not None and not getattr(module, "dynamic_img_size", False):
+        # the model's real input size wins over a pretrained config of another resolution
+        h, w = fixed
     return Preprocess(
         input_size=(int(h), int(w)),
         mean=tuple(float(v) for v in cfg["mean"]),
@@ -141,15 +156,22 @@ def _timm_preprocess(module) -> Preprocess:
 
 # --- Hugging Face --------------------------------------------------------------------------
 def _load_hf(spec, name, weights, num_classes):
-    from transformers import AutoConfig, AutoModelForImageClassification
+    from vitlens.models import hub
 
     kwargs = {} if num_classes is None else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
+    is_local = Path(name).is_dir()
     try:
-        if weights is None:
-            module = AutoModelForImageClassification.from_pretrained(name, **kwargs)
-        else:
-            config = AutoConfig.from_pretrained(name, **({} if num_classes is None else {"num_labels": num_classes}))
-            module = AutoModelForImageClassification.from_config(config)
+        # the local cache first: a pre-populated cache works offline without a network attempt
+        module = _hf_build(name, weights, num_classes, kwargs, local_files_only=True)
+    except OSError:
+        if is_local:
+            raise ModelError(f"cannot load Hugging Face model directory '{name}': missing config or weights") from None
+        if not hub.reachable(hub.HF_HOST):
+            raise ModelError(f"cannot fetch '{spec}': the model hub is unreachable and it is not cached; {HUB_HINT}") from None
+        module = None
+    try:
+        if module is None:
+            module = _hf_build(name, weights, num_classes, kwargs, local_files_only=False)
     except OSError as exc:
         if _looks_like_hub_error(exc) or not Path(name).exists():
             raise ModelError(f"cannot fetch '{spec}' (model hub unreachable or no such model?): {HUB_HINT}") from None
@@ -162,6 +184,16 @@ def _load_hf(spec, name, weights, num_classes):
     return wrap_module(module, preprocess=preprocess, info=ModelInfo(spec=spec))
 
 
+def _hf_build(name, weights, num_classes, kwargs, local_files_only):
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    if weights is None:
+        return AutoModelForImageClassification.from_pretrained(name, local_files_only=local_files_only, **kwargs)
+    config = AutoConfig.from_pretrained(name, local_files_only=local_files_only,
+                                        **({} if num_classes is None else {"num_labels": num_classes}))
+    return AutoModelForImageClassification.from_config(config)
+
+
 def _hf_preprocess_from_config(config, name) -> Preprocess:
     """Translate a Hugging Face image-processor config (ViT/DeiT style) into a :class:`Preprocess`."""
     proc = {}
@@ -169,7 +201,7 @@ def _hf_preprocess_from_config(config, name) -> Preprocess:
         try:
             from transformers.image_processing_base import ImageProcessingMixin
 
-            proc, _ = ImageProcessingMixin.get_image_processor_dict(name)
+            proc, _ = ImageProcessingMixin.get_image_processor_dict(name, local_files_only=True)
         except Exception:  # no processor config saved: fall back to the model config
             proc = {}
     size = proc.get("size") or {}
@@ -214,7 +246,12 @@ def _load_torchvision(spec, name, weights, num_classes):
         num_classes = _infer_num_classes(state, ("heads.head.weight", "fc.weight", "classifier.1.weight"))
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if weights is None:
+        from vitlens.models import hub
+
         enum = torchvision.models.get_model_weights(name).DEFAULT
+        if hub.torch_hub_cached_file(enum.url) is None and not hub.reachable(hub.TORCH_HOST):
+            raise ModelError(f"cannot fetch pretrained weights for '{spec}': {hub.TORCH_HOST} is unreachable; "
+                             "pass --weights FILE or put the file in torch's hub cache")
         try:
             module = builder(weights=enum, **kwargs)
         except Exception as exc:

@@ -77,6 +77,12 @@ class TimmViT(ExplainableModel):
             return tuple(int(v) for v in patch_embed.dynamic_feat_size(input_hw))
         return super().grid(input_hw)
 
+    def fixed_input_size(self):
+        if getattr(self.module, "dynamic_img_size", False):
+            return None
+        size = getattr(self.module.patch_embed, "img_size", None)
+        return None if size is None else (int(size[0]), int(size[1]))
+
     def readout_weights(self, num_tokens, device=None, dtype=torch.float32):
         weights = torch.zeros(num_tokens, device=device, dtype=dtype)
         if self.module.global_pool == "avg":

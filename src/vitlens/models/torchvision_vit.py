@@ -98,12 +98,10 @@ class TorchvisionViT(ExplainableModel):
     def patch_size(self):
         return (self.module.patch_size, self.module.patch_size)
 
+    def fixed_input_size(self):
+        return (self.module.image_size, self.module.image_size)
+
     def logits(self, x):
-        size = self.module.image_size
-        if tuple(x.shape[-2:]) != (size, size):
-            raise ModelError(
-                f"torchvision ViT takes only {size}x{size} inputs, got {x.shape[-2]}x{x.shape[-1]}"
-            )
         return self.module(x)
 
     def _head(self, hidden):

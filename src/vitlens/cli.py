@@ -1,0 +1,316 @@
+"""The ``vitlens`` command line.
+
+Exit codes: 0 all went well, 1 some inputs failed (listed at the end and in the manifest),
+2 a usage error (bad option, unknown method or model, unreadable weights...), 130 interrupted.
+User mistakes print one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+DEMO_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+class UsageError(Exception):
+    """Raised by the argument parser instead of printing usage and exiting."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the whole usage block
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_params(items) -> dict:
+    """``['rollout.discard_ratio=0.9', 'legrad.layers=last2']`` -> nested dict."""
+    from vitlens.errors import MethodError
+
+    params: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.rpartition(".")
+        if not sep or not dot or not method or not name:
+            raise MethodError(f"--param '{item}' must look like METHOD.NAME=VALUE (e.g. rollout.discard_ratio=0.9)")
+        params.setdefault(method, {})[name] = _parse_value(value)
+    return params
+
+
+def parse_target(text: str | None):
+    """CLI target: pred | INDEX | NAME | topK | label | comma-separated indices/names (several per image)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if "," in text and not text.lower().startswith("top"):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _add_model_options(p):
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="timm:NAME[.TAG], hf:ORG/NAME, a local HF directory, or torchvision:NAME (default: %(default)s)")
+    p.add_argument("--weights", help="local checkpoint (.pth/.pt/.bin/.safetensors) instead of hub weights")
+    p.add_argument("--num-classes", type=int, help="classifier size, when it differs from the pretrained config")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+
+
+def _add_method_options(p, default="all"):
+    p.add_argument("--methods", default=default, help="comma-separated method names, or 'all' (default: %(default)s)")
+    p.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
+                   help="method parameter, e.g. rollout.discard_ratio=0.9 (repeatable)")
+    p.add_argument("--target", default=None,
+                   help="pred (default), a class INDEX or NAME, topK (e.g. top3), or label (the ground truth)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vitlens", description="Explain vision transformers: heatmaps, overlays, comparisons, reports.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("explain", help="explain images, folders or datasets; write overlays, maps and a manifest")
+    p.add_argument("inputs", nargs="+", help="image files, folders, globs, or imagefolder:/tinyimagenet:/cub200:/imagenet-val: specs")
+    _add_model_options(p)
+    _add_method_options(p)
+    p.add_argument("--out", default="results", help="output directory (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--labels", help="labels file for imagenet-val: or plain inputs (CSV file,label or 'file index' lines)")
+    p.add_argument("--class-index", help="mapping from the model's output index to class ids (index<TAB>wnid<TAB>words)")
+    p.add_argument("--limit", type=int, help="explain only the first N inputs")
+    p.add_argument("--cmap", default="jet", help="overlay colormap (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity 0..1 (default: %(default)s)")
+    p.add_argument("--format", choices=["files", "html"], default="files", help="html also writes report.html")
+    p.add_argument("--resume", action="store_true", help="continue a run in --out (also the default when settings match)")
+    p.add_argument("--force", action="store_true", help="recompute everything even if --out holds finished work")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("compare", help="one grid PNG: rows = images (x targets), columns = original + each method")
+    p.add_argument("inputs", nargs="+", help="image files")
+    _add_model_options(p)
+    _add_method_options(p)
+    p.add_argument("--out", default="compare.png", help="output PNG (default: %(default)s)")
+    p.add_argument("--cmap", default="jet")
+    p.add_argument("--alpha", type=float, default=0.5)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html from a run's manifest")
+    p.add_argument("run_dir")
+    p.add_argument("--title")
+
+    p = sub.add_parser("demo", help="explain a few real photos with the default model and write a report")
+    _add_model_options(p)
+    p.add_argument("--out", default="vitlens-demo", help="output directory (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("methods", help="list the explanation methods and their parameters")
+
+    p = sub.add_parser("cache-weights", help="put a local checkpoint into the Hugging Face cache so SPEC loads offline")
+    p.add_argument("spec", help="timm:NAME.TAG the weights belong to")
+    p.add_argument("file", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
+    return parser
+
+
+def main(argv=None) -> int:
+    from vitlens.errors import VitlensError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.version:
+            import vitlens
+
+            print(f"vitlens {vitlens.__version__}")
+            return 0
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"{exc}  (see vitlens --help)", file=sys.stderr)
+        return 2
+    except VitlensError as exc:
+        print(f"vitlens: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vitlens: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _load(args):
+    import torch
+
+    import vitlens
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from vitlens.errors import VitlensError
+
+        raise VitlensError(f"--device {device}: CUDA is not available on this machine")
+    return vitlens.load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=device)
+
+
+def cmd_explain(args) -> int:
+    from vitlens.data import resolve_inputs
+    from vitlens.methods import parse_methods
+    from vitlens.outputs import check_writable
+    from vitlens.runner import run_explain
+
+    methods = parse_methods(args.methods)
+    params = parse_params(args.param)
+    for name in params:
+        if name not in methods:
+            from vitlens.errors import MethodError
+
+            raise MethodError(f"--param for '{name}', which is not among --methods")
+    samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit)
+    check_writable(args.out)
+    model = _load(args)
+    target = parse_target(args.target)
+    summary = run_explain(samples, model, methods, params, target, args.out, batch_size=args.batch_size,
+                          resume=not args.force, progress=not args.quiet, cmap=args.cmap, alpha=args.alpha,
+                          html=args.format == "html")
+    _print_summary(summary)
+    return 1 if summary.failed else 0
+
+
+def _print_summary(summary) -> None:
+    done = summary.explained
+    rate = done / summary.seconds if summary.seconds > 0 and done else 0.0
+    print(f"explained {done} image(s), {summary.skipped} already done, {len(summary.failed)} failed "
+          f"in {summary.seconds:.1f}s ({rate:.2f} img/s)")
+    for key, path, error in summary.failed:
+        print(f"  failed: {error}")
+    print(f"outputs: {summary.out_dir}  manifest: {summary.manifest}")
+    if summary.report:
+        print(f"report: {summary.report}")
+
+
+def cmd_compare(args, model=None) -> int:
+    import torch
+
+    import vitlens
+    from vitlens.data import load_image
+    from vitlens.methods import parse_methods
+    from vitlens.outputs import crop_box_pixels
+    from vitlens.render import GridRow, compare_grid
+
+    methods = parse_methods(args.methods)
+    params = parse_params(args.param)
+    images = [load_image(path) for path in args.inputs]
+    model = model or _load(args)
+    target = parse_target(args.target)
+    if isinstance(target, list):  # several classes of each image: one row per (image, class)
+        indices = [int(t) if str(t).lstrip("-").isdigit() else model.class_index(str(t)) for t in target]
+        target = torch.tensor([indices] * len(images))
+    result = vitlens.explain(model, images, methods=methods, target=target, params=params)
+    rows = []
+    for i, image in enumerate(images):
+        # the grid shows what the model saw: the crop of the original image
+        seen = image.crop(crop_box_pixels(result.inputs[i].crop_box, image.size))
+        for slot, prediction in enumerate(result.target_predictions(i)):
+            maps = {m: result.maps[m][i, slot].numpy() for m in methods}
+            title = f"{Path(args.inputs[i]).name}\n{prediction.name} {prediction.prob:.2f}"
+            rows.append(GridRow(image=seen, title=title, maps=maps))
+    compare_grid(rows, methods, path=args.out, cmap=args.cmap, alpha=args.alpha)
+    print(f"wrote {args.out} ({len(rows)} row(s) x {len(methods) + 1} columns)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from vitlens.render import write_report
+
+    path = write_report(args.run_dir, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from vitlens.methods import DEFAULT_METHODS, REGISTRY
+
+    for name in DEFAULT_METHODS:
+        spec = REGISTRY[name]
+        kind = "class-specific" if spec.class_specific else "class-agnostic"
+        params = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "-"
+        print(f"{name:10s} {kind:15s} {spec.summary}\n{'':10s} parameters: {params}")
+    return 0
+
+
+def cmd_cache_weights(args) -> int:
+    import timm
+
+    from vitlens.errors import ModelError
+    from vitlens.models import hub, load_model, read_weights
+
+    kind, _, name = args.spec.partition(":")
+    if kind != "timm" or not name:
+        raise ModelError("cache-weights takes a timm:NAME.TAG spec (Hugging Face directories load offline as they are)")
+    load_model(args.spec, weights=args.file)  # refuses weights that do not fit the model
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if not hub_id:
+        raise ModelError(f"timm has no hub id for '{name}': use --weights FILE instead")
+    path = hub.populate_hf_cache(hub_id, read_weights(args.file))
+    print(f"cached {args.file} as {hub_id} -> {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from skimage import data as photos
+
+    from vitlens.errors import ModelError
+    from vitlens.methods import DEFAULT_METHODS
+    from vitlens.outputs import check_writable
+    from PIL import Image
+
+    from vitlens.render import save_png_atomic
+
+    out = check_writable(args.out)
+    try:
+        model = _load(args)
+    except ModelError as exc:
+        print(f"vitlens demo: {exc}", file=sys.stderr)
+        print(f"vitlens demo: continue offline with `vitlens demo --weights FILE` (a checkpoint of {args.model}) "
+              f"or `vitlens cache-weights {args.model} FILE` once", file=sys.stderr)
+        return 2
+    inputs = out / "inputs"
+    paths = []
+    for name in DEMO_PHOTOS:
+        path = inputs / f"{name}.png"
+        if not path.is_file():
+            save_png_atomic(Image.fromarray(getattr(photos, name)()).convert("RGB"), path)
+        paths.append(str(path))
+    from vitlens.data import resolve_inputs
+    from vitlens.runner import run_explain
+
+    samples = resolve_inputs([str(inputs)])
+    summary = run_explain(samples, model, list(DEFAULT_METHODS), None, None, out / "run", batch_size=4,
+                          progress=not args.quiet, html=True)
+    compare_args = argparse.Namespace(inputs=paths, methods="all", param=None, target=None,
+                                      out=str(out / "compare.png"), cmap="jet", alpha=0.5)
+    cmd_compare(compare_args, model=model)
+    _print_summary(summary)
+    print(f"comparison grid: {out / 'compare.png'}")
+    print(f"open {summary.report} in a browser to see every image and method")
+    return 1 if summary.failed else 0
+
+
+COMMANDS = {
+    "explain": cmd_explain,
+    "compare": cmd_compare,
+    "report": cmd_report,
+    "demo": cmd_demo,
+    "methods": cmd_methods,
+    "cache-weights": cmd_cache_weights,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
