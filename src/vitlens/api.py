@@ -206,7 +206,7 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
     patch_maps: dict = {n: [] for n in names}
     targets, logits = [], []
     for start in range(0, batch.shape[0], batch_size):
-        chunk = batch[start:start + batch_size].to(model.device)
+        chunk = batch[start:start + batch_size].to(device=model.device, dtype=model.dtype)
         chunk_target = target[start:start + chunk.shape[0]] if per_image_targets else target
         result = run_batch(model, chunk, resolved, chunk_target)
         for name in names:

@@ -108,5 +108,7 @@ def to_pixels(patch_maps: torch.Tensor, size: tuple) -> torch.Tensor:
     cv2 resize), then per-image min-max with eps 1e-8 so a constant map becomes all zeros
     instead of NaN.
     """
-    up = F.interpolate(patch_maps.unsqueeze(1).float(), size=tuple(size), mode="bilinear", align_corners=False)
-    return minmax(up.squeeze(1))
+    # float64 so that a constant map stays exactly constant: in float32 the bilinear kernel's
+    # rounding steps (~1e-8 of the value) would be blown up by the min-max into visible noise.
+    up = F.interpolate(patch_maps.unsqueeze(1).double(), size=tuple(size), mode="bilinear", align_corners=False)
+    return minmax(up.squeeze(1)).float()

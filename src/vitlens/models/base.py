@@ -98,6 +98,13 @@ class ExplainableModel:
             return p.device
         return torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
     def to(self, device) -> "ExplainableModel":
         self.module.to(device)
         return self

@@ -1,0 +1,110 @@
+"""The one-pass engine: targets, one forward for every method, nothing left on the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitlens
+from tests.conftest import tiny_timm_vit
+from vitlens.engine import plan, resolve_targets, run_batch
+from vitlens.errors import MethodError, TargetError
+from vitlens.methods import ATTENTIONS, GRADIENTS, LAYER_GRADIENTS, REGISTRY, get_method, parse_methods
+
+
+@pytest.fixture
+def model():
+    m = vitlens.load_model(tiny_timm_vit())
+    m.class_names = [f"thing {i}, alias{i}" for i in range(10)]
+    return m
+
+
+def _all_methods():
+    return {name: spec.params() for name, spec in REGISTRY.items()}
+
+
+def test_plan_collects_needs_and_legrad_layers():
+    needs, layers = plan({"rollout": {}, "legrad": {"layers": 2, "pool": "mean"}}, num_layers=3)
+    assert needs == {ATTENTIONS, LAYER_GRADIENTS}
+    assert layers == {("mean", 1), ("mean", 2)}
+    needs, layers = plan({"gmar-l1": {}}, num_layers=3)
+    assert needs == {ATTENTIONS, GRADIENTS} and layers == set()
+
+
+def test_every_method_runs_from_one_forward(model):
+    calls = []
+    handle = model.module.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(4, 3, 32, 32)
+    result = run_batch(model, x, _all_methods(), target="top2")
+    handle.remove()
+    assert len(calls) == 1
+    assert set(result.patch_maps) == set(REGISTRY)
+    for maps in result.patch_maps.values():
+        assert maps.shape == (4, 2, 4, 4)
+        assert torch.isfinite(maps).all()
+
+
+def test_parameters_keep_no_gradients(model):
+    run_batch(model, torch.randn(2, 3, 32, 32), _all_methods())
+    assert all(p.grad is None for p in model.module.parameters())
+
+
+def test_frozen_parameters_still_give_gradient_methods(model):
+    for p in model.module.parameters():
+        p.requires_grad_(False)
+    result = run_batch(model, torch.randn(2, 3, 32, 32), {"gmar-l2": get_method("gmar-l2").params(),
+                                                         "legrad": get_method("legrad").params()})
+    assert result.patch_maps["legrad"].abs().sum() > 0
+
+
+def test_target_forms(model):
+    logits = torch.tensor([[0.0, 3.0, 1.0, 0, 0, 0, 0, 0, 0, 2.0], [5.0, 0, 0, 0, 0, 0, 0, 0, 4.0, 0]])
+    assert resolve_targets(model, logits, None).tolist() == [[1], [0]]
+    assert resolve_targets(model, logits, "pred").tolist() == [[1], [0]]
+    assert resolve_targets(model, logits, 7).tolist() == [[7], [7]]
+    assert resolve_targets(model, logits, "7").tolist() == [[7], [7]]
+    assert resolve_targets(model, logits, "thing 4, alias4").tolist() == [[4], [4]]
+    assert resolve_targets(model, logits, "ALIAS5").tolist() == [[5], [5]]
+    assert resolve_targets(model, logits, "top2").tolist() == [[1, 9], [0, 8]]
+    assert resolve_targets(model, logits, [2, "alias3"]).tolist() == [[2], [3]]
+    assert resolve_targets(model, logits, torch.tensor([6, 5])).tolist() == [[6], [5]]
+
+
+@pytest.mark.parametrize("target, message", [
+    (10, "target class 10 is out of range: the model has 10 classes"),
+    (-1, "out of range"),
+    ("zebra", "unknown target class name 'zebra'"),
+    ([1, 2, 3], "3 targets given for 2 images"),
+    ("top11", "k must be between 1 and 10"),
+])
+def test_bad_targets_are_one_line_errors(model, target, message):
+    logits = torch.randn(2, 10)
+    with pytest.raises(TargetError, match=message) as info:
+        resolve_targets(model, logits, target)
+    assert "\n" not in str(info.value)
+
+
+def test_method_names_and_parameters():
+    assert parse_methods("all") == list(vitlens.DEFAULT_METHODS)
+    assert parse_methods("rollout, legrad,rollout") == ["rollout", "legrad"]
+    with pytest.raises(MethodError, match="unknown method 'gradcam-x'"):
+        parse_methods("rollout,gradcam-x")
+    with pytest.raises(MethodError, match="method 'rollout' has no parameter 'alpha'"):
+        get_method("rollout").params({"alpha": 1})
+
+
+def test_class_agnostic_methods_ignore_the_target(model):
+    x = torch.randn(2, 3, 32, 32)
+    a = run_batch(model, x, {"rollout": {}, "attention": {"layer": -1}}, target=1)
+    b = run_batch(model, x, {"rollout": {}, "attention": {"layer": -1}}, target=8)
+    assert torch.equal(a.patch_maps["rollout"], b.patch_maps["rollout"])
+    assert torch.equal(a.patch_maps["attention"], b.patch_maps["attention"])
+
+
+def test_class_specific_methods_depend_on_the_target(model):
+    x = torch.randn(2, 3, 32, 32)
+    methods = {n: get_method(n).params() for n in ("gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer")}
+    a = run_batch(model, x, methods, target=1)
+    b = run_batch(model, x, methods, target=8)
+    for name in methods:
+        assert not torch.allclose(a.patch_maps[name], b.patch_maps[name]), name
