@@ -94,12 +94,16 @@ def test_one_line_errors(model, tmp_path):
         vitlens.explain(model, torch.randn(1, 3, 48, 48))
 
 
-def test_non_transformers_are_refused_in_one_line():
+def test_unsupported_models_are_refused_in_one_line():
     import torchvision
 
-    with pytest.raises(ModelError, match="ResNet is not a supported transformer") as info:
-        vitlens.load_model(torchvision.models.resnet18(weights=None))
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    with pytest.raises(ModelError, match="Sequential is not a supported model") as info:
+        vitlens.load_model(mlp)
     assert "\n" not in str(info.value)
+    cnn = vitlens.load_model(torchvision.models.resnet18(weights=None))
+    with pytest.raises(MethodError, match="method 'rollout' needs attention maps, which this ResNet does not have"):
+        vitlens.explain(cnn, torch.randn(1, 3, 224, 224), methods="rollout")
     with pytest.raises(ModelError, match="unknown model spec 'nonsense'"):
         vitlens.load_model("nonsense")
     with pytest.raises(ModelError, match="unknown timm model 'vit_does_not_exist'"):

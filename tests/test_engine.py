@@ -9,7 +9,7 @@ import vitlens
 from tests.conftest import tiny_timm_vit
 from vitlens.engine import plan, resolve_targets, run_batch
 from vitlens.errors import MethodError, TargetError
-from vitlens.methods import ATTENTIONS, GRADIENTS, LAYER_GRADIENTS, REGISTRY, get_method, parse_methods
+from vitlens.methods import ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, REGISTRY, get_method, parse_methods
 
 
 @pytest.fixture
@@ -23,12 +23,14 @@ def _all_methods():
     return {name: spec.params() for name, spec in REGISTRY.items()}
 
 
-def test_plan_collects_needs_and_legrad_layers():
-    needs, layers = plan({"rollout": {}, "legrad": {"layers": 2, "pool": "mean"}}, num_layers=3)
+def test_plan_collects_needs_legrad_layers_and_cam_layers():
+    needs, layers, cam = plan({"rollout": {}, "legrad": {"layers": 2, "pool": "mean"}}, num_layers=3)
     assert needs == {ATTENTIONS, LAYER_GRADIENTS}
-    assert layers == {("mean", 1), ("mean", 2)}
-    needs, layers = plan({"gmar-l1": {}}, num_layers=3)
+    assert layers == {("mean", 1), ("mean", 2)} and cam == []
+    needs, layers, cam = plan({"gmar-l1": {}}, num_layers=3)
     assert needs == {ATTENTIONS, GRADIENTS} and layers == set()
+    needs, _, cam = plan({"gradcam": {"layers": None}, "layercam": {"layers": "a.b, c"}}, 3, ["blocks.2.norm1"])
+    assert needs == {CAM} and cam == ["blocks.2.norm1", "a.b", "c"]
 
 
 def test_every_method_runs_from_one_forward(model):

@@ -191,7 +191,7 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
     """
     if not isinstance(model, ExplainableModel):
         model = load_model(model)
-    names = parse_methods(methods)
+    names = parse_methods(methods, model)
     resolved = {name: get_method(name).params((params or {}).get(name)) for name in names}
     unknown = set(params or {}) - set(names)
     if unknown:

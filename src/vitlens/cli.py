@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+FALLBACK_MODEL = "vitlens:efficientnet_lite0"
 DEMO_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
@@ -46,6 +47,17 @@ def parse_params(items) -> dict:
     return params
 
 
+def with_target_layers(params: dict, methods: list, layers) -> dict:
+    """Apply ``--target-layer`` to every Grad-CAM-family method."""
+    from vitlens.methods import CAM, get_method
+
+    if layers:
+        for name in methods:
+            if CAM in get_method(name).needs:
+                params.setdefault(name, {})["layers"] = list(layers)
+    return params
+
+
 def parse_target(text: str | None):
     """CLI target: pred | INDEX | NAME | topK | label | comma-separated indices/names (several per image)."""
     if text is None:
@@ -58,7 +70,8 @@ def parse_target(text: str | None):
 
 def _add_model_options(p):
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="timm:NAME[.TAG], hf:ORG/NAME, a local HF directory, or torchvision:NAME (default: %(default)s)")
+                   help="timm:NAME[.TAG], hf:ORG/NAME, a local HF directory, torchvision:NAME, "
+                        "or vitlens:efficientnet_lite0 (default: %(default)s)")
     p.add_argument("--weights", help="local checkpoint (.pth/.pt/.bin/.safetensors) instead of hub weights")
     p.add_argument("--num-classes", type=int, help="classifier size, when it differs from the pretrained config")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
@@ -70,6 +83,8 @@ def _add_method_options(p, default="all"):
                    help="method parameter, e.g. rollout.discard_ratio=0.9 (repeatable)")
     p.add_argument("--target", default=None,
                    help="pred (default), a class INDEX or NAME, topK (e.g. top3), or label (the ground truth)")
+    p.add_argument("--target-layer", action="append", metavar="NAME",
+                   help="Grad-CAM target layer (e.g. layer4, features.7, blocks.11.norm1); repeat to fuse several")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +188,8 @@ def cmd_explain(args) -> int:
     samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit)
     check_writable(args.out)
     model = _load(args)
+    methods = parse_methods(args.methods, model)
+    params = with_target_layers(params, methods, args.target_layer)
     target = parse_target(args.target)
     summary = run_explain(samples, model, methods, params, target, args.out, batch_size=args.batch_size,
                           resume=not args.force, progress=not args.quiet, cmap=args.cmap, alpha=args.alpha,
@@ -206,6 +223,8 @@ def cmd_compare(args, model=None) -> int:
     params = parse_params(args.param)
     images = [load_image(path) for path in args.inputs]
     model = model or _load(args)
+    methods = parse_methods(args.methods, model)
+    params = with_target_layers(params, methods, getattr(args, "target_layer", None))
     target = parse_target(args.target)
     if isinstance(target, list):  # several classes of each image: one row per (image, class)
         indices = [int(t) if str(t).lstrip("-").isdigit() else model.class_index(str(t)) for t in target]
@@ -263,23 +282,28 @@ def cmd_cache_weights(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from PIL import Image
     from skimage import data as photos
 
+    from vitlens.data import resolve_inputs
     from vitlens.errors import ModelError
-    from vitlens.methods import DEFAULT_METHODS
+    from vitlens.methods import parse_methods
     from vitlens.outputs import check_writable
-    from PIL import Image
-
     from vitlens.render import save_png_atomic
+    from vitlens.runner import run_explain
 
     out = check_writable(args.out)
     try:
         model = _load(args)
     except ModelError as exc:
-        print(f"vitlens demo: {exc}", file=sys.stderr)
-        print(f"vitlens demo: continue offline with `vitlens demo --weights FILE` (a checkpoint of {args.model}) "
-              f"or `vitlens cache-weights {args.model} FILE` once", file=sys.stderr)
-        return 2
+        if args.weights is not None or args.model != DEFAULT_MODEL:
+            raise
+        # the default ViT needs the hub (or a cache); the packaged CNN always works offline
+        print(f"vitlens demo: {DEFAULT_MODEL} cannot be loaded offline (hub unreachable, not cached); continuing "
+              f"with the packaged EfficientNet-Lite0 and Grad-CAM. For the ViT: `vitlens demo --weights FILE` or "
+              f"`vitlens cache-weights {DEFAULT_MODEL} FILE` once.", file=sys.stderr)
+        args.model = FALLBACK_MODEL
+        model = _load(args)
     inputs = out / "inputs"
     paths = []
     for name in DEMO_PHOTOS:
@@ -287,17 +311,15 @@ def cmd_demo(args) -> int:
         if not path.is_file():
             save_png_atomic(Image.fromarray(getattr(photos, name)()).convert("RGB"), path)
         paths.append(str(path))
-    from vitlens.data import resolve_inputs
-    from vitlens.runner import run_explain
-
+    methods = parse_methods("all", model)
     samples = resolve_inputs([str(inputs)])
-    summary = run_explain(samples, model, list(DEFAULT_METHODS), None, None, out / "run", batch_size=4,
+    summary = run_explain(samples, model, methods, None, None, out / "run", batch_size=4,
                           progress=not args.quiet, html=True)
-    compare_args = argparse.Namespace(inputs=paths, methods="all", param=None, target=None,
+    compare_args = argparse.Namespace(inputs=paths, methods=",".join(methods), param=None, target=None,
                                       out=str(out / "compare.png"), cmap="jet", alpha=0.5)
     cmd_compare(compare_args, model=model)
     _print_summary(summary)
-    print(f"comparison grid: {out / 'compare.png'}")
+    print(f"model: {model.info.spec}; comparison grid: {out / 'compare.png'}")
     print(f"open {summary.report} in a browser to see every image and method")
     return 1 if summary.failed else 0
 

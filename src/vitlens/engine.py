@@ -9,12 +9,13 @@ gradients are computed and the model's ``.grad`` fields are never touched.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from vitlens.errors import TargetError
-from vitlens.methods import ATTENTIONS, GRADIENTS, LAYER_GRADIENTS, Captured, get_method, resolve_layers
+from vitlens.errors import MethodError, TargetError
+from vitlens.methods import ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, Captured, get_method, resolve_layers
 from vitlens.models.base import ExplainableModel
 from vitlens.models.capture import AttentionRecorder
 
@@ -42,17 +43,29 @@ class BatchResult:
     input_size: tuple
 
 
-def plan(methods: dict, num_layers: int) -> tuple[set, set]:
-    """Union of the needs of the methods, and the (pool, layer) scores LeGrad-style methods need."""
+def plan(methods: dict, num_layers: int, default_cam_layers=()) -> tuple[set, set, list]:
+    """What one pass must capture for these methods.
+
+    Returns the union of the methods' needs, the (pool, layer) scores LeGrad-style methods need,
+    and the Grad-CAM target layers (names) to hook.
+    """
     needs: set = set()
     layer_requests: set = set()
+    cam_layers: list = []
     for name, params in methods.items():
         spec = get_method(name)
         needs |= spec.needs
         if LAYER_GRADIENTS in spec.needs:
             for layer in resolve_layers(params.get("layers", "all"), num_layers):
                 layer_requests.add((params.get("pool", "model"), layer))
-    return needs, layer_requests
+        if CAM in spec.needs:
+            requested = params.get("layers")
+            if requested in (None, "default"):
+                requested = list(default_cam_layers)
+            elif isinstance(requested, str):
+                requested = [part.strip() for part in requested.split(",") if part.strip()]
+            cam_layers.extend(n for n in requested if n not in cam_layers)
+    return needs, layer_requests, cam_layers
 
 
 def resolve_targets(model: ExplainableModel, logits: torch.Tensor, target) -> torch.Tensor:
@@ -109,41 +122,79 @@ def run_batch(model: ExplainableModel, x: torch.Tensor, methods: dict, target=No
     target : see :func:`resolve_targets`.
     """
     model.check_input(x)
-    needs, layer_requests = plan(methods, model.num_layers)
-    want_gradients = GRADIENTS in needs or LAYER_GRADIENTS in needs
+    default_cam = model.default_cam_layers() if any(CAM in get_method(m).needs for m in methods) else []
+    needs, layer_requests, cam_names = plan(methods, model.num_layers, default_cam)
+    want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM} & needs)
     input_size = tuple(x.shape[-2:])
-    grid = model.grid(input_size)
-    with model.eval_mode(), torch.set_grad_enabled(want_gradients):
+    grid = model.grid(input_size) if model.has_attention else None
+    with model.eval_mode(), torch.set_grad_enabled(want_gradients), contextlib.ExitStack() as stack:
         if want_gradients:
             # keeps a graph even when the user froze the parameters
             x = x.detach().requires_grad_(True)
         recorder = AttentionRecorder(keep_block_outputs=LAYER_GRADIENTS in needs)
-        with model.capture(recorder):
-            logits = model.logits(x)
-        if len(recorder.attentions) != model.num_layers:
-            raise RuntimeError(
-                f"captured {len(recorder.attentions)} attention maps for {model.num_layers} layers"
-            )
+        if ATTENTIONS in needs:
+            stack.enter_context(model.capture(recorder))
+        activations = _hook_layers(model, cam_names, stack)
+        logits = model.logits(x)
+        stack.close()  # the model is back to normal before any method runs
+        if ATTENTIONS in needs and len(recorder.attentions) != model.num_layers:
+            raise RuntimeError(f"captured {len(recorder.attentions)} attention maps for {model.num_layers} layers")
         targets = resolve_targets(model, logits.detach(), target)
         attentions = [a.detach() for a in recorder.attentions]
-        readout = model.readout_weights(attentions[0].shape[-1], device=x.device, dtype=attentions[0].dtype)
+        readout = None
+        if attentions:
+            readout = model.readout_weights(attentions[0].shape[-1], device=x.device, dtype=attentions[0].dtype)
+        missing = [name for name in cam_names if name not in activations]
+        if missing:
+            raise MethodError(f"target layer '{missing[0]}' is not used by the model's forward pass")
+        cam_inputs = [activations[name] for name in cam_names]
+        spatial_acts = {name: model.cam_spatial(act.detach(), grid, name) for name, act in zip(cam_names, cam_inputs)}
         patch_maps: dict = {name: [] for name in methods}
         for slot in range(targets.shape[1]):
             column = targets[:, slot:slot + 1]
-            gradients = None
-            if GRADIENTS in needs:
-                score = logits.gather(1, column).sum()
-                gradients = _grads(score, recorder.attentions)
+            gradients, cam = None, {}
+            shared = (recorder.attentions if GRADIENTS in needs else []) + cam_inputs
+            if shared:
+                # one backward for every method that needs d(target logit)/d(something)
+                grads = _grads(logits.gather(1, column).sum(), shared)
+                if GRADIENTS in needs:
+                    gradients = grads[:len(recorder.attentions)]
+                for name, grad in zip(cam_names, grads[len(shared) - len(cam_inputs):]):
+                    cam[name] = (spatial_acts[name], model.cam_spatial(grad, grid, name))
             layer_gradients = {}
             for pool, layer in sorted(layer_requests):
                 layer_score = model.layer_logits(recorder.block_outputs[layer], pool).gather(1, column).sum()
                 layer_gradients[(pool, layer)] = _grads(layer_score, [recorder.attentions[layer]])[0]
-            captured = Captured(attentions, gradients, readout, model.num_prefix_tokens, grid, layer_gradients)
+            captured = Captured(attentions, gradients, readout, model.num_prefix_tokens, grid, layer_gradients,
+                                cam, list(default_cam))
             for name, params in methods.items():
                 patch_maps[name].append(get_method(name).function(captured, **params).detach())
         del recorder
     stacked = {name: torch.stack(maps, dim=1) for name, maps in patch_maps.items()}
     return BatchResult(logits.detach(), targets, stacked, grid, input_size)
+
+
+def _hook_layers(model: ExplainableModel, names: list, stack: contextlib.ExitStack) -> dict:
+    """Record the outputs of the named modules during the forward (hooks removed with ``stack``).
+
+    The hook hands a copy downstream, so a later in-place operation (``ReLU(inplace=True)``) cannot
+    modify the tensor we differentiate with respect to.
+    """
+    from vitlens.models.layers import find_module
+
+    outputs: dict = {}
+    valid = model.spatial_layer_names() if names else []
+    for name in names:
+        module = find_module(model.module, name, valid)
+
+        def hook(mod, inputs, output, name=name):
+            if not isinstance(output, torch.Tensor):
+                raise MethodError(f"target layer '{name}' does not output a tensor: choose one of {', '.join(valid[-8:])}")
+            outputs[name] = output
+            return output.clone()
+
+        stack.callback(module.register_forward_hook(hook).remove)
+    return outputs
 
 
 def _grads(score: torch.Tensor, tensors: list) -> list:

@@ -107,7 +107,8 @@ class RunWriter:
                 previous = json.loads(path.read_text())
             except (OSError, ValueError):
                 previous = None
-            if previous is not None and previous != normalized:
+            has_records = self.records_dir.is_dir() and any(self.records_dir.glob("*.json"))
+            if previous is not None and previous != normalized and has_records:
                 if resume:
                     changed = sorted(k for k in set(previous) | set(normalized) if previous.get(k) != normalized.get(k))
                     raise OutputError(

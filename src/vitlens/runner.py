@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vitlens.api import explain
 from vitlens.data import Sample, load_image
-from vitlens.errors import InputError, TargetError, VitlensError
+from vitlens.errors import InputError, MethodError, TargetError, VitlensError
 from vitlens.methods import get_method
 from vitlens.outputs import RunWriter
 
@@ -105,8 +105,8 @@ def _explain_batch(batch, loaded, writer, model, methods, params, target, summar
     batch_target = targets if target == "label" else target
     try:
         result = explain(model, images, methods=methods, target=batch_target, batch_size=len(images), params=params)
-    except TargetError:
-        raise  # a wrong --target concerns the whole run, not these images: stop
+    except (TargetError, MethodError):
+        raise  # a wrong --target or method setting concerns the whole run, not these images: stop
     except VitlensError as exc:
         # a problem with these images (for example a size the model cannot take): record, go on
         for sample in good:

@@ -14,12 +14,14 @@ from vitlens.methods.chefer import chefer_rollout
 from vitlens.methods.common import Captured, minmax, to_pixels
 from vitlens.methods.gmar import gmar
 from vitlens.methods.gmar_pp import gmar_plus_plus
+from vitlens.methods.gradcam import gradcam, gradcam_pp, layercam, xgradcam
 from vitlens.methods.legrad import legrad, resolve_layers
 from vitlens.methods.rollout import attention_rollout, raw_attention
 
 ATTENTIONS = "attentions"
 GRADIENTS = "gradients"  # d(target logit)/dA per layer
 LAYER_GRADIENTS = "layer_gradients"  # LeGrad: d(layer score)/dA of the same layer
+CAM = "cam"  # activations of target layers and d(target logit)/d(activations)
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,17 @@ register(MethodSpec("chefer", chefer_rollout, frozenset({ATTENTIONS, GRADIENTS})
                     {"start_layer": 0},
                     "gradient x attention rollout (Chefer et al., ICCV 2021)"))
 
-#: the methods ``all`` expands to, in display order
-DEFAULT_METHODS = ("attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer")
+for _name, _fn, _summary in (
+    ("gradcam", gradcam, "Grad-CAM: channels weighted by mean gradients (Selvaraju et al. 2017)"),
+    ("gradcam++", gradcam_pp, "Grad-CAM++: positive-gradient weights, closed form (Chattopadhay et al. 2018)"),
+    ("xgradcam", xgradcam, "XGrad-CAM: activation-normalised gradient weights (Fu et al. 2020)"),
+    ("layercam", layercam, "LayerCAM: element-wise positive-gradient weights (Jiang et al. 2021)"),
+):
+    register(MethodSpec(_name, _fn, frozenset({CAM}), True, {"layers": None}, _summary))
+
+#: what ``all`` expands to for transformers and for CNNs, in display order
+DEFAULT_METHODS = ("attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer", "gradcam", "gradcam++")
+CNN_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam")
 
 
 def get_method(name: str) -> MethodSpec:
@@ -83,23 +94,32 @@ def get_method(name: str) -> MethodSpec:
         raise MethodError(f"unknown method '{name}': choose from {', '.join(REGISTRY)}") from None
 
 
-def parse_methods(methods) -> list[str]:
-    """``'all'``, a comma-separated string or a list -> validated method names (order kept, no repeats)."""
-    if methods is None or methods == "all" or methods == ["all"]:
-        return list(DEFAULT_METHODS)
+def parse_methods(methods, model=None) -> list[str]:
+    """``'all'``, a comma-separated string or a list -> validated method names (order kept, no repeats).
+
+    With a ``model``, ``all`` means the methods that apply to it and a method that needs attention
+    is refused for a model without any (a CNN).
+    """
+    has_attention = getattr(model, "has_attention", True)
+    everything = DEFAULT_METHODS if has_attention else CNN_METHODS
+    if methods is None:
+        methods = "all"
     if isinstance(methods, str):
-        methods = [m for m in methods.split(",")]
+        methods = methods.split(",")
     names = []
     for raw in methods:
         name = raw.strip()
         if not name:
             continue
-        if name == "all":
-            names.extend(m for m in DEFAULT_METHODS if m not in names)
-            continue
-        get_method(name)
-        if name not in names:
-            names.append(name)
+        for expanded in (everything if name == "all" else (name,)):
+            spec = get_method(expanded)
+            if not has_attention and CAM not in spec.needs:
+                raise MethodError(
+                    f"method '{expanded}' needs attention maps, which this {type(model.module).__name__} does not "
+                    f"have: use {', '.join(CNN_METHODS)}"
+                )
+            if expanded not in names:
+                names.append(expanded)
     if not names:
         raise MethodError("no methods given")
     return names
@@ -107,6 +127,8 @@ def parse_methods(methods) -> list[str]:
 
 __all__ = [
     "ATTENTIONS",
+    "CAM",
+    "CNN_METHODS",
     "Captured",
     "DEFAULT_METHODS",
     "GRADIENTS",

@@ -32,14 +32,20 @@ class Captured:
         Prefix tokens before the patches (CLS, distillation, registers).
     grid : (int, int)
         Patch grid (h, w).
+    cam : dict
+        ``{layer name: (activations, gradients)}``, each (B, C, h, w), for the Grad-CAM family.
+    cam_layers : list of str
+        The default target layers (those used when a method names none).
     """
 
     attentions: list
     gradients: list | None
-    readout: torch.Tensor
+    readout: torch.Tensor | None
     num_prefix: int
     grid: tuple
     layer_gradients: dict = field(default_factory=dict)
+    cam: dict = field(default_factory=dict)
+    cam_layers: list = field(default_factory=list)
 
 
 def fuse_heads(attention: torch.Tensor, how: str = "mean") -> torch.Tensor:

@@ -133,6 +133,40 @@ class ExplainableModel:
             raise TargetError(f"target class {index} is out of range: the model has {n} classes (0-{n - 1})")
         return index
 
+    # --- Grad-CAM target layers --------------------------------------------------------------
+    def module_name(self, sub: nn.Module) -> str:
+        for name, candidate in self.module.named_modules():
+            if candidate is sub:
+                return name
+        raise ValueError("module is not part of this model")
+
+    def default_cam_layers(self) -> list[str]:
+        """The layer(s) Grad-CAM reads when none is named: for ViTs the last block's pre-attention norm."""
+        return [self.block_norm_names()[-1]]
+
+    def block_norm_names(self) -> list[str]:
+        """Qualified names of each block's pre-attention norm (ViT Grad-CAM layers)."""
+        raise NotImplementedError
+
+    def spatial_layer_names(self) -> list[str]:
+        return self.block_norm_names()
+
+    def cam_spatial(self, activation: torch.Tensor, grid: tuple, layer: str) -> torch.Tensor:
+        """A target layer's output as a (B, C, h, w) map: prefix tokens dropped, patches on the grid."""
+        if activation.dim() == 4:
+            return activation
+        h, w = grid
+        prefix = self.num_prefix_tokens
+        if activation.dim() == 3 and activation.shape[1] == prefix + h * w:
+            tokens = activation[:, prefix:]
+            return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2)
+        from vitlens.errors import MethodError
+
+        raise MethodError(
+            f"target layer '{layer}' gives shape {tuple(activation.shape)}, not {prefix}+{h}x{w} tokens: "
+            f"choose one of {', '.join(self.spatial_layer_names()[-6:])}"
+        )
+
     # --- running it ------------------------------------------------------------------------
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Run the model on a preprocessed batch and return its (B, classes) logits."""

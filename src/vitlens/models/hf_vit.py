@@ -90,6 +90,9 @@ class HFViT(ExplainableModel):
         p = self.module.config.patch_size
         return (p, p) if isinstance(p, int) else tuple(p)
 
+    def block_norm_names(self):
+        return [self.module_name(layer.layernorm_before) for layer in self.layers]
+
     def readout_weights(self, num_tokens, device=None, dtype=torch.float32):
         weights = torch.zeros(num_tokens, device=device, dtype=dtype)
         if self.kind == "DeiTForImageClassificationWithTeacher":

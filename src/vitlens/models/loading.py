@@ -66,6 +66,7 @@ def load_model(spec, weights: str | os.PathLike | None = None, num_classes: int 
 def wrap_module(module: nn.Module, preprocess: Preprocess | None = None, class_names=None,
                 info: ModelInfo | None = None) -> ExplainableModel:
     """Pick the adapter for a module's family."""
+    from vitlens.models.cnn import CNNModel, is_cnn
     from vitlens.models.hf_vit import HFViT, is_hf_vit
     from vitlens.models.timm_vit import TimmViT, is_timm_vit
     from vitlens.models.torchvision_vit import TorchvisionViT, is_torchvision_vit
@@ -76,10 +77,12 @@ def wrap_module(module: nn.Module, preprocess: Preprocess | None = None, class_n
         cls, default_pre = HFViT, _hf_preprocess_from_config(module.config, None)
     elif is_torchvision_vit(module):
         cls, default_pre = TorchvisionViT, _torchvision_default_preprocess(module.image_size)
+    elif is_cnn(module):
+        cls, default_pre = CNNModel, _cnn_default_preprocess(module)
     else:
         raise ModelError(
-            f"{type(module).__name__} is not a supported transformer: vitlens reads timm VisionTransformer, "
-            "Hugging Face ViT/DeiT classifiers and torchvision VisionTransformer"
+            f"{type(module).__name__} is not a supported model: vitlens reads timm / Hugging Face / torchvision "
+            "vision transformers and convolutional classifiers"
         )
     if class_names is None:
         class_names = _default_class_names(module)
@@ -94,12 +97,17 @@ def _load_from_spec(spec: str, weights, num_classes) -> ExplainableModel:
         return _load_hf(spec, name, weights, num_classes)
     if kind == "torchvision" and name:
         return _load_torchvision(spec, name, weights, num_classes)
+    if kind == "vitlens" and name:
+        from vitlens.models.packaged import load_packaged
+
+        return load_packaged(spec, name, weights)
     if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
         return _load_hf(spec, spec, weights, num_classes)
     if Path(spec).exists():
         raise ModelError(f"'{spec}' is not a model spec: a local model must be a Hugging Face directory with config.json "
                          "(for a checkpoint file use --model timm:NAME --weights FILE)")
-    raise ModelError(f"unknown model spec '{spec}': use timm:NAME, hf:ORG/NAME, torchvision:NAME or a local HF directory")
+    raise ModelError(f"unknown model spec '{spec}': use timm:NAME, hf:ORG/NAME, torchvision:NAME, vitlens:NAME "
+                     "or a local HF directory")
 
 
 # --- timm ----------------------------------------------------------------------------------
@@ -268,6 +276,20 @@ def _load_torchvision(spec, name, weights, num_classes):
         module = builder(weights=None, **kwargs)
         _load_state_dict(module, state, weights, spec)
     return wrap_module(module, preprocess=preprocess, class_names=class_names, info=ModelInfo(spec=spec))
+
+
+def _cnn_default_preprocess(module) -> Preprocess:
+    if getattr(module, "pretrained_cfg", None):  # a timm CNN knows its preprocessing
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=module)
+        _, h, w = cfg["input_size"]
+        return Preprocess((int(h), int(w)), tuple(cfg["mean"]), tuple(cfg["std"]),
+                          interpolation_name(cfg.get("interpolation", "bilinear")), float(cfg.get("crop_pct", 0.875)))
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "num_labels"):
+        return _hf_preprocess_from_config(config, getattr(config, "_name_or_path", None) or None)
+    return _torchvision_default_preprocess(224)
 
 
 def _torchvision_default_preprocess(image_size: int) -> Preprocess:

@@ -77,6 +77,9 @@ class TimmViT(ExplainableModel):
             return tuple(int(v) for v in patch_embed.dynamic_feat_size(input_hw))
         return super().grid(input_hw)
 
+    def block_norm_names(self):
+        return [f"blocks.{i}.norm1" for i in range(self.num_layers)]
+
     def fixed_input_size(self):
         if getattr(self.module, "dynamic_img_size", False):
             return None

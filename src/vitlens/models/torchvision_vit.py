@@ -98,6 +98,9 @@ class TorchvisionViT(ExplainableModel):
     def patch_size(self):
         return (self.module.patch_size, self.module.patch_size)
 
+    def block_norm_names(self):
+        return [self.module_name(block.ln_1) for block in self.module.encoder.layers]
+
     def fixed_input_size(self):
         return (self.module.image_size, self.module.image_size)
 
