@@ -820,30 +820,41 @@ def _clean_env(extra: dict) -> dict:
 
 
 def test_demo_without_hub_or_cache_says_how_to_continue_offline(tmp_path):
+    """Offline and nothing cached: a short note (no traceback) naming the unreachable hub and the two ways to
+    get the ViT offline; the demo then goes on with the packaged CNN instead of failing."""
     from vitlens.models import hub
 
     if hub.reachable(hub.HF_HOST):
         pytest.skip("the model hub is reachable from here: this test needs an offline machine")
     home = tmp_path / "hf-home"
     home.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "vitlens.cli", "demo", "--out", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=120,
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "vitlens.cli", "demo", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300,
                           env=_clean_env({"HF_HOME": str(home), "TORCH_HOME": str(home / "torch")}))
-    assert proc.returncode == 2
     err = proc.stderr
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert 1 <= len(lines) <= 3, err
-    assert "unreachable" in err
-    assert "--weights" in err and "cache-weights" in err
+    assert 1 <= len(lines) <= 2, err
+    assert "unreachable" in err and cli.DEFAULT_MODEL in err
+    assert "--weights FILE" in err and f"cache-weights {cli.DEFAULT_MODEL}" in err
     assert not list(home.rglob("*.safetensors"))  # nothing was (half-)downloaded
+    assert proc.returncode == 0, err
+    manifest = _check_demo_dir(out, methods=None)
+    assert manifest["model"]["spec"] == cli.FALLBACK_MODEL
+    assert f"model: {cli.FALLBACK_MODEL}" in proc.stdout
 
 
 def _check_demo_dir(out: Path, methods=DEFAULT_METHODS) -> dict:
-    with Image.open(out / "compare.png") as grid:
-        assert grid.format == "PNG" and grid.height > grid.width / 4  # 4 rows
+    """compare.png (4 rows), run/report.html, and every method's overlay of the 4 photos at full size."""
     assert (out / "run" / "report.html").is_file()
     manifest = manifest_of(out / "run")
+    methods = list(manifest["methods"]) if methods is None else methods
+    assert list(manifest["methods"]) == list(methods)
+    with Image.open(out / "compare.png") as grid:
+        assert grid.format == "PNG"
+        rows, columns = 4, 1 + len(methods)
+        assert 0.6 < (grid.height / rows) / (grid.width / columns) < 1.6  # square-ish cells: 4 rows
     images = images_by_key(manifest)
     assert sorted(images) == sorted(cli.DEMO_PHOTOS)
     for key, image in images.items():
@@ -904,20 +915,32 @@ def test_cache_weights_refuses_weights_that_do_not_fit(tmp_path, capsys):
 # --------------------------------------------------------------------------- methods, version, help
 
 
-def test_methods_lists_every_method_with_its_parameters(capsys):
+def _listed_methods(capsys) -> tuple[list[str], list[str]]:
     code, stdout, _ = run_cli(capsys, "methods")
     assert code == 0
     lines = stdout.splitlines()
-    names = [line.split()[0] for line in lines if line and not line.startswith(" ")]
-    assert names == list(DEFAULT_METHODS)
+    return [line.split()[0] for line in lines if line and not line.startswith(" ")], lines
+
+
+def test_methods_lists_the_default_methods_with_their_parameters(capsys):
+    names, lines = _listed_methods(capsys)
+    assert names[:len(DEFAULT_METHODS)] == list(DEFAULT_METHODS)
     assert set(names) <= set(REGISTRY)
-    for name in DEFAULT_METHODS:
+    for name in names:
         spec = REGISTRY[name]
         line = next(i for i, text in enumerate(lines) if text.split()[:1] == [name])
         assert spec.summary in lines[line]
         assert ("class-specific" if spec.class_specific else "class-agnostic") in lines[line]
+        assert lines[line + 1].split()[0] == "parameters:"
         for key, value in spec.defaults.items():
             assert f"{key}={value}" in lines[line + 1]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `vitlens methods` prints DEFAULT_METHODS only (cli.py cmd_methods), so "
+                                       "registered methods outside 'all' (xgradcam, layercam) are never listed")
+def test_methods_lists_every_registered_method(capsys):
+    names, _ = _listed_methods(capsys)
+    assert sorted(names) == sorted(REGISTRY)
 
 
 def test_version_in_process_and_console_script(capsys):

@@ -126,7 +126,8 @@ def run_batch(model: ExplainableModel, x: torch.Tensor, methods: dict, target=No
     needs, layer_requests, cam_names = plan(methods, model.num_layers, default_cam)
     want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM} & needs)
     input_size = tuple(x.shape[-2:])
-    grid = model.grid(input_size) if model.has_attention else None
+    # baselines need a grid on CNNs too: a 16-pixel grid, like a ViT's patches
+    grid = model.grid(input_size) if model.has_attention else (input_size[0] // 16, input_size[1] // 16)
     with model.eval_mode(), torch.set_grad_enabled(want_gradients), contextlib.ExitStack() as stack:
         if want_gradients:
             # keeps a graph even when the user froze the parameters
@@ -166,7 +167,7 @@ def run_batch(model: ExplainableModel, x: torch.Tensor, methods: dict, target=No
                 layer_score = model.layer_logits(recorder.block_outputs[layer], pool).gather(1, column).sum()
                 layer_gradients[(pool, layer)] = _grads(layer_score, [recorder.attentions[layer]])[0]
             captured = Captured(attentions, gradients, readout, model.num_prefix_tokens, grid, layer_gradients,
-                                cam, list(default_cam))
+                                cam, list(default_cam), x.detach())
             for name, params in methods.items():
                 patch_maps[name].append(get_method(name).function(captured, **params).detach())
         del recorder

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from vitlens.errors import MethodError
+from vitlens.methods.baselines import center_map, random_map
 from vitlens.methods.chefer import chefer_rollout
 from vitlens.methods.common import Captured, minmax, to_pixels
 from vitlens.methods.gmar import gmar
@@ -82,6 +83,12 @@ for _name, _fn, _summary in (
 ):
     register(MethodSpec(_name, _fn, frozenset({CAM}), True, {"layers": None}, _summary))
 
+register(MethodSpec("random", random_map, frozenset(), False, {"seed": 0},
+                    "baseline: uniform noise per patch, seeded per image"))
+register(MethodSpec("center", center_map, frozenset(), False, {"sigma": 0.25},
+                    "baseline: centred Gaussian (centre bias)"))
+BASELINES = ("random", "center")
+
 #: what ``all`` expands to for transformers and for CNNs, in display order
 DEFAULT_METHODS = ("attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer", "gradcam", "gradcam++")
 CNN_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam")
@@ -113,7 +120,7 @@ def parse_methods(methods, model=None) -> list[str]:
             continue
         for expanded in (everything if name == "all" else (name,)):
             spec = get_method(expanded)
-            if not has_attention and CAM not in spec.needs:
+            if not has_attention and (ATTENTIONS in spec.needs or LAYER_GRADIENTS in spec.needs):
                 raise MethodError(
                     f"method '{expanded}' needs attention maps, which this {type(model.module).__name__} does not "
                     f"have: use {', '.join(CNN_METHODS)}"
@@ -127,6 +134,7 @@ def parse_methods(methods, model=None) -> list[str]:
 
 __all__ = [
     "ATTENTIONS",
+    "BASELINES",
     "CAM",
     "CNN_METHODS",
     "Captured",

@@ -32,6 +32,8 @@ class Captured:
         Prefix tokens before the patches (CLS, distillation, registers).
     grid : (int, int)
         Patch grid (h, w).
+    inputs : Tensor or None
+        The preprocessed input batch (B, 3, H, W), detached (used by the baseline maps).
     cam : dict
         ``{layer name: (activations, gradients)}``, each (B, C, h, w), for the Grad-CAM family.
     cam_layers : list of str
@@ -46,6 +48,7 @@ class Captured:
     layer_gradients: dict = field(default_factory=dict)
     cam: dict = field(default_factory=dict)
     cam_layers: list = field(default_factory=list)
+    inputs: torch.Tensor | None = None
 
 
 def fuse_heads(attention: torch.Tensor, how: str = "mean") -> torch.Tensor:
