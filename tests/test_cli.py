@@ -17,7 +17,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from PIL import Image
 
 import vitlens
 from vitlens import cli
-from vitlens.methods import DEFAULT_METHODS, REGISTRY
+from vitlens.methods import DEFAULT_METHODS, REGISTRY, parse_methods
 
 from .conftest import SHARED_DATA, VIT_TINY_SPEC, VIT_TINY_WEIGHTS, requires_shared, tiny_hf_vit, tiny_timm_vit
 
@@ -845,7 +844,7 @@ def test_demo_without_hub_or_cache_says_how_to_continue_offline(tmp_path):
     assert f"model: {cli.FALLBACK_MODEL}" in proc.stdout
 
 
-def _check_demo_dir(out: Path, methods=DEFAULT_METHODS) -> dict:
+def _check_demo_dir(out: Path, methods=None) -> dict:
     """compare.png (4 rows), run/report.html, and every method's overlay of the 4 photos at full size."""
     assert (out / "run" / "report.html").is_file()
     manifest = manifest_of(out / "run")
@@ -870,7 +869,7 @@ def test_demo_with_local_weights_works_offline(tmp_path, capsys, real_vit):
     code, stdout, err = run_cli(capsys, "demo", "--weights", VIT_TINY_WEIGHTS, "--out", out, "--quiet")
     assert code == 0, err
     assert "explained 4 image(s)" in stdout and "comparison grid:" in stdout and "report.html" in stdout
-    manifest = _check_demo_dir(out)
+    manifest = _check_demo_dir(out, methods=parse_methods("all", real_vit))
     assert manifest["model"]["spec"] == cli.DEFAULT_MODEL
     assert manifest["model"]["weights_sha256"] == hashlib.sha256(VIT_TINY_WEIGHTS.read_bytes()).hexdigest()
     # the real model recognises the cat photo as some cat
@@ -893,7 +892,7 @@ def test_cache_weights_then_demo_offline_in_a_fresh_process(tmp_path, real_vit):
                           capture_output=True, text=True, timeout=300, env={**env, "HF_HUB_OFFLINE": "1"})
     assert demo.returncode == 0, demo.stderr
     assert "Traceback" not in demo.stderr
-    manifest = _check_demo_dir(out)
+    manifest = _check_demo_dir(out, methods=parse_methods("all", real_vit))
     assert manifest["model"]["spec"] == cli.DEFAULT_MODEL and manifest["model"]["weights"] is None
     # the cached weights are the real ones: same predictions as the checkpoint loaded directly
     for key, image in images_by_key(manifest).items():

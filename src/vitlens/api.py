@@ -58,6 +58,11 @@ class ExplainResult:
     inputs : list of InputRecord
     params : dict
         method -> the parameters used.
+    extras : dict
+        method -> per-target diagnostics, (B, K) tensors (LRP: ``relevance_sum``, ``target_logit``).
+
+    For signed methods (LRP) ``patch_maps`` holds the signed pixel relevance (B, K, H, W) and
+    ``maps`` its positive part divided by its maximum.
     """
 
     model: ExplainableModel
@@ -70,6 +75,7 @@ class ExplainResult:
     inputs: list
     params: dict = field(default_factory=dict)
     input_tensors: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
 
     def __getitem__(self, method: str) -> torch.Tensor:
         """(B, H, W) maps of a method when there is one target per image, else (B, K, H, W)."""
@@ -97,6 +103,17 @@ class ExplainResult:
             writer.write_image(_key_for(record.source, i), record.source, record.image, record.crop_box, self, i)
         writer.finish()
         return Path(out_dir)
+
+
+def positive_part(relevance: torch.Tensor, size) -> torch.Tensor:
+    """Signed relevance (N, h, w) -> its positive part over its maximum, (N, H, W) in [0, 1]."""
+    import torch.nn.functional as F
+
+    positive = relevance.double().clamp_min(0)
+    if tuple(positive.shape[-2:]) != tuple(size):
+        positive = F.interpolate(positive.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    top = positive.flatten(1).amax(1).clamp_min(1e-12)
+    return (positive / top[:, None, None]).float()
 
 
 def _key_for(source: str | None, index: int) -> str:
@@ -204,6 +221,7 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
     per_image_targets = isinstance(target, (list, tuple)) or (isinstance(target, torch.Tensor) and target.dim() >= 1)
     maps: dict = {n: [] for n in names}
     patch_maps: dict = {n: [] for n in names}
+    extras: dict = {}
     targets, logits = [], []
     for start in range(0, batch.shape[0], batch_size):
         chunk = batch[start:start + batch_size].to(device=model.device, dtype=model.dtype)
@@ -213,7 +231,12 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
             raw = result.patch_maps[name]
             b, k, h, w = raw.shape
             patch_maps[name].append(raw.cpu())
-            maps[name].append(to_pixels(raw.reshape(b * k, h, w), result.input_size).reshape(b, k, *result.input_size).cpu())
+            pixels = positive_part(raw.reshape(b * k, h, w), result.input_size) if get_method(name).signed \
+                else to_pixels(raw.reshape(b * k, h, w), result.input_size)
+            maps[name].append(pixels.reshape(b, k, *result.input_size).cpu())
+        for name, values in result.extras.items():
+            for key, tensor in values.items():
+                extras.setdefault(name, {}).setdefault(key, []).append(tensor.cpu())
         targets.append(result.targets.cpu())
         logits.append(result.logits.cpu())
     all_logits = torch.cat(logits)
@@ -231,6 +254,7 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
         inputs=records,
         params=resolved,
         input_tensors=batch.cpu(),
+        extras={n: {k: torch.cat(v) for k, v in d.items()} for n, d in extras.items()},
     )
 
 

@@ -215,7 +215,7 @@ def cmd_compare(args, model=None) -> int:
 
     import vitlens
     from vitlens.data import load_image
-    from vitlens.methods import parse_methods
+    from vitlens.methods import get_method, parse_methods
     from vitlens.outputs import crop_box_pixels
     from vitlens.render import GridRow, compare_grid
 
@@ -230,15 +230,17 @@ def cmd_compare(args, model=None) -> int:
         indices = [int(t) if str(t).lstrip("-").isdigit() else model.class_index(str(t)) for t in target]
         target = torch.tensor([indices] * len(images))
     result = vitlens.explain(model, images, methods=methods, target=target, params=params)
+    signed = {m for m in methods if get_method(m).signed}
     rows = []
     for i, image in enumerate(images):
         # the grid shows what the model saw: the crop of the original image
         seen = image.crop(crop_box_pixels(result.inputs[i].crop_box, image.size))
         for slot, prediction in enumerate(result.target_predictions(i)):
-            maps = {m: result.maps[m][i, slot].numpy() for m in methods}
+            # signed methods (LRP) are drawn with a diverging colormap: red positive, blue negative
+            maps = {m: (result.patch_maps[m] if m in signed else result.maps[m])[i, slot].numpy() for m in methods}
             title = f"{Path(args.inputs[i]).name}\n{prediction.name} {prediction.prob:.2f}"
             rows.append(GridRow(image=seen, title=title, maps=maps))
-    compare_grid(rows, methods, path=args.out, cmap=args.cmap, alpha=args.alpha)
+    compare_grid(rows, methods, path=args.out, cmap=args.cmap, alpha=args.alpha, signed=signed)
     print(f"wrote {args.out} ({len(rows)} row(s) x {len(methods) + 1} columns)")
     return 0
 

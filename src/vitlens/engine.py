@@ -10,12 +10,13 @@ gradients are computed and the model's ``.grad`` fields are never touched.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from vitlens.errors import MethodError, TargetError
-from vitlens.methods import ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, Captured, get_method, resolve_layers
+from vitlens.lrp import LRPConfig, LRPRecorder, lrp_rules
+from vitlens.methods import ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, LRP, Captured, get_method, resolve_layers
 from vitlens.models.base import ExplainableModel
 from vitlens.models.capture import AttentionRecorder
 
@@ -31,9 +32,12 @@ class BatchResult:
     targets : LongTensor
         (B, K) target classes, K = number of targets per image (1, or k for top-k).
     patch_maps : dict
-        method name -> (B, K, h, w) raw (un-normalised) patch maps.
+        method name -> (B, K, h, w) raw (un-normalised) patch maps; signed (B, K, H, W) pixel
+        relevance for LRP methods.
     grid : (int, int)
     input_size : (int, int)
+    extras : dict
+        method name -> per-target diagnostics (LRP: ``relevance_sum`` and ``target_logit``, (B, K)).
     """
 
     logits: torch.Tensor
@@ -41,6 +45,7 @@ class BatchResult:
     patch_maps: dict
     grid: tuple
     input_size: tuple
+    extras: dict = field(default_factory=dict)
 
 
 def plan(methods: dict, num_layers: int, default_cam_layers=()) -> tuple[set, set, list]:
@@ -122,12 +127,44 @@ def run_batch(model: ExplainableModel, x: torch.Tensor, methods: dict, target=No
     target : see :func:`resolve_targets`.
     """
     model.check_input(x)
-    default_cam = model.default_cam_layers() if any(CAM in get_method(m).needs for m in methods) else []
-    needs, layer_requests, cam_names = plan(methods, model.num_layers, default_cam)
-    want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM} & needs)
     input_size = tuple(x.shape[-2:])
     # baselines need a grid on CNNs too: a 16-pixel grid, like a ViT's patches
     grid = model.grid(input_size) if model.has_attention else (input_size[0] // 16, input_size[1] // 16)
+    lrp_methods = {n: p for n, p in methods.items() if LRP in get_method(n).needs}
+    shared_methods = {n: p for n, p in methods.items() if n not in lrp_methods}
+    logits = targets = None
+    patch_maps: dict = {}
+    extras: dict = {}
+    if shared_methods or not lrp_methods:
+        logits, targets, patch_maps = _shared_pass(model, x, shared_methods, target, grid)
+    # LRP changes the backward of the whole model: one extra pass per distinct rule set
+    by_config: dict = {}
+    for name, params in lrp_methods.items():
+        by_config.setdefault((name, params["conv_gamma"], params["lin_gamma"]), []).append(name)
+    for (variant, conv_gamma, lin_gamma), names in by_config.items():
+        config = LRPConfig(variant, conv_gamma, lin_gamma)
+        lrp_logits, targets, pairs = _lrp_pass(model, x, config, targets if targets is not None else target)
+        logits = lrp_logits if logits is None else logits
+        for name in names:
+            maps, sums = [], []
+            for slot, pair in enumerate(pairs):
+                captured = Captured([], None, None, model.num_prefix_tokens, grid, inputs=x.detach(),
+                                    input_relevance={(variant, conv_gamma, lin_gamma): pair})
+                relevance = get_method(name).function(captured, **methods[name]).detach()
+                maps.append(relevance)
+                sums.append(relevance.flatten(1).sum(1))
+            patch_maps[name] = torch.stack(maps, dim=1)
+            extras[name] = {"relevance_sum": torch.stack(sums, dim=1),
+                            "target_logit": lrp_logits.gather(1, targets).detach()}
+    ordered = {name: patch_maps[name] for name in methods}
+    return BatchResult(logits, targets, ordered, grid, input_size, extras)
+
+
+def _shared_pass(model, x, methods, target, grid):
+    """One forward (+ one backward per target) shared by every non-LRP method."""
+    default_cam = model.default_cam_layers() if any(CAM in get_method(m).needs for m in methods) else []
+    needs, layer_requests, cam_names = plan(methods, model.num_layers, default_cam)
+    want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM} & needs)
     with model.eval_mode(), torch.set_grad_enabled(want_gradients), contextlib.ExitStack() as stack:
         if want_gradients:
             # keeps a graph even when the user froze the parameters
@@ -172,7 +209,23 @@ def run_batch(model: ExplainableModel, x: torch.Tensor, methods: dict, target=No
                 patch_maps[name].append(get_method(name).function(captured, **params).detach())
         del recorder
     stacked = {name: torch.stack(maps, dim=1) for name, maps in patch_maps.items()}
-    return BatchResult(logits.detach(), targets, stacked, grid, input_size)
+    return logits.detach(), targets, stacked
+
+
+def _lrp_pass(model, x, config, target):
+    """Forward with LRP rules on the model, one backward per target: (logits, targets, [(x, grad)])."""
+    with model.eval_mode(), torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        recorder = LRPRecorder(config)
+        with lrp_rules(model.module, config), model.capture(recorder):
+            logits = model.logits(x)
+        targets = target if isinstance(target, torch.Tensor) and target.dim() == 2 and target.dtype == torch.long \
+            else resolve_targets(model, logits.detach(), target)
+        pairs = []
+        for slot in range(targets.shape[1]):
+            grad = _grads(logits.gather(1, targets[:, slot:slot + 1]).sum(), [x])[0]
+            pairs.append((x.detach(), grad))
+    return logits.detach(), targets, pairs
 
 
 def _hook_layers(model: ExplainableModel, names: list, stack: contextlib.ExitStack) -> dict:

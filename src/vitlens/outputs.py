@@ -27,7 +27,8 @@ from PIL import Image
 import vitlens
 from vitlens.errors import OutputError
 from vitlens.models import describe
-from vitlens.render import overlay, save_png_atomic, write_atomic, write_text_atomic
+from vitlens.methods import get_method
+from vitlens.render import overlay, save_png_atomic, signed_overlay, write_atomic, write_text_atomic
 from vitlens.render.atomic import ensure_dir
 
 ORIGINAL_MAX_SIDE = 512
@@ -132,7 +133,8 @@ class RunWriter:
         record = self.read_record(key)
         if record is None:
             return False
-        files = [record.get("original")] + [f for o in record.get("outputs", []) for f in (o["overlay"], o["map"])]
+        files = [record.get("original")] + [o.get(k) for o in record.get("outputs", [])
+                                            for k in ("overlay", "map", "signed_overlay")]
         return all(f is None or (self.out / f).is_file() for f in files)
 
     def read_record(self, key: str) -> dict | None:
@@ -164,7 +166,19 @@ class RunWriter:
                 overlay_file = f"overlays/{method}/{stem}.png"
                 drawn = overlay_on_original(image, pixel_map, crop_box, cmap=self.cmap, alpha=self.alpha)
                 save_png_atomic(drawn, self.out / overlay_file)
-                outputs.append({"method": method, "target": int(target), "overlay": overlay_file, "map": map_file})
+                entry = {"method": method, "target": int(target), "overlay": overlay_file, "map": map_file}
+                if get_method(method).signed:
+                    # red positive, blue negative, zero transparent-ish white
+                    signed_file = f"overlays/{method}/{stem}__signed.png"
+                    box = crop_box_pixels(crop_box, image.size)
+                    region = signed_overlay(image.crop(box), raw)
+                    canvas = image.convert("RGB").copy()
+                    canvas.paste(region, box[:2])
+                    save_png_atomic(canvas, self.out / signed_file)
+                    entry["signed_overlay"] = signed_file
+                for key, values in result.extras.get(method, {}).items():
+                    entry[key] = round(float(values[index, slot]), 6)
+                outputs.append(entry)
         prediction = result.predictions[index]
         record = {
             "key": key,

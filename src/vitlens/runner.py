@@ -43,12 +43,18 @@ def _load(sample: Sample):
 
 def run_explain(samples: list, model, methods: list, params: dict | None = None, target=None, out_dir="results",
                 batch_size: int = 16, resume: bool = True, progress: bool = True, cmap: str = "jet",
-                alpha: float = 0.5, html: bool = False, settings: dict | None = None) -> RunSummary:
+                alpha: float = 0.5, html: bool = False, settings: dict | None = None,
+                record_extra=None) -> RunSummary:
     """Explain every sample and write the run directory (see :mod:`vitlens.outputs`).
 
     ``target`` is what :func:`vitlens.explain` accepts for one image, or ``'label'`` to explain each
     image's ground-truth class. A sample that cannot be decoded (or has no label when
     ``target='label'``) is recorded as failed and the run goes on.
+
+    ``record_extra(samples, result)``, when given, is called once per explained batch with the
+    batch's good samples and their :class:`~vitlens.api.ExplainResult`; it returns one dict per
+    sample whose entries are added to that image's record (``vitlens evaluate`` puts its per-image
+    metrics there, so they are written atomically with the record and resume with it).
     """
     from tqdm import tqdm
 
@@ -75,7 +81,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
                 continue
             if loaded is None:
                 loaded = [_load(s) for s in batch]
-            _explain_batch(batch, loaded, writer, model, methods, params, target, summary)
+            _explain_batch(batch, loaded, writer, model, methods, params, target, summary, record_extra)
             bar.update(len(batch))
     bar.close()
     summary.manifest = writer.finish(order=[s.key for s in samples])
@@ -87,7 +93,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
     return summary
 
 
-def _explain_batch(batch, loaded, writer, model, methods, params, target, summary) -> None:
+def _explain_batch(batch, loaded, writer, model, methods, params, target, summary, record_extra=None) -> None:
     good, images, targets = [], [], []
     for sample, (image, error) in zip(batch, loaded):
         if error is None and target == "label" and sample.label is None:
@@ -113,10 +119,13 @@ def _explain_batch(batch, loaded, writer, model, methods, params, target, summar
             writer.write_failure(sample.key, sample.path, str(exc), sample.label, sample.label_name)
             summary.failed.append((sample.key, sample.path, str(exc)))
         return
+    extras = record_extra(good, result) if record_extra is not None else [None] * len(good)
     for index, sample in enumerate(good):
         if writer.done(sample.key):
             continue
         extra = {"boxes": [list(b) for b in sample.boxes]} if sample.boxes else None
+        if extras[index]:
+            extra = {**(extra or {}), **extras[index]}
         writer.write_image(sample.key, sample.path, images[index], result.inputs[index].crop_box, result, index,
                            label=sample.label, label_name=sample.label_name or _name(model, sample.label),
                            extra=extra)

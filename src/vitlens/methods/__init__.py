@@ -17,12 +17,14 @@ from vitlens.methods.gmar import gmar
 from vitlens.methods.gmar_pp import gmar_plus_plus
 from vitlens.methods.gradcam import gradcam, gradcam_pp, layercam, xgradcam
 from vitlens.methods.legrad import legrad, resolve_layers
+from vitlens.methods.lrp import attnlrp, cp_lrp
 from vitlens.methods.rollout import attention_rollout, raw_attention
 
 ATTENTIONS = "attentions"
 GRADIENTS = "gradients"  # d(target logit)/dA per layer
 LAYER_GRADIENTS = "layer_gradients"  # LeGrad: d(layer score)/dA of the same layer
 CAM = "cam"  # activations of target layers and d(target logit)/d(activations)
+LRP = "lrp"  # a separate pass with LRP rules: input and its modified gradient
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class MethodSpec:
     class_specific: bool
     defaults: dict = field(default_factory=dict)
     summary: str = ""
+    #: signed maps (relevance): overlays show the positive part, a diverging rendering shows both
+    signed: bool = False
 
     def params(self, overrides: dict | None = None) -> dict:
         params = dict(self.defaults)
@@ -83,6 +87,10 @@ for _name, _fn, _summary in (
 ):
     register(MethodSpec(_name, _fn, frozenset({CAM}), True, {"layers": None}, _summary))
 
+register(MethodSpec("attnlrp", attnlrp, frozenset({LRP}), True, {"conv_gamma": 1.0, "lin_gamma": 0.5},
+                    "AttnLRP (Achtibat et al. 2024) with Gamma rules, signed pixel relevance", signed=True))
+register(MethodSpec("cp-lrp", cp_lrp, frozenset({LRP}), True, {"conv_gamma": 1.0, "lin_gamma": 0.5},
+                    "CP-LRP: relevance through the values only, Gamma rules, signed pixel relevance", signed=True))
 register(MethodSpec("random", random_map, frozenset(), False, {"seed": 0},
                     "baseline: uniform noise per patch, seeded per image"))
 register(MethodSpec("center", center_map, frozenset(), False, {"sigma": 0.25},
@@ -90,7 +98,8 @@ register(MethodSpec("center", center_map, frozenset(), False, {"sigma": 0.25},
 BASELINES = ("random", "center")
 
 #: what ``all`` expands to for transformers and for CNNs, in display order
-DEFAULT_METHODS = ("attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer", "gradcam", "gradcam++")
+DEFAULT_METHODS = ("attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer", "gradcam", "gradcam++",
+                   "attnlrp")
 CNN_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam")
 
 
@@ -120,7 +129,7 @@ def parse_methods(methods, model=None) -> list[str]:
             continue
         for expanded in (everything if name == "all" else (name,)):
             spec = get_method(expanded)
-            if not has_attention and (ATTENTIONS in spec.needs or LAYER_GRADIENTS in spec.needs):
+            if not has_attention and (ATTENTIONS in spec.needs or LAYER_GRADIENTS in spec.needs or LRP in spec.needs):
                 raise MethodError(
                     f"method '{expanded}' needs attention maps, which this {type(model.module).__name__} does not "
                     f"have: use {', '.join(CNN_METHODS)}"
@@ -141,6 +150,7 @@ __all__ = [
     "DEFAULT_METHODS",
     "GRADIENTS",
     "LAYER_GRADIENTS",
+    "LRP",
     "MethodSpec",
     "REGISTRY",
     "get_method",

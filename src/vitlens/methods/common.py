@@ -34,6 +34,8 @@ class Captured:
         Patch grid (h, w).
     inputs : Tensor or None
         The preprocessed input batch (B, 3, H, W), detached (used by the baseline maps).
+    input_relevance : dict
+        ``{(variant, conv_gamma, lin_gamma): (x, modified gradient)}`` from LRP passes.
     cam : dict
         ``{layer name: (activations, gradients)}``, each (B, C, h, w), for the Grad-CAM family.
     cam_layers : list of str
@@ -49,6 +51,7 @@ class Captured:
     cam: dict = field(default_factory=dict)
     cam_layers: list = field(default_factory=list)
     inputs: torch.Tensor | None = None
+    input_relevance: dict = field(default_factory=dict)
 
 
 def fuse_heads(attention: torch.Tensor, how: str = "mean") -> torch.Tensor:

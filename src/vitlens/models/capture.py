@@ -47,6 +47,25 @@ class AttentionRecorder:
         if self.keep_block_outputs:
             self.block_outputs.append(hidden)
 
+    # Hooks for modified backward passes (LRP): how attention combines q, k, v, and how a
+    # projection that is not called as a module (MultiheadAttention's packed in_proj) is applied.
+    def attend(self, q, k, v, scale, layer, mask=None):
+        scores = (q * scale) @ k.transpose(-2, -1)
+        probs = _masked(scores, mask).softmax(dim=-1)
+        probs = self.on_probabilities(layer, probs)
+        return probs @ v
+
+    def linear(self, x, weight, bias):
+        return torch.nn.functional.linear(x, weight, bias)
+
+
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask
+
 
 def explicit_attention(
     q: torch.Tensor,
@@ -77,15 +96,7 @@ def explicit_attention(
     Tensor
         (B, heads, N, head_dim), the attention output before the heads are merged.
     """
-    scores = (q * scale) @ k.transpose(-2, -1)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask
-    probs = scores.softmax(dim=-1)
-    probs = recorder.on_probabilities(layer, probs)
-    return probs @ v
+    return recorder.attend(q, k, v, scale, layer, mask)
 
 
 @contextlib.contextmanager

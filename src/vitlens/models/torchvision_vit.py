@@ -11,7 +11,6 @@ import contextlib
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitlens.errors import ModelError
@@ -36,7 +35,7 @@ def mha_capturing_forward(mha: nn.MultiheadAttention, layer: int, recorder: Atte
         B, N, C = x.shape
         heads = mha.num_heads
         head_dim = C // heads
-        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+        qkv = recorder.linear(x, mha.in_proj_weight, mha.in_proj_bias)
         q, k, v = qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         mask = _combine_masks(attn_mask, key_padding_mask, is_causal, N, x.device)
         out = explicit_attention(q, k, v, head_dim ** -0.5, layer, recorder, mask)

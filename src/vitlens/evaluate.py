@@ -1,0 +1,435 @@
+"""``vitlens evaluate``: explain a dataset and score every method with faithfulness, localisation and
+sanity metrics; write per-method tables with 95 % confidence intervals, curve plots and the report.
+
+The run directory is an ``explain`` run directory (overlays, maps, records, manifest, report.html,
+see :mod:`vitlens.outputs`) plus::
+
+    metrics.csv          long form: method, metric, n, mean, ci_low, ci_high, better
+    metrics.json         the same with the settings, the interval method and the mean curves
+    metrics.md           methods x metrics, "mean ± half-width of the 95 % CI"
+    plots/<curve>.png    mean deletion / insertion / perturbation / sanity curves per method
+
+Per-image metric values and curves live in each image's record (``records/<key>.json``, keys
+``metrics`` and ``curves``), written atomically together with the image's other outputs. A run
+that is stopped and started again recomputes exactly the unfinished batches (the runner's resume),
+and the tables are always aggregated from the records, so an interrupted and a straight run agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitlens.errors import InputError, TargetError
+from vitlens.metrics import (BOXES, MASKS, MODEL, RANDOMIZE, MetricError, boxes_to_input, cascading_randomization,
+                             energy_in_box, get_metric, mask_to_input, mean_ci, parse_metrics, perturbation_metrics,
+                             pointing_game, segmentation_scores)
+from vitlens.render.atomic import write_atomic, write_text_atomic
+
+CI_METHOD = "t"
+PLOTTED = ("deletion", "insertion", "pos_perturbation", "neg_perturbation", "sanity_spearman", "sanity_ssim")
+
+
+@dataclass
+class EvalSummary:
+    """What an evaluation run did and wrote."""
+
+    run: object  # runner.RunSummary
+    rows: list = field(default_factory=list)
+    files: dict = field(default_factory=dict)
+    forwards: int = 0
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_requirements(samples: list, metrics: list, masks_dir=None, source: str = "the inputs") -> None:
+    """One-line errors for metrics the data cannot support (boxes, masks)."""
+    for name in metrics:
+        needs = get_metric(name).needs
+        if BOXES in needs and not any(s.boxes for s in samples):
+            raise MetricError(f"metric '{name}' needs object boxes, and {source} have none "
+                              "(use a dataset with boxes: tinyimagenet:PATH or cub200:PATH)")
+        if MASKS in needs:
+            if masks_dir is None:
+                raise MetricError(f"metric '{name}' needs segmentation masks: give --masks DIR "
+                                  "(one PNG per image, named like the image file)")
+            if not Path(masks_dir).is_dir():
+                raise InputError(f"masks folder '{masks_dir}' does not exist")
+
+
+def _single_target(target):
+    text = str(target).strip().lower() if isinstance(target, str) else None
+    if text and text.startswith("top") and text[3:].isdigit() and int(text[3:]) > 1:
+        raise TargetError(f"evaluate explains one class per image: --target {target} asks for {text[3:]}")
+    if isinstance(target, (list, tuple)):
+        raise TargetError("evaluate explains one class per image: give pred, label, or one class index/name")
+    return target
+
+
+def _load_mask(masks_dir, sample) -> torch.Tensor | None:
+    stem = Path(sample.path).stem
+    for name in (f"{sample.key}.png", f"{stem}.png"):
+        path = Path(masks_dir) / name
+        if path.is_file():
+            from PIL import Image
+
+            return torch.from_numpy(np.asarray(Image.open(path).convert("L")) > 127)
+    return None
+
+
+# ----------------------------------------------------------------------------- per-batch scoring
+def _round(values) -> list:
+    return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else round(float(v), 6)
+            for v in values]
+
+
+class BatchScorer:
+    """The ``record_extra`` callback of the runner: per-image metrics of one explained batch."""
+
+    def __init__(self, model, methods, params, metrics: list, metric_params: dict, seed: int = 0,
+                 batch_size: int = 128, granularity: str = "pixel", masks_dir=None, sample_index=None):
+        self.model = model
+        self.methods = list(methods)
+        self.params = params or {}
+        self.metrics = metrics
+        self.options = {name: get_metric(name).params(metric_params.get(name)) for name in metrics}
+        self.seed = seed
+        self.batch_size = batch_size
+        self.granularity = granularity
+        self.masks_dir = masks_dir
+        self.sample_index = sample_index or {}
+        self.forwards = 0
+
+    def __call__(self, samples, result) -> list:
+        B = len(samples)
+        x = result.input_tensors
+        input_size = tuple(x.shape[-2:])
+        targets = result.targets[:, 0]
+        maps = {m: result.maps[m][:, 0] for m in self.methods}
+        values: list = [{m: {} for m in self.methods} for _ in range(B)]
+        curves: list = [{m: {} for m in self.methods} for _ in range(B)]
+
+        perturb = {n: self.options[n] for n in self.metrics if MODEL in get_metric(n).needs}
+        if perturb:
+            labels = torch.tensor([-1 if s.label is None else int(s.label) for s in samples])
+            source = maps if self.granularity == "pixel" else {m: result.patch_maps[m][:, 0] for m in self.methods}
+            stats: dict = {}
+            out = perturbation_metrics(self.model, x, source, targets, labels=labels, metrics=perturb,
+                                       granularity=self.granularity, seed=self.seed, batch_size=self.batch_size,
+                                       stats=stats)
+            self.forwards += stats.get("forwards", 0)
+            for m in self.methods:
+                for name, res in out[m].items():
+                    if name in ("deletion", "insertion"):
+                        named = {f"{name}_auc": res["auc"], f"{name}_auc_norm": res["auc_norm"]}
+                        curve = res["curve"]
+                    elif name in ("pos_perturbation", "neg_perturbation"):
+                        named = {f"{name}_auc": res["auc"]}
+                        curve = res["curve"]
+                    else:
+                        named, curve = res, None
+                    for b in range(B):
+                        for key, tensor in named.items():
+                            values[b][m][key] = float(tensor[b])
+                        if curve is not None:
+                            curves[b][m][name] = _round(curve[b].tolist())
+
+        if any(BOXES in get_metric(n).needs for n in self.metrics):
+            boxes = [boxes_to_input(s.boxes, result.inputs[b].crop_box or (0, 0, input_size[1], input_size[0]),
+                                    input_size) for b, s in enumerate(samples)]
+            for m in self.methods:
+                if "pointing_game" in self.metrics:
+                    hits = pointing_game(maps[m], boxes, **self.options["pointing_game"])
+                    for b in range(B):
+                        values[b][m]["pointing_game"] = float(hits[b])
+                if "energy_in_box" in self.metrics:
+                    energy = energy_in_box(maps[m], boxes)
+                    for b in range(B):
+                        values[b][m]["energy_in_box"] = float(energy[b])
+
+        if "segmentation" in self.metrics:
+            masks = [_load_mask(self.masks_dir, s) for s in samples]
+            have = [b for b, mk in enumerate(masks) if mk is not None]
+            if have:
+                gt = torch.stack([mask_to_input(masks[b], result.inputs[b].crop_box or
+                                                (0, 0, masks[b].shape[1], masks[b].shape[0]), input_size)
+                                  for b in have])
+                for m in self.methods:
+                    scores = segmentation_scores(maps[m][have], gt)
+                    for j, b in enumerate(have):
+                        for key, tensor in scores.items():
+                            values[b][m][f"seg_{key}"] = float(tensor[j])
+
+        if "sanity" in self.metrics:
+            limit = self.options["sanity"]["images"]
+            chosen = [b for b, s in enumerate(samples) if self.sample_index.get(s.key, 0) < limit]
+            if chosen:
+                sanity = cascading_randomization(self.model, x[chosen], self.methods, targets=targets[chosen],
+                                                 params=self.params,
+                                                 original_maps={m: maps[m][chosen] for m in self.methods},
+                                                 seed=self.seed, batch_size=len(chosen),
+                                                 max_stages=self.options["sanity"]["max_stages"])
+                for m in self.methods:
+                    for j, b in enumerate(chosen):
+                        rho, sim = sanity.spearman[m][:, j], sanity.ssim[m][:, j]
+                        values[b][m].update({"sanity_spearman_head": float(rho[0]), "sanity_spearman_all": float(rho[-1]),
+                                             "sanity_ssim_head": float(sim[0]), "sanity_ssim_all": float(sim[-1])})
+                        curves[b][m]["sanity_spearman"] = _round(rho.tolist())
+                        curves[b][m]["sanity_ssim"] = _round(sim.tolist())
+                        curves[b][m]["sanity_stages"] = sanity.stages
+
+        return [{"metrics": {m: {k: (None if math.isnan(v) else round(v, 6)) for k, v in values[b][m].items()}
+                             for m in self.methods},
+                 "curves": curves[b]} for b in range(B)]
+
+
+# ---------------------------------------------------------------------------------- aggregation
+def value_order(metrics: list) -> list:
+    names = []
+    for metric in metrics:
+        names.extend(get_metric(metric).values)
+    return names
+
+
+def better(value_name: str):
+    for spec in (get_metric(m) for m in parse_metrics("all") + ["segmentation"]):
+        if value_name in spec.values:
+            return spec.values[value_name]
+    return None
+
+
+def aggregate(images: list, methods: list, metrics: list, ci_method: str = CI_METHOD, seed: int = 0) -> tuple:
+    """Per (method, metric value): mean and CI over images; mean curves per method.
+
+    Returns (rows, curves): rows are dicts (method, metric, n, mean, ci_low, ci_high, better);
+    curves: curve name -> method -> mean curve (list) plus ``_x`` axes.
+    """
+    names = value_order(metrics)
+    rows = []
+    ok = [im for im in images if im.get("status") == "ok" and isinstance(im.get("metrics"), dict)]
+    for method in methods:
+        for name in names:
+            present = [im["metrics"].get(method, {}) for im in ok]
+            vals = [math.nan if d[name] is None else float(d[name]) for d in present if name in d]
+            interval = mean_ci(vals, method=ci_method, seed=seed)
+            if interval.n == 0:
+                continue
+            rows.append({"method": method, "metric": name, "n": interval.n, "mean": interval.mean,
+                         "ci_low": interval.low, "ci_high": interval.high, "better": _better_text(better(name))})
+    curves: dict = {}
+    for method in methods:
+        for im in ok:
+            for cname, curve in (im.get("curves") or {}).get(method, {}).items():
+                if cname == "sanity_stages" or not isinstance(curve, list):
+                    continue
+                curves.setdefault(cname, {}).setdefault(method, []).append(
+                    [math.nan if v is None else float(v) for v in curve])
+            stages = (im.get("curves") or {}).get(method, {}).get("sanity_stages")
+            if stages:
+                curves.setdefault("_stages", stages)
+    mean_curves: dict = {}
+    for cname, per_method in curves.items():
+        if cname == "_stages":
+            mean_curves[cname] = per_method
+            continue
+        mean_curves[cname] = {}
+        for method, rows_ in per_method.items():
+            length = max(len(r) for r in rows_)
+            arr = np.array([r + [math.nan] * (length - len(r)) for r in rows_], dtype=np.float64)
+            with np.errstate(all="ignore"):
+                mean_curves[cname][method] = [round(float(v), 6) for v in np.nanmean(arr, axis=0)]
+    return rows, mean_curves
+
+
+def _better_text(flag) -> str:
+    return {True: "higher", False: "lower"}.get(flag, "-")
+
+
+def _fmt(row) -> str:
+    if row["n"] > 1 and not math.isnan(row["ci_high"]):
+        return f"{row['mean']:.4g} ± {(row['ci_high'] - row['ci_low']) / 2:.2g}"
+    return f"{row['mean']:.4g}"
+
+
+def wide_table(rows: list, methods: list, metrics: list) -> dict:
+    """methods x metric values, cells "mean ± half-CI": the ``manifest['metrics']`` the report renders."""
+    names = [n for n in value_order(metrics) if any(r["metric"] == n for r in rows)]
+    cell = {(r["method"], r["metric"]): _fmt(r) for r in rows}
+    columns = ["method"] + [f"{n} ({_better_text(better(n))[0] if better(n) is not None else '-'})" for n in names]
+    table_rows = [[m] + [cell.get((m, n), "—") for n in names] for m in methods if any(r["method"] == m for r in rows)]
+    counts = sorted({r["n"] for r in rows})
+    return {"columns": columns, "rows": table_rows,
+            "note": f"mean ± half-width of the 95 % Student-t CI over images (n = {', '.join(map(str, counts))}); "
+                    "(h) higher is better, (l) lower is better"}
+
+
+def write_tables(out: Path, rows: list, curves: dict, methods: list, metrics: list, settings: dict) -> dict:
+    """metrics.csv / metrics.json / metrics.md and the curve PNGs; returns name -> path."""
+    files = {}
+    header = "method,metric,n,mean,ci_low,ci_high,better\n"
+    lines = [f"{r['method']},{r['metric']},{r['n']},{r['mean']:.6g},{r['ci_low']:.6g},{r['ci_high']:.6g},{r['better']}"
+             for r in rows]
+    files["csv"] = write_text_atomic(out / "metrics.csv", header + "\n".join(lines) + ("\n" if lines else ""))
+    payload = {"settings": settings, "interval": "95 % Student-t (mean ± t_{0.975, n-1} s / sqrt(n))",
+               "rows": rows, "curves": curves}
+    files["json"] = write_text_atomic(out / "metrics.json", json.dumps(payload, indent=1, default=_json_default) + "\n")
+    table = wide_table(rows, methods, metrics)
+    md = ["| " + " | ".join(table["columns"]) + " |", "|" + "---|" * len(table["columns"])]
+    md += ["| " + " | ".join(str(c) for c in row) + " |" for row in table["rows"]]
+    md.append("")
+    md.append(table["note"])
+    files["md"] = write_text_atomic(out / "metrics.md", "\n".join(md) + "\n")
+    files.update(plot_curves(out / "plots", curves))
+    return files
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def plot_curves(folder: Path, curves: dict) -> dict:
+    """One PNG per curve kind, a line per method (matplotlib Figure + Agg canvas, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    files = {}
+    labels = {
+        "deletion": ("fraction of most relevant pixels removed", "score of the explained class"),
+        "insertion": ("fraction of most relevant pixels revealed", "score of the explained class"),
+        "pos_perturbation": ("fraction of most relevant pixels removed", "top-1 accuracy (%)"),
+        "neg_perturbation": ("fraction of least relevant pixels removed", "top-1 accuracy (%)"),
+        "sanity_spearman": ("layers randomised (cascading, top first)", "Spearman rank correlation"),
+        "sanity_ssim": ("layers randomised (cascading, top first)", "SSIM"),
+    }
+    stages = curves.get("_stages")
+    for name in PLOTTED:
+        per_method = curves.get(name)
+        if not per_method:
+            continue
+        fig = Figure(figsize=(6.4, 4.2), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        for method, curve in per_method.items():
+            n = len(curve)
+            if name.startswith("sanity"):
+                xs = list(range(n))
+            elif name.endswith("perturbation"):
+                xs = [i / 10 for i in range(n)]
+            else:
+                xs = [i / max(n - 1, 1) for i in range(n)]
+            style = "--" if method in ("random", "center") else "-"
+            ax.plot(xs, curve, style, label=method, linewidth=1.6)
+        if name.startswith("sanity") and stages:
+            ax.set_xticks(range(len(stages)))
+            ax.set_xticklabels(stages, rotation=60, fontsize=7)
+        ax.set_xlabel(labels[name][0])
+        ax.set_ylabel(labels[name][1])
+        ax.set_title(name.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = folder / f"{name}.png"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda fh, fig=fig: fig.savefig(fh, format="png"))
+        files[name] = path
+    return files
+
+
+def _add_plots_to_report(report: Path, plots: dict, out: Path) -> None:
+    if not plots or not report.is_file():
+        return
+    from vitlens.render.report import esc, file_url
+
+    figures = "".join(
+        f'<figure style="display:inline-block;margin:0 12px 12px 0"><img src="{esc(file_url(str(p.relative_to(out))))}" '
+        f'alt="{esc(name)}" style="max-width:640px;width:100%"><figcaption>{esc(name.replace("_", " "))}</figcaption>'
+        "</figure>"
+        for name, p in plots.items()
+    )
+    html = report.read_text(encoding="utf-8")
+    section = f'<section id="metric-curves"><h2>Metric curves</h2>{figures}</section>'
+    marker = '<div id="lightbox"'
+    html = html.replace(marker, section + marker, 1) if marker in html else html.replace("</body>", section + "</body>", 1)
+    write_text_atomic(report, html)
+
+
+# ----------------------------------------------------------------------------------------- the run
+def run_evaluate(samples: list, model, methods: list, params: dict | None = None, metrics="faithfulness",
+                 metric_params: dict | None = None, target=None, out_dir="evaluation", batch_size: int = 16,
+                 perturb_batch_size: int = 128, granularity: str = "pixel", resume: bool = True,
+                 progress: bool = True, seed: int = 0, html: bool = True, masks_dir=None,
+                 source: str = "the inputs") -> EvalSummary:
+    """Explain ``samples`` and score every method; write the run directory and the metric tables.
+
+    Parameters
+    ----------
+    samples : list of Sample
+        From :func:`vitlens.data.resolve_inputs` (labels for the perturbation accuracy, boxes for
+        localisation).
+    model : ExplainableModel
+    methods : list of str
+    params : dict, optional
+        Method parameters.
+    metrics : str or list
+        Metric names or groups (``faithfulness``, ``localisation``, ``all``).
+    metric_params : dict, optional
+        metric -> parameter overrides (e.g. ``{'deletion': {'steps': 10}}``).
+    target : None / 'pred' / 'label' / class index or name
+        One class per image.
+    batch_size : int
+        Images explained per batch (the unit of resume).
+    perturb_batch_size : int
+        Perturbed copies per forward pass.
+    granularity : 'pixel' or 'patch'
+        Units removed/revealed by the perturbation metrics.
+    seed : int
+        Tie-breaking in the rankings, the noise baseline, the randomisation of the sanity check.
+    masks_dir : path, optional
+        ``<key>.png`` or ``<image stem>.png`` foreground masks for ``segmentation``.
+    """
+    from vitlens.render import write_report
+    from vitlens.runner import run_explain
+
+    metric_names = parse_metrics(metrics)
+    metric_params = metric_params or {}
+    unknown = set(metric_params) - set(metric_names)
+    if unknown:
+        raise MetricError(f"--metric-param for '{sorted(unknown)[0]}', which is not among --metrics")
+    options = {name: get_metric(name).params(metric_params.get(name)) for name in metric_names}
+    if granularity not in ("pixel", "patch"):
+        raise MetricError(f"unknown granularity '{granularity}': choose pixel or patch")
+    target = _single_target(target)
+    check_requirements(samples, metric_names, masks_dir, source)
+    if RANDOMIZE in set().union(*(get_metric(n).needs for n in metric_names)) and not hasattr(model, "module"):
+        raise MetricError("the sanity check needs a vitlens model adapter")
+    settings = {"evaluate": {"metrics": options, "seed": seed, "granularity": granularity,
+                             "masks": str(masks_dir) if masks_dir else None}}
+    scorer = BatchScorer(model, methods, params, metric_names, metric_params, seed=seed,
+                         batch_size=perturb_batch_size, granularity=granularity, masks_dir=masks_dir,
+                         sample_index={s.key: i for i, s in enumerate(samples)})
+    run = run_explain(samples, model, methods, params, target, out_dir, batch_size=batch_size, resume=resume,
+                      progress=progress, html=False, settings=settings, record_extra=scorer)
+    out = Path(out_dir)
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows, curves = aggregate(manifest.get("images", []), methods, metric_names, seed=seed)
+    all_settings = {"model": manifest.get("model"), "methods": manifest.get("methods"), "target": manifest.get("target"),
+                    **settings}
+    files = write_tables(out, rows, curves, methods, metric_names, all_settings)
+    manifest["metrics"] = wide_table(rows, methods, metric_names)
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    if html:
+        report = write_report(out)
+        _add_plots_to_report(report, {k: v for k, v in files.items() if k in PLOTTED}, out)
+        files["report"] = report
+        run.report = report
+    return EvalSummary(run=run, rows=rows, files=files, forwards=scorer.forwards)
+
+
+__all__ = ["BatchScorer", "EvalSummary", "aggregate", "check_requirements", "run_evaluate", "wide_table",
+           "write_tables"]
