@@ -108,6 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute everything even if --out holds finished work")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("evaluate", help="score methods on a dataset: deletion/insertion, perturbation, localisation, sanity")
+    p.add_argument("inputs", nargs="+", help="dataset, folder, glob or files (as for explain)")
+    _add_model_options(p)
+    _add_method_options(p)
+    p.add_argument("--metrics", default="faithfulness",
+                   help="comma-separated metrics or groups: faithfulness, localisation, all, deletion, insertion, "
+                        "pos_perturbation, neg_perturbation, drop_increase, pointing_game, energy_in_box, "
+                        "segmentation, sanity (default: %(default)s)")
+    p.add_argument("--metric-param", action="append", metavar="METRIC.NAME=VALUE",
+                   help="metric parameter, e.g. deletion.steps=10, insertion.baseline=zero (repeatable)")
+    p.add_argument("--steps", type=int, help="deletion and insertion steps (default 20)")
+    p.add_argument("--baseline", choices=["zero", "mean", "blur", "noise"],
+                   help="baseline of every perturbation metric (default: deletion zero, insertion blur)")
+    p.add_argument("--granularity", choices=["pixel", "patch"], default="pixel", help="perturbation units")
+    p.add_argument("--masks", help="folder of foreground masks (<image stem>.png) for the segmentation metric")
+    p.add_argument("--seed", type=int, default=0, help="ties, noise baseline, sanity randomisation (default 0)")
+    p.add_argument("--out", default="evaluation", help="output directory (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images explained per batch")
+    p.add_argument("--perturb-batch-size", type=int, default=128, help="perturbed images per forward pass")
+    p.add_argument("--labels", help="labels file for imagenet-val: or plain inputs")
+    p.add_argument("--class-index", help="mapping from the model's output index to class ids")
+    p.add_argument("--limit", type=int, help="evaluate only the first N inputs")
+    p.add_argument("--force", action="store_true", help="recompute everything even if --out holds finished work")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("compare", help="one grid PNG: rows = images (x targets), columns = original + each method")
     p.add_argument("inputs", nargs="+", help="image files")
     _add_model_options(p)
@@ -196,6 +221,31 @@ def cmd_explain(args) -> int:
                           html=args.format == "html")
     _print_summary(summary)
     return 1 if summary.failed else 0
+
+
+def cmd_evaluate(args) -> int:
+    from vitlens.data import resolve_inputs
+    from vitlens.evaluate import metric_options, run_evaluate
+    from vitlens.methods import parse_methods
+    from vitlens.metrics import parse_metrics
+    from vitlens.outputs import check_writable
+
+    parse_methods(args.methods)
+    metrics = parse_metrics(args.metrics)
+    params = parse_params(args.param)
+    metric_params = metric_options(metrics, parse_params(args.metric_param), args.steps, args.baseline)
+    samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit)
+    check_writable(args.out)
+    model = _load(args)
+    methods = parse_methods(args.methods, model)
+    params = with_target_layers(params, methods, args.target_layer)
+    summary = run_evaluate(samples, model, methods, params, metrics, metric_params, parse_target(args.target),
+                           args.out, batch_size=args.batch_size, perturb_batch_size=args.perturb_batch_size,
+                           granularity=args.granularity, resume=not args.force, progress=not args.quiet,
+                           seed=args.seed, masks_dir=args.masks, source=f"'{' '.join(args.inputs)}'")
+    _print_summary(summary.run)
+    print(f"tables: {summary.files['md']}  {summary.files['csv']}  {summary.files['json']}")
+    return 1 if summary.run.failed else 0
 
 
 def _print_summary(summary) -> None:
@@ -328,6 +378,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {
     "explain": cmd_explain,
+    "evaluate": cmd_evaluate,
     "compare": cmd_compare,
     "report": cmd_report,
     "demo": cmd_demo,

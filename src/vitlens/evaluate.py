@@ -81,6 +81,22 @@ def _load_mask(masks_dir, sample) -> torch.Tensor | None:
     return None
 
 
+def metric_options(metrics: list, metric_params: dict, steps: int | None = None, baseline: str | None = None) -> dict:
+    """Merge ``--metric-param`` with the ``--steps`` / ``--baseline`` shortcuts (explicit params win)."""
+    merged = {name: dict(values) for name, values in (metric_params or {}).items()}
+    for name in metrics:
+        defaults = get_metric(name).defaults
+        if steps is not None and "steps" in defaults:
+            merged.setdefault(name, {}).setdefault("steps", steps)
+        if baseline is not None and "baseline" in defaults:
+            merged.setdefault(name, {}).setdefault("baseline", baseline)
+    for name in merged:
+        if name not in metrics:
+            raise MetricError(f"--metric-param for '{name}', which is not among --metrics")
+        get_metric(name).params(merged[name])
+    return merged
+
+
 # ----------------------------------------------------------------------------- per-batch scoring
 def _round(values) -> list:
     return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else round(float(v), 6)

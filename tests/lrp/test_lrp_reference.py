@@ -145,6 +145,6 @@ def test_matches_explicit_relevance_propagation(one_block, variant, conv_gamma, 
         for slot in range(2):
             expected, logits = reference_relevance(one_block, x[b], int(targets[b, slot]), variant,
                                                    conv_gamma, lin_gamma)
-            assert expected.abs().max() > 0.01  # a real signal, 10^4 x the tolerance
+            assert expected.abs().max() > 1e-3  # a real signal, 1000 x the tolerance
             assert torch.allclose(relevance[b, slot], expected, atol=1e-6), (variant, b, slot)
             assert torch.isclose(result.extras[variant]["target_logit"][b, slot], logits[targets[b, slot]])

@@ -91,10 +91,16 @@ def _execution_order(model) -> dict:
     """name -> position of the first call of every module during a dry forward."""
     order: dict = {}
     handles = []
+    def note(name):
+        def hook(module, inputs):
+            order.setdefault(name, len(order))  # returns None: the inputs are left alone
+
+        return hook
+
     for name, m in model.module.named_modules():
-        handles.append(m.register_forward_pre_hook(lambda mod, inp, name=name: order.setdefault(name, len(order))))
+        handles.append(m.register_forward_pre_hook(note(name)))
     try:
-        H, W = model.preprocess.input_size
+        H, W = model.fixed_input_size() or model.preprocess.input_size
         x = torch.zeros(1, 3, H, W, device=model.device, dtype=model.dtype)
         with torch.no_grad(), model.eval_mode():
             model.logits(x)
