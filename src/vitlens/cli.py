@@ -47,14 +47,20 @@ def parse_params(items) -> dict:
     return params
 
 
-def with_target_layers(params: dict, methods: list, layers) -> dict:
-    """Apply ``--target-layer`` to every Grad-CAM-family method."""
-    from vitlens.methods import CAM, get_method
+def with_shared_options(params: dict, methods: list, args) -> dict:
+    """Apply ``--target-layer`` to the Grad-CAM family and ``--conv-gamma/--lin-gamma`` to LRP."""
+    from vitlens.methods import CAM, LRP, get_method
 
-    if layers:
-        for name in methods:
-            if CAM in get_method(name).needs:
-                params.setdefault(name, {})["layers"] = list(layers)
+    layers = getattr(args, "target_layer", None)
+    for name in methods:
+        needs = get_method(name).needs
+        if layers and CAM in needs:
+            params.setdefault(name, {})["layers"] = list(layers)
+        if LRP in needs:
+            for option in ("conv_gamma", "lin_gamma"):
+                value = getattr(args, option, None)
+                if value is not None:
+                    params.setdefault(name, {})[option] = value
     return params
 
 
@@ -85,6 +91,8 @@ def _add_method_options(p, default="all"):
                    help="pred (default), a class INDEX or NAME, topK (e.g. top3), or label (the ground truth)")
     p.add_argument("--target-layer", action="append", metavar="NAME",
                    help="Grad-CAM target layer (e.g. layer4, features.7, blocks.11.norm1); repeat to fuse several")
+    p.add_argument("--conv-gamma", type=float, help="LRP Gamma of Conv2d layers (attnlrp, cp-lrp; default 1.0)")
+    p.add_argument("--lin-gamma", type=float, help="LRP Gamma of Linear layers (attnlrp, cp-lrp; default 0.5)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_method_options(p)
     p.add_argument("--out", default="compare.png", help="output PNG (default: %(default)s)")
+    p.add_argument("--gamma-sweep", metavar="CONV:LIN,...",
+                   help="instead of --methods: one attnlrp column per Gamma setting, e.g. 0.1:0,1:0.5,100:1")
     p.add_argument("--cmap", default="jet")
     p.add_argument("--alpha", type=float, default=0.5)
 
@@ -214,7 +224,7 @@ def cmd_explain(args) -> int:
     check_writable(args.out)
     model = _load(args)
     methods = parse_methods(args.methods, model)
-    params = with_target_layers(params, methods, args.target_layer)
+    params = with_shared_options(params, methods, args)
     target = parse_target(args.target)
     summary = run_explain(samples, model, methods, params, target, args.out, batch_size=args.batch_size,
                           resume=not args.force, progress=not args.quiet, cmap=args.cmap, alpha=args.alpha,
@@ -238,7 +248,7 @@ def cmd_evaluate(args) -> int:
     check_writable(args.out)
     model = _load(args)
     methods = parse_methods(args.methods, model)
-    params = with_target_layers(params, methods, args.target_layer)
+    params = with_shared_options(params, methods, args)
     summary = run_evaluate(samples, model, methods, params, metrics, metric_params, parse_target(args.target),
                            args.out, batch_size=args.batch_size, perturb_batch_size=args.perturb_batch_size,
                            granularity=args.granularity, resume=not args.force, progress=not args.quiet,
@@ -269,12 +279,14 @@ def cmd_compare(args, model=None) -> int:
     from vitlens.outputs import crop_box_pixels
     from vitlens.render import GridRow, compare_grid
 
+    if getattr(args, "gamma_sweep", None):
+        return _gamma_sweep(args, model)
     methods = parse_methods(args.methods)
     params = parse_params(args.param)
     images = [load_image(path) for path in args.inputs]
     model = model or _load(args)
     methods = parse_methods(args.methods, model)
-    params = with_target_layers(params, methods, getattr(args, "target_layer", None))
+    params = with_shared_options(params, methods, args)
     target = parse_target(args.target)
     if isinstance(target, list):  # several classes of each image: one row per (image, class)
         indices = [int(t) if str(t).lstrip("-").isdigit() else model.class_index(str(t)) for t in target]
@@ -292,6 +304,54 @@ def cmd_compare(args, model=None) -> int:
             rows.append(GridRow(image=seen, title=title, maps=maps))
     compare_grid(rows, methods, path=args.out, cmap=args.cmap, alpha=args.alpha, signed=signed)
     print(f"wrote {args.out} ({len(rows)} row(s) x {len(methods) + 1} columns)")
+    return 0
+
+
+def parse_gamma_sweep(text: str) -> list:
+    from vitlens.errors import MethodError
+
+    settings = []
+    for item in text.split(","):
+        conv, sep, lin = item.strip().partition(":")
+        try:
+            settings.append((float(conv), float(lin)))
+        except ValueError:
+            raise MethodError(f"--gamma-sweep item '{item}' must look like CONV:LIN, e.g. 1:0.5") from None
+        if not sep:
+            raise MethodError(f"--gamma-sweep item '{item}' must look like CONV:LIN, e.g. 1:0.5")
+    return settings
+
+
+def _gamma_sweep(args, model=None) -> int:
+    """One grid: rows = images (x targets), columns = AttnLRP at each (conv_gamma, lin_gamma)."""
+    import vitlens
+    from vitlens.data import load_image
+    from vitlens.outputs import crop_box_pixels
+    from vitlens.render import GridRow, compare_grid
+
+    settings = parse_gamma_sweep(args.gamma_sweep)
+    images = [load_image(path) for path in args.inputs]
+    model = model or _load(args)
+    target = parse_target(args.target)
+    if isinstance(target, list):
+        import torch
+
+        indices = [int(t) if str(t).lstrip("-").isdigit() else model.class_index(str(t)) for t in target]
+        target = torch.tensor([indices] * len(images))
+    columns, results = [], []
+    for conv, lin in settings:
+        columns.append(f"conv {conv:g} / lin {lin:g}")
+        results.append(vitlens.explain(model, images, methods=["attnlrp"], target=target,
+                                       params={"attnlrp": {"conv_gamma": conv, "lin_gamma": lin}}))
+    rows = []
+    for i, image in enumerate(images):
+        seen = image.crop(crop_box_pixels(results[0].inputs[i].crop_box, image.size))
+        for slot, prediction in enumerate(results[0].target_predictions(i)):
+            maps = {col: r.patch_maps["attnlrp"][i, slot].numpy() for col, r in zip(columns, results)}
+            rows.append(GridRow(image=seen, title=f"{Path(args.inputs[i]).name}\n{prediction.name} {prediction.prob:.2f}",
+                                maps=maps))
+    compare_grid(rows, columns, path=args.out, cmap=args.cmap, alpha=args.alpha, signed=set(columns))
+    print(f"wrote {args.out} ({len(rows)} row(s) x {len(columns) + 1} columns: AttnLRP Gamma sweep)")
     return 0
 
 

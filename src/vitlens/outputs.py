@@ -176,8 +176,8 @@ class RunWriter:
                     canvas.paste(region, box[:2])
                     save_png_atomic(canvas, self.out / signed_file)
                     entry["signed_overlay"] = signed_file
-                for key, values in result.extras.get(method, {}).items():
-                    entry[key] = round(float(values[index, slot]), 6)
+                for extra_name, values in result.extras.get(method, {}).items():
+                    entry[extra_name] = round(float(values[index, slot]), 6)
                 outputs.append(entry)
         prediction = result.predictions[index]
         record = {

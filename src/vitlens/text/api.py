@@ -1,0 +1,455 @@
+"""The Python face of vitlens for text: ``explain_text`` and ``attention_views``.
+
+```python
+from vitlens.text import explain_text, attention_views, load_text_model
+
+model = load_text_model("vitlens:all-minilm-l6-v2")        # sentence-transformers MiniLM-L6, offline
+result = explain_text(model, "A man is playing a guitar.", pairs="Someone plays an instrument.",
+                      methods=["chefer", "legrad", "rollout"])
+result.items[0].values                    # [0.667...]: the cosine similarity that was explained
+result.items[0].sequences[0].scores       # {'chefer': (1, n) array, ...} one score per real token
+result.save("out/")                       # tokens.html/.png, head view, attention views, statistics
+attention_views(model, "The cat sat on the mat.", out="views/", views=["heads", "headview"])
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vitlens.errors import InputError, MethodError, OutputError
+from vitlens.methods import get_method
+from vitlens.render.atomic import ensure_dir, write_text_atomic
+from vitlens.text.adapters import TextBatch, TextModel, load_text_model
+from vitlens.text.engine import parse_text_methods, resolve_objective, run_text_batch
+from vitlens.text.stats import STATS, HeadStatistics, reference_statistics, stats_rows
+
+VIEWS = ("tokens", "heads", "overview", "query", "headview", "stats")
+
+
+@dataclass
+class Prediction:
+    """A class decision of a sequence classifier."""
+
+    index: int
+    name: str
+    prob: float
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "name": self.name, "prob": round(float(self.prob), 6)}
+
+
+@dataclass
+class SequenceResult:
+    """One token sequence the model read, and every method's score for each of its real tokens.
+
+    Attributes
+    ----------
+    title : str
+    tokens : list of str
+        As the tokenizer names them (``[CLS]``, ``play``, ``##ing``, ``Ġplays`` ...).
+    labels : list of str
+        Readable labels for axes and the head view (``##`` marks a word continuation).
+    display, space : list
+        The text of each token for coloured-text rendering, and whether a space precedes it.
+    special, cls, sep : list of bool
+    scores : dict
+        method -> (K, n) float array (K targets; raw, un-normalised).
+    attention : ndarray or None
+        (L, H, n, n) attention of the real tokens.
+    """
+
+    title: str
+    tokens: list
+    labels: list
+    display: list
+    space: list
+    special: list
+    cls: list
+    sep: list
+    segments: list
+    scores: dict = field(default_factory=dict)
+    attention: np.ndarray | None = None
+
+    def to_dict(self) -> dict:
+        return {"title": self.title, "tokens": self.tokens, "special": self.special,
+                "scores": {m: np.round(v.astype(np.float64), 8).tolist() for m, v in self.scores.items()}}
+
+
+@dataclass
+class TextItem:
+    """One explained input: a text (and its pair), its sequences, and the explained values."""
+
+    text: str
+    pair: str | None
+    sequences: list
+    values: list
+    value_name: str
+    targets: list | None = None
+    prediction: Prediction | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text, "pair": self.pair, "explained": self.value_name,
+            "values": [round(float(v), 6) for v in self.values],
+            "prediction": None if self.prediction is None else self.prediction.to_dict(),
+            "targets": None if self.targets is None else [t.to_dict() for t in self.targets],
+            "sequences": [s.to_dict() for s in self.sequences],
+        }
+
+
+@dataclass
+class TextResult:
+    """Token attributions (and attention) for a list of texts."""
+
+    model: TextModel
+    methods: list
+    params: dict
+    items: list
+    objective: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, method: str) -> list:
+        """Per item, the first sequence's scores of ``method`` for the first target, (n,)."""
+        return [item.sequences[0].scores[method][0] for item in self.items]
+
+    def save(self, out, views="all", formats=("png", "svg"), layer: int = -1, query=0) -> dict:
+        """Write every item's views (one directory per item when there are several)."""
+        views = parse_views(views)
+        root = ensure_dir(out)
+        written: dict = {}
+        for i, item in enumerate(self.items):
+            directory = root if len(self.items) == 1 else root / f"{i + 1:04d}"
+            for view, paths in write_item(item, directory, views, self.methods, self.model, formats, layer,
+                                          query).items():
+                written.setdefault(view, []).extend(paths)
+        return written
+
+
+def parse_views(views) -> list:
+    if views is None or views == "all":
+        return list(VIEWS)
+    if isinstance(views, str):
+        views = views.split(",")
+    out = []
+    for raw in views:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name == "all":
+            out.extend(v for v in VIEWS if v not in out)
+            continue
+        if name not in VIEWS:
+            raise InputError(f"unknown view '{name}': choose from {', '.join(VIEWS)} or all")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise InputError("no views given")
+    return out
+
+
+def _as_list(values, what: str):
+    if values is None:
+        return None
+    if isinstance(values, str):
+        return [values]
+    values = list(values)
+    for v in values:
+        if not isinstance(v, str):
+            raise InputError(f"{what} must be strings, got a {type(v).__name__}")
+    return values
+
+
+def explain_text(model, texts, pairs=None, methods="all", target=None, objective=None, params: dict | None = None,
+                 batch_size: int = 16, truncate: bool = False, keep_attentions: bool = True,
+                 max_length: int | None = None) -> TextResult:
+    """Token attributions (and the captured attention) for texts.
+
+    Parameters
+    ----------
+    model : TextModel or spec
+        See :func:`vitlens.text.load_text_model`.
+    texts : str or list of str
+    pairs : str or list of str, optional
+        Second texts. A classifier reads each (text, pair) as one sequence pair ([CLS] a [SEP] b [SEP]);
+        a plain encoder embeds them separately and explains their similarity.
+    methods : 'all', list or comma-separated str
+        Any of ``attention, rollout, gmar-l1, gmar-l2, gmar++, legrad, chefer`` (``random`` as a
+        baseline); an empty list captures attention only.
+    target : classifier target as in :func:`vitlens.explain` (None/'pred', index, label, 'topK', list).
+    objective : plain encoders: 'similarity' (cosine, the default with pairs), 'dot', or a callable of
+        the pooled embeddings (``f(emb)`` or ``f(emb_a, emb_b)`` with pairs) giving one value per text.
+    params : dict
+        method -> parameter overrides.
+    """
+    model = model if isinstance(model, TextModel) else load_text_model(model)
+    texts = _as_list(texts, "texts")
+    pairs = _as_list(pairs, "pairs")
+    if not texts:
+        raise InputError("no text given")
+    if pairs is not None and len(pairs) != len(texts):
+        raise InputError(f"{len(pairs)} second texts for {len(texts)} texts: give one per text")
+    if batch_size < 1:
+        raise InputError("batch_size must be at least 1")
+    names = parse_text_methods(methods) if methods not in (None, [], (), "") else []
+    params = params or {}
+    for name in params:
+        if name not in names:
+            raise MethodError(f"parameters given for '{name}', which is not among the methods")
+    resolved = {name: get_method(name).params(params.get(name)) for name in names}
+    if model.is_classifier:
+        if objective is not None:
+            raise MethodError("objective= is for plain encoders: a classifier explains its target logits")
+        obj = None
+    else:
+        if target is not None:
+            raise MethodError("target= is for classifiers: a plain encoder explains a scalar (objective=)")
+        obj = resolve_objective(objective, pairs is not None)
+        if names and obj is None:
+            raise MethodError("a plain encoder has no class to explain: give a second text (pairs= / --pair) to "
+                              "explain the similarity, or an objective")
+    items = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        chunk_pairs = pairs[start:start + batch_size] if pairs is not None else None
+        chunk_target = target[start:start + batch_size] if isinstance(target, (list, tuple)) else target
+        separate = not model.is_classifier and chunk_pairs is not None
+        batch = model.encode(chunk + chunk_pairs if separate else chunk, None if separate else chunk_pairs,
+                             truncate=truncate, max_length=max_length)
+        result = run_text_batch(model, batch, resolved, chunk_target, obj, keep_attentions)
+        items.extend(_items(model, batch, result, chunk, chunk_pairs, separate, obj))
+    return TextResult(model, names, resolved, items, None if obj is None else obj.name)
+
+
+def _items(model, batch: TextBatch, result, texts, pairs, separate, objective) -> list:
+    sequences = [_sequence(model, batch, s, result) for s in range(len(batch))]
+    items = []
+    count = len(texts)
+    probs = None if result.logits is None else torch.softmax(result.logits.float(), dim=-1)
+    for i in range(count):
+        if separate:
+            seqs = [sequences[i], sequences[count + i]]
+            seqs[0].title, seqs[1].title = "text", "pair"
+        else:
+            seqs = [sequences[i]]
+            seqs[0].title = "text + pair" if pairs is not None else "text"
+        values = result.values[i].tolist() if result.values.numel() else []
+        item = TextItem(texts[i], pairs[i] if pairs is not None else None, seqs, values,
+                        "target logit" if model.is_classifier else (objective.name if objective else "none"))
+        if probs is not None:
+            top = int(probs[i].argmax())
+            item.prediction = Prediction(top, model.class_name(top), float(probs[i, top]))
+            item.targets = [Prediction(int(t), model.class_name(int(t)), float(probs[i, int(t)]))
+                            for t in result.targets[i].tolist()]
+        items.append(item)
+    return items
+
+
+def _sequence(model, batch: TextBatch, s: int, result) -> SequenceResult:
+    tokens = batch.tokens[s]
+    words = batch.words[s]
+    display, space, labels = [], [], []
+    tok = model.tokenizer
+    for j, t in enumerate(tokens):
+        continuation = j > 0 and words[j] is not None and words[j - 1] is not None and words[j] == words[j - 1]
+        if batch.special[s][j]:
+            text = t
+        else:
+            text = t
+            if tok is not None:
+                try:
+                    text = tok.convert_tokens_to_string([t]).strip() or t
+                except Exception:  # noqa: BLE001 - some tokenizers refuse single pieces; show the raw token
+                    text = t
+            if text.startswith("##"):
+                text = text[2:] or text
+        display.append(text)
+        space.append(j > 0 and not continuation)
+        labels.append(("##" + text) if continuation else text)
+    scores = {name: torch.as_tensor(maps[s]).double().cpu().numpy() for name, maps in result.token_maps.items()}
+    attention = result.attentions[s].numpy() if result.attentions is not None else None
+    return SequenceResult("text", list(tokens), labels, display, space, list(batch.special[s]), list(batch.cls[s]),
+                          list(batch.sep[s]), list(batch.segments[s]) if batch.segments else [0] * len(tokens),
+                          scores, attention)
+
+
+# ----------------------------------------------------------------------------------------- writing
+def resolve_query(sequence: SequenceResult, query) -> int:
+    """A query token given by position (negative from the end) or by its text."""
+    n = len(sequence.tokens)
+    if isinstance(query, str) and query.strip().lstrip("-").isdigit():
+        query = int(query.strip())
+    if isinstance(query, int):
+        if not -n <= query < n:
+            raise InputError(f"query token {query} is out of range: the text has {n} tokens (0-{n - 1})")
+        return query % n
+    wanted = str(query).strip().lower()
+    for j, (raw, shown) in enumerate(zip(sequence.tokens, sequence.display)):
+        if wanted in (raw.lower(), shown.lower()):
+            return j
+    raise InputError(f"query token {query!r} is not in the text (tokens: {' '.join(sequence.display[:20])}...)")
+
+
+def _resolve_layer(layer: int, layers: int) -> int:
+    if not -layers <= layer < layers:
+        raise InputError(f"layer {layer} is out of range: the model has {layers} layers (0-{layers - 1})")
+    return layer % layers
+
+
+def token_rows(item: TextItem, methods: list) -> list:
+    """Rows for the coloured-token renderers: one per method, target and sequence."""
+    from vitlens.text.views import scale_scores
+
+    rows = []
+    for method in methods:
+        signed = bool(getattr(get_method(method), "signed", False))
+        for seq in item.sequences:
+            scores = seq.scores.get(method)
+            if scores is None:
+                continue
+            for k in range(scores.shape[0]):
+                label = method
+                if item.targets and len(item.targets) > 1:
+                    label += f" [{item.targets[k].name}]"
+                if len(item.sequences) > 1:
+                    label += f" ({seq.title})"
+                rows.append({"label": label, "tokens": seq.display, "space": seq.space, "special": seq.special,
+                             "values": scale_scores(scores[k], seq.special, signed), "raw": scores[k],
+                             "signed": signed})
+    return rows
+
+
+def item_caption(item: TextItem) -> str:
+    parts = []
+    if item.prediction is not None:
+        parts.append(f"prediction: {item.prediction.name} ({item.prediction.prob:.3f})")
+        parts.append("explained: " + ", ".join(f"{t.name} (logit {v:.3f})" for t, v in zip(item.targets, item.values)))
+    elif item.values:
+        parts.append(f"explained: {item.value_name} = {item.values[0]:.4f}")
+    return "; ".join(parts)
+
+
+def write_item(item: TextItem, out, views, methods, model: TextModel, formats=("png", "svg"), layer: int = -1,
+               query=0) -> dict:
+    """Write the requested views of one item into directory ``out``; returns view -> [paths]."""
+    from vitlens.text import html as text_html
+    from vitlens.text import views as text_views
+
+    views = parse_views(views)
+    out = ensure_dir(out)
+    written: dict = {}
+    multi = len(item.sequences) > 1
+    heading = item.text if item.pair is None else f"{item.text}  |  {item.pair}"
+    meta = f"model: {model.info.spec} ({model.kind_name})"
+    if "tokens" in views and methods:
+        rows = token_rows(item, methods)
+        page = text_html.tokens_page_html([{"heading": heading, "caption": item_caption(item), "rows": rows}],
+                                          meta=meta)
+        written["tokens"] = [write_text_atomic(out / "tokens.html", page)]
+        fig = text_views.tokens_figure(rows, title=_shorten(heading, 90))
+        written["tokens"] += text_views.save_figure(fig, out / "tokens", formats)
+        write_text_atomic(out / "attributions.json", json.dumps(
+            {"model": model.describe(), "methods": methods, **item.to_dict()}, indent=1, ensure_ascii=False))
+        written["tokens"].append(out / "attributions.json")
+    needs_attention = [v for v in views if v != "tokens"]
+    if needs_attention and any(seq.attention is None for seq in item.sequences):
+        raise OutputError("attention views need the captured attention: explain with keep_attentions=True")
+    for s, seq in enumerate(item.sequences):
+        suffix = f"-s{s + 1}" if multi else ""
+        name = f"'{_shorten(item.text if s == 0 else item.pair or item.text, 60)}'"
+        if "heads" in views:
+            lay = _resolve_layer(layer, seq.attention.shape[0])
+            fig = text_views.heads_figure(seq.attention[lay], seq.labels, lay,
+                                          title=f"layer {lay}, every head: {name}")
+            written.setdefault("heads", []).extend(text_views.save_figure(fig, out / f"heads-layer{lay}{suffix}",
+                                                                          formats))
+        if "overview" in views:
+            fig = text_views.overview_figure(seq.attention, title=f"every layer (rows) and head (columns): {name}")
+            written.setdefault("overview", []).extend(text_views.save_figure(fig, out / f"overview{suffix}", formats))
+        if "query" in views:
+            q = resolve_query(seq, query)
+            fig = text_views.query_figure(seq.attention, seq.labels, q)
+            written.setdefault("query", []).extend(text_views.save_figure(fig, out / f"query-{q}{suffix}", formats))
+    if "headview" in views:
+        sequences = [{"title": f"{seq.title}: {_shorten(' '.join(seq.display), 60)}", "tokens": seq.labels,
+                      "special": seq.special, "attention": seq.attention} for seq in item.sequences]
+        page = text_html.head_view_html(sequences, title=f"head view: {_shorten(heading, 80)}", layer=layer,
+                                        meta=meta)
+        written["headview"] = [write_text_atomic(out / "head_view.html", page)]
+    if "stats" in views:
+        acc = HeadStatistics()
+        for seq in item.sequences:
+            acc.add(seq.attention, seq.special, seq.cls, seq.sep)
+        written["stats"] = write_stats(acc, out, item.sequences, formats, title=f"attention statistics: {_shorten(heading, 70)}")
+    return written
+
+
+def write_stats(acc: HeadStatistics, out, sequences, formats=("png", "svg"), title: str = "") -> list:
+    """stats.csv (layer, head, every statistic), stats.json (with the reference patterns), stats.png/svg."""
+    from vitlens.text import views as text_views
+
+    out = ensure_dir(out)
+    stats = acc.result()
+    lengths = [len(seq.tokens) for seq in sequences]
+    n = max(1, int(round(float(np.mean(lengths)))))
+    longest = max(sequences, key=lambda seq: len(seq.tokens))
+    if len(longest.tokens) == n:
+        special, cls, sep = longest.special, longest.cls, longest.sep
+    else:  # a typical layout at the mean length: [CLS] ... [SEP]
+        special = [j in (0, n - 1) for j in range(n)]
+        cls, sep = [j == 0 for j in range(n)], [j == n - 1 and n > 1 for j in range(n)]
+    reference = reference_statistics(n, special, cls, sep, window=acc.window)
+    rows = stats_rows(stats)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["layer", "head", *STATS], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    paths = [write_text_atomic(out / "stats.csv", buffer.getvalue())]
+    payload = {"window": acc.window, "sequences": acc.sequences, "rows": rows,
+               "reference": {"length": n, "patterns": reference}}
+    paths.append(write_text_atomic(out / "stats.json", json.dumps(payload, indent=1)))
+    fig = text_views.stats_figure(stats, reference, title=title)
+    paths.extend(text_views.save_figure(fig, out / "stats", formats))
+    return paths
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def attention_views(model, text: str, pair: str | None = None, out=".", views="all", methods="all", target=None,
+                    objective=None, layer: int = -1, query=0, formats=("png", "svg"), truncate: bool = False,
+                    params: dict | None = None) -> dict:
+    """Explain one text and write its views into ``out``; returns view -> [written paths].
+
+    ``views``: any of tokens, heads, overview, query, headview, stats (or 'all'). The ``tokens``
+    view (attributions) is left out for a plain encoder without ``pair`` or ``objective`` (it has
+    nothing to explain); asking for it explicitly is an error.
+    """
+    model = model if isinstance(model, TextModel) else load_text_model(model)
+    asked = parse_views(views)
+    if "tokens" in asked and not model.is_classifier and pair is None and objective is None:
+        if views not in (None, "all"):
+            raise MethodError("token attributions of a plain encoder explain a scalar: give a second text (pair=) "
+                              "or an objective")
+        asked = [v for v in asked if v != "tokens"]
+    methods = methods if "tokens" in asked else []
+    result = explain_text(model, text, pairs=pair, methods=methods, target=target, objective=objective,
+                          truncate=truncate, params=params)
+    return write_item(result.items[0], out, asked, result.methods, model, formats, layer, query)
+
+
+__all__ = ["Prediction", "SequenceResult", "TextItem", "TextResult", "VIEWS", "attention_views", "explain_text",
+           "parse_views", "write_item", "write_stats"]

@@ -1,0 +1,311 @@
+"""Static attention views for text (PNG and SVG): matplotlib ``Figure`` + Agg canvas, never pyplot.
+
+* :func:`heads_figure`  all heads of one layer, a grid of token x token heatmaps
+* :func:`overview_figure`  layers x heads, one small heatmap per head
+* :func:`query_figure`  where one query token attends, followed across layers (mean over heads, and
+  every head)
+* :func:`stats_figure`  per-head statistics as layers x heads heatmaps, plus the synthetic
+  reference patterns' values for comparison
+* :func:`tokens_figure`  coloured tokens (token attributions), wrapped like text
+
+Long inputs: tick labels are thinned to at most ``MAX_LABELS`` per axis and every heatmap keeps its
+full resolution (a 512-token input renders; its labels are every 8th token).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from vitlens.render.atomic import write_atomic
+from vitlens.render.colors import get_cmap
+from vitlens.text.stats import PATTERNS, SHOWN
+
+MAX_LABELS = 64
+FORMATS = ("png", "svg")
+ATTENTION_CMAP = "viridis"
+STAT_TITLES = {
+    "entropy": "entropy (nats)", "entropy_norm": "entropy / ln n", "distance": "mean distance (tokens)",
+    "special": "to special tokens", "cls": "to [CLS]", "sep": "to [SEP]", "local": "local (|i-j| <= w)",
+    "previous": "to previous token", "global": "global (top key share)",
+}
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path, formats=FORMATS) -> list:
+    """Write ``fig`` atomically as ``path`` with each extension in ``formats``; returns the paths."""
+    base = Path(path)
+    written = []
+    for fmt in formats:
+        if fmt not in FORMATS:
+            from vitlens.render.colors import RenderError
+
+            raise RenderError(f"unknown figure format {fmt!r}: use png or svg")
+        target = base.with_suffix(f".{fmt}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Glyph .* missing")
+            write_atomic(target, lambda handle, fmt=fmt: fig.savefig(handle, format=fmt, dpi=100,
+                                                                     bbox_inches="tight", pad_inches=0.1))
+        written.append(target)
+    return written
+
+
+def _tick_positions(n: int, limit: int = MAX_LABELS) -> np.ndarray:
+    step = max(1, math.ceil(n / limit))
+    return np.arange(0, n, step)
+
+
+def _label_axes(ax, labels, rows=True, cols=True, fontsize=None):
+    n = len(labels)
+    ticks = _tick_positions(n)
+    size = fontsize or (8 if n <= 24 else 6 if n <= 48 else 5)
+    if cols:
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([labels[t] for t in ticks], rotation=90, fontsize=size)
+    else:
+        ax.set_xticks([])
+    if rows:
+        ax.set_yticks(ticks)
+        ax.set_yticklabels([labels[t] for t in ticks], fontsize=size)
+    else:
+        ax.set_yticks([])
+
+
+def _cell_inches(n: int) -> float:
+    return float(np.clip(0.16 * n + 1.2, 2.2, 6.0))
+
+
+def heads_figure(attention, labels, layer: int, title: str = "") -> Figure:
+    """All heads of one layer: ``attention`` (H, n, n), rows = queries, columns = keys."""
+    a = np.asarray(attention, dtype=np.float32)
+    heads, n = a.shape[0], a.shape[-1]
+    cols = min(heads, 4)
+    rows = math.ceil(heads / cols)
+    cell = _cell_inches(n)
+    show_labels = n <= 2 * MAX_LABELS
+    fig = _figure(cols * cell + 1.0, rows * cell + 0.8)
+    cmap = get_cmap(ATTENTION_CMAP)
+    for h in range(heads):
+        ax = fig.add_subplot(rows, cols, h + 1)
+        top = max(float(a[h].max()), 1e-6)
+        ax.imshow(a[h], cmap=cmap, vmin=0.0, vmax=top, interpolation="nearest" if n <= 128 else "antialiased")
+        ax.set_title(f"head {h} (max {top:.2f})", fontsize=9)
+        if show_labels:
+            _label_axes(ax, labels, rows=h % cols == 0, cols=h >= heads - cols)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title or f"layer {layer}: attention of every head (rows attend to columns; colour scale 0 to "
+                 "each head's max)", fontsize=11)
+    return fig
+
+
+def _mosaic(cells: np.ndarray, gap: int) -> np.ndarray:
+    """(R, C, n, n) cells, each scaled to its own maximum, into one (R*(n+gap)-gap, C*(n+gap)-gap) image
+    with NaN gaps (drawn in the background colour)."""
+    rows, cols, n = cells.shape[0], cells.shape[1], cells.shape[-1]
+    top = cells.reshape(rows, cols, -1).max(-1)[..., None, None]
+    scaled = cells / np.where(top > 0, top, 1.0)
+    out = np.full((rows * (n + gap) - gap, cols * (n + gap) - gap), np.nan, dtype=np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            out[r * (n + gap):r * (n + gap) + n, c * (n + gap):c * (n + gap) + n] = scaled[r, c]
+    return out
+
+
+def overview_figure(attentions, title: str = "") -> Figure:
+    """Layers x heads: ``attentions`` (L, H, n, n), one small heatmap per head, each on its own scale.
+
+    Drawn as one mosaic image (fast in PNG and SVG, even for 12 x 12 heads of 512 tokens)."""
+    a = np.asarray(attentions, dtype=np.float32)
+    layers, heads, n = a.shape[0], a.shape[1], a.shape[-1]
+    gap = max(1, n // 8)
+    mosaic = _mosaic(a, gap)
+    cell = 0.9
+    fig = _figure(heads * cell + 1.2, layers * cell + 1.0)
+    ax = fig.add_axes((0.08, 0.04, 0.9, 0.86))
+    cmap = get_cmap(ATTENTION_CMAP).with_extremes(bad="white")
+    ax.imshow(mosaic, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest" if n <= 64 else "antialiased")
+    ax.set_xticks([h * (n + gap) + (n - 1) / 2 for h in range(heads)])
+    ax.set_xticklabels([f"H{h}" for h in range(heads)], fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([l * (n + gap) + (n - 1) / 2 for l in range(layers)])
+    ax.set_yticklabels([f"L{l}" for l in range(layers)], fontsize=7)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.suptitle(title or "attention of every layer (rows) and head (columns)", fontsize=10)
+    return fig
+
+
+def query_figure(attentions, labels, query: int, title: str = "") -> Figure:
+    """Where token ``query`` attends in every layer: mean over heads (L x n) and every head (L*H x n)."""
+    a = np.asarray(attentions, dtype=np.float32)
+    layers, heads, n = a.shape[0], a.shape[1], a.shape[-1]
+    rows = a[:, :, query, :]  # (L, H, n)
+    width = float(np.clip(0.22 * n + 2.0, 6.0, 40.0))
+    fig = _figure(width, 2.0 + 0.35 * layers + 0.12 * layers * heads)
+    cmap = get_cmap(ATTENTION_CMAP)
+    grid = fig.add_gridspec(2, 1, height_ratios=[layers, layers * heads * 0.4 + 1])
+    ax = fig.add_subplot(grid[0])
+    image = ax.imshow(rows.mean(axis=1), cmap=cmap, vmin=0.0, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(layers))
+    ax.set_yticklabels([f"layer {l}" for l in range(layers)], fontsize=7)
+    ax.set_xticks([])
+    ax.set_title("mean over heads", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    ax = fig.add_subplot(grid[1])
+    image = ax.imshow(rows.reshape(layers * heads, n), cmap=cmap, vmin=0.0, aspect="auto", interpolation="nearest")
+    for l in range(1, layers):
+        ax.axhline(l * heads - 0.5, color="white", linewidth=0.8)
+    ax.set_yticks([l * heads + (heads - 1) / 2 for l in range(layers)])
+    ax.set_yticklabels([f"layer {l}" for l in range(layers)], fontsize=7)
+    _label_axes(ax, labels, rows=False, cols=True)
+    ax.set_yticks([l * heads + (heads - 1) / 2 for l in range(layers)])
+    ax.set_yticklabels([f"layer {l}" for l in range(layers)], fontsize=7)
+    ax.set_title(f"every head ({heads} rows per layer)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    fig.suptitle(title or f"where '{labels[query]}' (token {query}) attends, layer by layer", fontsize=11)
+    return fig
+
+
+def stats_figure(stats: dict, reference: dict | None = None, shown=SHOWN, title: str = "") -> Figure:
+    """Per-head statistics (stat -> (L, H)) as heatmaps, and a table of the reference patterns."""
+    layers, heads = np.asarray(stats[shown[0]]).shape
+    panels = len(shown) + (1 if reference else 0)
+    cols = 3
+    rows = math.ceil(panels / cols)
+    cell_w = max(3.2, 0.32 * heads + 1.4)
+    cell_h = max(2.6, 0.3 * layers + 1.2)
+    fig = _figure(cols * cell_w, rows * cell_h + 0.6)
+    annotate = layers * heads <= 160
+    for p, name in enumerate(shown):
+        values = np.asarray(stats[name], dtype=np.float64)
+        ax = fig.add_subplot(rows, cols, p + 1)
+        top = 1.0 if name != "distance" else max(float(values.max()), 1e-6)
+        image = ax.imshow(values, cmap=get_cmap("magma"), vmin=0.0, vmax=top, aspect="auto", interpolation="nearest")
+        ax.set_title(STAT_TITLES.get(name, name), fontsize=9)
+        ax.set_xlabel("head", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+        ax.set_xticks(range(heads))
+        ax.set_yticks(range(layers))
+        ax.tick_params(labelsize=6)
+        if annotate:
+            for l in range(layers):
+                for h in range(heads):
+                    v = values[l, h]
+                    ax.text(h, l, f"{v:.1f}" if name == "distance" else f"{v:.2f}"[1:] if 0 <= v < 1 else f"{v:.1f}",
+                            ha="center", va="center", fontsize=5,
+                            color="black" if v / top > 0.6 else "white")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    if reference:
+        ax = fig.add_subplot(rows, cols, len(shown) + 1)
+        names = [p for p in PATTERNS if p in reference]
+        table = np.array([[reference[p][s] for s in shown] for p in names])
+        scale = np.where(table.max(0) > 0, table.max(0), 1.0)
+        ax.imshow(table / scale, cmap=get_cmap("Greys"), vmin=0, vmax=1.6, aspect="auto", interpolation="nearest")
+        for r in range(len(names)):
+            for c in range(len(shown)):
+                ax.text(c, r, f"{table[r, c]:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(shown)))
+        ax.set_xticklabels([s.replace("entropy_norm", "entropy/ln n") for s in shown], rotation=45, ha="right",
+                           fontsize=6)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=7)
+        ax.set_title("reference patterns (same length)", fontsize=9)
+    fig.suptitle(title or "attention statistics per layer and head", fontsize=11)
+    fig.subplots_adjust(left=0.06, right=0.97, bottom=0.08, top=0.9, wspace=0.45, hspace=0.55)
+    return fig
+
+
+def token_colours(values, signed: bool = False, cmap: str | None = None) -> list:
+    """RGB tuples (0..1) for values already scaled to [0, 1] (or [-1, 1] when signed)."""
+    colormap = get_cmap(cmap or ("bwr" if signed else "Reds"))
+    out = []
+    for v in values:
+        v = float(np.nan_to_num(v))
+        x = 0.5 + 0.5 * np.clip(v, -1, 1) if signed else 0.85 * np.clip(v, 0, 1)
+        out.append(tuple(float(c) for c in colormap(x)[:3]))
+    return out
+
+
+def scale_scores(values, special, signed: bool = False) -> np.ndarray:
+    """Scores scaled for colouring: over the non-special tokens, x / max (or x / max|x| when signed).
+
+    Non-negative maps whose minimum is well above zero (rollout's residual share) are min-max scaled
+    so that the differences show; special tokens get the same scale (clipped), rendered dimmed.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    special = np.asarray(special, dtype=bool)
+    pool = v[~special] if (~special).any() else v
+    if signed:
+        bound = float(np.abs(pool).max()) if pool.size else 0.0
+        return v / bound if bound > 0 else np.zeros_like(v)
+    lo, hi = float(pool.min()), float(pool.max())
+    if lo < 0 or hi <= 0:
+        return np.clip((v - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(v)
+    base = lo if lo > 0.5 * hi else 0.0
+    return np.clip((v - base) / (hi - base), 0, 1) if hi > base else np.zeros_like(v)
+
+
+def tokens_figure(rows: list, title: str = "", width_in: float = 10.0) -> Figure:
+    """Coloured tokens. ``rows``: dicts with ``label``, ``tokens`` (display strings), ``space`` (bool per
+    token: a space before it), ``values`` (scaled, see :func:`scale_scores`), ``special`` and ``signed``."""
+    from matplotlib.textpath import TextPath
+
+    fontsize = 10
+    pad = 3.0
+    line_h = fontsize * 2.0  # points
+    label_h = fontsize * 1.6
+    width_pt = width_in * 72
+    y_lines = 0.0
+    layout = []
+    for r, row in enumerate(rows):
+        x, line = 0.0, 0
+        items = []
+        colours = token_colours(row["values"], row.get("signed", False))
+        for text, space, colour, special in zip(row["tokens"], row["space"], colours, row["special"]):
+            shown = text if text.strip() else "\u2423"
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Glyph .* missing")
+                w = TextPath((0, 0), shown, size=fontsize).get_extents().width + 2 * pad
+            gap = 4.0 if space and x > 0 else 1.0
+            if x + gap + w > width_pt and x > 0:
+                line += 1
+                x, gap = 0.0, 0.0
+            items.append((x + gap, line, shown, colour, special))
+            x += gap + w
+        layout.append((row, items, line + 1))
+        y_lines += label_h + (line + 1) * line_h + 6
+    height_pt = y_lines + (24 if title else 6)
+    fig = _figure(width_in + 0.3, height_pt / 72 + 0.2)
+    fig_w, fig_h = (width_in + 0.3) * 72, (height_pt / 72 + 0.2) * 72
+    y = fig_h - (24 if title else 6)
+    if title:
+        fig.text(10 / fig_w, (fig_h - 14) / fig_h, title, fontsize=11, va="center", ha="left", weight="bold")
+    for row, items, lines in layout:
+        y -= label_h
+        fig.text(10 / fig_w, (y + 4) / fig_h, row["label"], fontsize=8, color="#444444", va="bottom")
+        for x, line, text, colour, special in items:
+            yy = y - line * line_h - line_h / 2
+            luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+            fig.text((10 + x + pad) / fig_w, yy / fig_h, text, fontsize=fontsize, va="center", ha="left",
+                     color="#999999" if special else ("white" if luminance < 0.45 else "black"),
+                     bbox={"boxstyle": "square,pad=0.15", "facecolor": "#f0f0f0" if special else colour,
+                           "edgecolor": "none"})
+        y -= lines * line_h + 6
+    return fig
+
+
+__all__ = ["FORMATS", "heads_figure", "overview_figure", "query_figure", "save_figure", "scale_scores",
+           "stats_figure", "token_colours", "tokens_figure"]
