@@ -154,9 +154,10 @@ def query_figure(attentions, labels, query: int, title: str = "") -> Figure:
     layers, heads, n = a.shape[0], a.shape[1], a.shape[-1]
     rows = a[:, :, query, :]  # (L, H, n)
     width = float(np.clip(0.22 * n + 2.0, 6.0, 40.0))
-    fig = _figure(width, 2.0 + 0.35 * layers + 0.12 * layers * heads)
+    fig = _figure(width, 1.8 + 0.3 * layers + 0.08 * layers * heads)
     cmap = get_cmap(ATTENTION_CMAP)
-    grid = fig.add_gridspec(2, 1, height_ratios=[layers, layers * heads * 0.4 + 1])
+    grid = fig.add_gridspec(2, 1, height_ratios=[layers, layers * heads * 0.3 + 1], top=0.92, bottom=0.12,
+                            hspace=0.12)
     ax = fig.add_subplot(grid[0])
     image = ax.imshow(rows.mean(axis=1), cmap=cmap, vmin=0.0, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(layers))
@@ -204,8 +205,7 @@ def stats_figure(stats: dict, reference: dict | None = None, shown=SHOWN, title:
             for l in range(layers):
                 for h in range(heads):
                     v = values[l, h]
-                    ax.text(h, l, f"{v:.1f}" if name == "distance" else f"{v:.2f}"[1:] if 0 <= v < 1 else f"{v:.1f}",
-                            ha="center", va="center", fontsize=5,
+                    ax.text(h, l, _short_number(v, 1 if name == "distance" else 2), ha="center", va="center", fontsize=5,
                             color="black" if v / top > 0.6 else "white")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
     if reference:
@@ -226,6 +226,12 @@ def stats_figure(stats: dict, reference: dict | None = None, shown=SHOWN, title:
     fig.suptitle(title or "attention statistics per layer and head", fontsize=11)
     fig.subplots_adjust(left=0.06, right=0.97, bottom=0.08, top=0.9, wspace=0.45, hspace=0.55)
     return fig
+
+
+def _short_number(value: float, digits: int) -> str:
+    """Compact cell label: 0.53 -> '.53', 1.0 -> '1.00', 2.71 -> '2.7'."""
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("0.") else text
 
 
 def token_colours(values, signed: bool = False, cmap: str | None = None) -> list:
