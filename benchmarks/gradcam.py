@@ -9,12 +9,11 @@ backward). Target (issue #5): vitlens no slower than pytorch-grad-cam.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import vitlens
+from _timing import timed
 
 
 def build(name: str):
@@ -37,14 +36,6 @@ def build(name: str):
     raise SystemExit(f"unknown model {name}")
 
 
-def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():

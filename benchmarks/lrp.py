@@ -11,23 +11,14 @@ Prints, for ViT-Tiny/16 at 224x224 on the CPU:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import timm
 import torch
 
 import vitlens
+from _timing import timed
 
 
-def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():

@@ -15,29 +15,16 @@ Targets (issue #2): together <= 1.3x (a), and >= 5x faster than (b).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import vitlens
+from _timing import timed
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "shared/data/vit_tiny_in1k_augreg/vit_tiny_patch16_224.augreg_in21k_ft_in1k.pth"
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -52,7 +39,8 @@ def main() -> None:
     model = vitlens.load_model("timm:vit_tiny_patch16_224", weights=args.weights, device=args.device) \
         if args.weights else vitlens.load_model(__import__("timm").create_model("vit_tiny_patch16_224"), device=args.device)
     x = torch.randn(args.batch, 3, 224, 224, device=args.device)
-    methods = list(vitlens.DEFAULT_METHODS)
+    # the six rollout-family methods of issue #2, plus the raw-attention baseline
+    methods = ["attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer"]
 
     def plain():
         model.module.zero_grad(set_to_none=True)
