@@ -143,7 +143,7 @@ def run_batch(model: ExplainableModel, x: torch.Tensor, methods: dict, target=No
         by_config.setdefault((name, params["conv_gamma"], params["lin_gamma"]), []).append(name)
     for (variant, conv_gamma, lin_gamma), names in by_config.items():
         config = LRPConfig(variant, conv_gamma, lin_gamma)
-        lrp_logits, targets, pairs = _lrp_pass(model, x, config, targets if targets is not None else target)
+        lrp_logits, targets, pairs = _lrp_pass(model, x, config, target, targets)
         logits = lrp_logits if logits is None else logits
         for name in names:
             maps, sums = [], []
@@ -212,15 +212,17 @@ def _shared_pass(model, x, methods, target, grid):
     return logits.detach(), targets, stacked
 
 
-def _lrp_pass(model, x, config, target):
-    """Forward with LRP rules on the model, one backward per target: (logits, targets, [(x, grad)])."""
+def _lrp_pass(model, x, config, target, resolved=None):
+    """Forward with LRP rules on the model, one backward per target: (logits, targets, [(x, grad)]).
+
+    ``resolved`` are targets already resolved by an earlier pass over the same batch.
+    """
     with model.eval_mode(), torch.enable_grad():
         x = x.detach().requires_grad_(True)
         recorder = LRPRecorder(config)
         with lrp_rules(model.module, config), model.capture(recorder):
             logits = model.logits(x)
-        targets = target if isinstance(target, torch.Tensor) and target.dim() == 2 and target.dtype == torch.long \
-            else resolve_targets(model, logits.detach(), target)
+        targets = resolved if resolved is not None else resolve_targets(model, logits.detach(), target)
         pairs = []
         for slot in range(targets.shape[1]):
             grad = _grads(logits.gather(1, targets[:, slot:slot + 1]).sum(), [x])[0]
