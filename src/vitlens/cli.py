@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache-weights", help="put a local checkpoint into the Hugging Face cache so SPEC loads offline")
     p.add_argument("spec", help="timm:NAME.TAG the weights belong to")
     p.add_argument("file", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
+
+    p = sub.add_parser("text", help="text transformers: attention views, head statistics, token attributions")
+    from vitlens.text.cli import add_arguments as add_text_arguments
+
+    add_text_arguments(p)
     return parser
 
 
@@ -436,6 +441,12 @@ def cmd_demo(args) -> int:
     return 1 if summary.failed else 0
 
 
+def cmd_text(args) -> int:
+    from vitlens.text.cli import run
+
+    return run(args)
+
+
 COMMANDS = {
     "explain": cmd_explain,
     "evaluate": cmd_evaluate,
@@ -444,6 +455,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "methods": cmd_methods,
     "cache-weights": cmd_cache_weights,
+    "text": cmd_text,
 }
 
 

@@ -268,7 +268,7 @@ class TextModel(ExplainableModel):
         limit = min(max_length or self.max_length, self.max_length)
         tok = self.tokenizer
         enc = tok(texts, pairs, padding=True, truncation=False, return_tensors="pt",
-                  return_special_tokens_mask=True, return_token_type_ids=True)
+                  return_special_tokens_mask=True, return_token_type_ids=True, verbose=False)
         lengths = enc["attention_mask"].sum(dim=1)
         if int(lengths.max()) > limit:
             if not truncate:
@@ -276,7 +276,7 @@ class TextModel(ExplainableModel):
                 raise InputError(f"text {i + 1} has {int(lengths[i])} tokens but the model takes at most {limit}: "
                                  "shorten it, or truncate (--truncate / truncate=True)")
             enc = tok(texts, pairs, padding=True, truncation=True, max_length=limit, return_tensors="pt",
-                      return_special_tokens_mask=True, return_token_type_ids=True)
+                      return_special_tokens_mask=True, return_token_type_ids=True, verbose=False)
         cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
         tokens, special, cls_, sep, words, segments = [], [], [], [], [], []
         for s in range(enc["input_ids"].shape[0]):
@@ -530,7 +530,8 @@ def _load_dir(where, spec, tokenizer, pooling, local_files_only=True) -> TextMod
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     cls = AutoModelForSequenceClassification if classifier else AutoModel
     try:
-        module = cls.from_pretrained(str(where), local_files_only=local_files_only)
+        with _quiet_progress():
+            module = cls.from_pretrained(str(where), local_files_only=local_files_only)
     except ValueError as exc:
         raise ModelError(f"'{spec}' is not a supported text model: {_one_line(exc)}") from None
     if type(module).__name__ not in FAMILIES:
@@ -540,6 +541,20 @@ def _load_dir(where, spec, tokenizer, pooling, local_files_only=True) -> TextMod
     if pooling is None:
         pooling = _sentence_transformers_pooling(where) or "mean"
     return TextModel(module, tokenizer, pooling, info=ModelInfo(spec=spec))
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No "Loading weights" progress bar for a small local model; the user's setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _sentence_transformers_pooling(where) -> str | None:

@@ -19,12 +19,11 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from vitlens.api import Prediction
 from vitlens.errors import InputError, MethodError, OutputError
 from vitlens.methods import get_method
 from vitlens.render.atomic import ensure_dir, write_text_atomic
@@ -33,18 +32,6 @@ from vitlens.text.engine import parse_text_methods, resolve_objective, run_text_
 from vitlens.text.stats import STATS, HeadStatistics, reference_statistics, stats_rows
 
 VIEWS = ("tokens", "heads", "overview", "query", "headview", "stats")
-
-
-@dataclass
-class Prediction:
-    """A class decision of a sequence classifier."""
-
-    index: int
-    name: str
-    prob: float
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, "name": self.name, "prob": round(float(self.prob), 6)}
 
 
 @dataclass
@@ -78,6 +65,17 @@ class SequenceResult:
     segments: list
     scores: dict = field(default_factory=dict)
     attention: np.ndarray | None = None
+
+    def text(self) -> str:
+        """The sequence as the model read it (non-special tokens, sub-words joined)."""
+        parts = []
+        for shown, space, special in zip(self.display, self.space, self.special):
+            if special:
+                continue
+            if parts and space:
+                parts.append(" ")
+            parts.append(shown)
+        return "".join(parts)
 
     def to_dict(self) -> dict:
         return {"title": self.title, "tokens": self.tokens, "special": self.special,
@@ -381,7 +379,7 @@ def write_item(item: TextItem, out, views, methods, model: TextModel, formats=("
             fig = text_views.query_figure(seq.attention, seq.labels, q)
             written.setdefault("query", []).extend(text_views.save_figure(fig, out / f"query-{q}{suffix}", formats))
     if "headview" in views:
-        sequences = [{"title": f"{seq.title}: {_shorten(' '.join(seq.display), 60)}", "tokens": seq.labels,
+        sequences = [{"title": f"{seq.title}: {_shorten(seq.text(), 60)}", "tokens": seq.labels,
                       "special": seq.special, "attention": seq.attention} for seq in item.sequences]
         page = text_html.head_view_html(sequences, title=f"head view: {_shorten(heading, 80)}", layer=layer,
                                         meta=meta)

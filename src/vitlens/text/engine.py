@@ -106,7 +106,8 @@ def resolve_objective(objective, has_pairs: bool) -> Objective | None:
             raise MethodError(f"objective '{key}' compares two texts: give a second text (--pair / pairs=)")
         return Objective(name, fn, True)
     if callable(objective):
-        return Objective(getattr(objective, "__name__", "objective"), objective, has_pairs)
+        name = getattr(objective, "__name__", "") or "objective"
+        return Objective("objective" if name == "<lambda>" else name, objective, has_pairs)
     raise MethodError(f"cannot use a {type(objective).__name__} as an objective")
 
 

@@ -9,7 +9,9 @@ the document with ``textContent`` only.
 Head view: two columns of the same tokens; hover a token on the left to draw its attention to the
 tokens on the right (one colour per head, line opacity = weight), hover one on the right to see
 who attends to it. A layer selector and one toggle per head. To keep 512-token pages small, each
-query row keeps its weights >= 0.5 % (at most ``MAX_LINKS`` per row), stored as integers per mille.
+query row keeps its weights >= 0.5 % (at most ``MAX_LINKS`` per row), stored as flat
+``[key, per mille, key, per mille, ...]`` lists. Without a hovered token, links of weight >= 10 %
+are drawn.
 """
 
 from __future__ import annotations
@@ -26,20 +28,21 @@ HEAD_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"
 
 
 def _sparse_rows(attention: np.ndarray) -> list:
-    """(L, H, n, n) -> [layer][head][query] = [[key, per mille], ...] of the strongest keys."""
+    """(L, H, n, n) -> [layer][head][query] = [key, per mille, key, per mille, ...] of the strongest keys
+    (weights >= ``MIN_WEIGHT``, at most ``MAX_LINKS`` per row)."""
     a = np.asarray(attention, dtype=np.float32)
+    n = a.shape[-1]
+    k = min(MAX_LINKS, n)
+    top = np.argpartition(-a, k - 1, axis=-1)[..., :k] if k < n else np.broadcast_to(np.arange(n), a.shape)
+    top = np.sort(top, axis=-1)
+    weights = np.rint(np.take_along_axis(a, top, axis=-1) * 1000).astype(np.int64)
+    keep = np.take_along_axis(a, top, axis=-1) >= MIN_WEIGHT
+    pairs = np.stack([top, weights], axis=-1)  # (L, H, n, k, 2)
     out = []
     for l in range(a.shape[0]):
         heads = []
         for h in range(a.shape[1]):
-            rows = []
-            for q in range(a.shape[2]):
-                row = a[l, h, q]
-                keep = np.flatnonzero(row >= MIN_WEIGHT)
-                if keep.size > MAX_LINKS:
-                    keep = keep[np.argsort(row[keep])[::-1][:MAX_LINKS]]
-                rows.append([[int(k), int(round(float(row[k]) * 1000))] for k in sorted(keep)])
-            heads.append(rows)
+            heads.append([pairs[l, h, q][keep[l, h, q]].ravel().tolist() for q in range(n)])
         out.append(heads)
     return out
 
@@ -121,11 +124,13 @@ _HEAD_VIEW_JS = r"""
       var colour = COLOURS[h % COLOURS.length], head = rows[h];
       for (var q = 0; q < head.length; q++) {
         if (hover && hover.side === 'left' && hover.index !== q) { continue; }
-        head[q].forEach(function (pair) {
-          if (hover && hover.side === 'right' && hover.index !== pair[0]) { return; }
-          if (!hover && pair[1] < 100) { return; }
-          link(q, pair[0], pair[1], colour);
-        });
+        var row = head[q];
+        for (var p = 0; p < row.length; p += 2) {
+          var key = row[p], weight = row[p + 1];
+          if (hover && hover.side === 'right' && hover.index !== key) { continue; }
+          if (!hover && weight < 100) { continue; }
+          link(q, key, weight, colour);
+        }
       }
     }
     if (hover) { (hover.side === 'left' ? leftTexts : rightTexts)[hover.index].classList.add('active'); }

@@ -264,52 +264,78 @@ def scale_scores(values, special, signed: bool = False) -> np.ndarray:
     return np.clip((v - base) / (hi - base), 0, 1) if hi > base else np.zeros_like(v)
 
 
+def _text_width(text: str, fontsize: float, cache: dict) -> float:
+    """Width of ``text`` in points at ``fontsize`` (matplotlib's default font), memoised."""
+    width = cache.get(text)
+    if width is None:
+        from matplotlib.textpath import TextPath
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Glyph .* missing")
+            width = TextPath((0, 0), text, size=fontsize).get_extents().width
+        cache[text] = width
+    return width
+
+
 def tokens_figure(rows: list, title: str = "", width_in: float = 10.0) -> Figure:
     """Coloured tokens. ``rows``: dicts with ``label``, ``tokens`` (display strings), ``space`` (bool per
-    token: a space before it), ``values`` (scaled, see :func:`scale_scores`), ``special`` and ``signed``."""
-    from matplotlib.textpath import TextPath
+    token: a space before it), ``values`` (scaled, see :func:`scale_scores`), ``special`` and ``signed``.
 
-    fontsize = 10
-    pad = 3.0
-    line_h = fontsize * 2.0  # points
-    label_h = fontsize * 1.6
+    Lines wrap at ``width_in``; all token backgrounds are one collection (fast for 512-token inputs)."""
+    from matplotlib.collections import PolyCollection
+
+    fontsize = 10.0
+    pad = 2.5
+    line_h = fontsize * 1.9  # points
+    label_h = fontsize * 1.5
     width_pt = width_in * 72
-    y_lines = 0.0
+    widths: dict = {}
     layout = []
-    for r, row in enumerate(rows):
+    total = 0.0
+    for row in rows:
         x, line = 0.0, 0
         items = []
         colours = token_colours(row["values"], row.get("signed", False))
         for text, space, colour, special in zip(row["tokens"], row["space"], colours, row["special"]):
             shown = text if text.strip() else "\u2423"
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Glyph .* missing")
-                w = TextPath((0, 0), shown, size=fontsize).get_extents().width + 2 * pad
+            w = _text_width(shown, fontsize, widths) + 2 * pad
             gap = 4.0 if space and x > 0 else 1.0
             if x + gap + w > width_pt and x > 0:
                 line += 1
                 x, gap = 0.0, 0.0
-            items.append((x + gap, line, shown, colour, special))
+            items.append((x + gap, w, line, shown, colour, special))
             x += gap + w
         layout.append((row, items, line + 1))
-        y_lines += label_h + (line + 1) * line_h + 6
-    height_pt = y_lines + (24 if title else 6)
-    fig = _figure(width_in + 0.3, height_pt / 72 + 0.2)
-    fig_w, fig_h = (width_in + 0.3) * 72, (height_pt / 72 + 0.2) * 72
-    y = fig_h - (24 if title else 6)
+        total += label_h + (line + 1) * line_h + 6
+    margin, head = 10.0, (26.0 if title else 6.0)
+    used = max([x + w for _, items, _ in layout for x, w, *_ in items] + [1.0])
     if title:
-        fig.text(10 / fig_w, (fig_h - 14) / fig_h, title, fontsize=11, va="center", ha="left", weight="bold")
+        used = max(used, _text_width(title, 11, widths) * 1.1)
+    for row, _, _ in layout:
+        used = max(used, _text_width(row["label"], 8, widths))
+    fig_w, fig_h = min(used, width_pt) + 2 * margin, total + head + 6
+    fig = _figure(fig_w / 72, fig_h / 72)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, fig_w)
+    ax.set_ylim(0, fig_h)
+    ax.set_axis_off()
+    if title:
+        ax.text(margin, fig_h - 14, title, fontsize=11, va="center", ha="left", weight="bold")
+    boxes, faces = [], []
+    y = fig_h - head
     for row, items, lines in layout:
         y -= label_h
-        fig.text(10 / fig_w, (y + 4) / fig_h, row["label"], fontsize=8, color="#444444", va="bottom")
-        for x, line, text, colour, special in items:
-            yy = y - line * line_h - line_h / 2
+        ax.text(margin, y + 3, row["label"], fontsize=8, color="#444444", va="bottom")
+        for x, w, line, text, colour, special in items:
+            top = y - line * line_h - 2
+            bottom = top - line_h + 4
+            boxes.append([(margin + x, bottom), (margin + x + w, bottom), (margin + x + w, top), (margin + x, top)])
+            faces.append((0.94, 0.94, 0.94) if special else colour)
             luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-            fig.text((10 + x + pad) / fig_w, yy / fig_h, text, fontsize=fontsize, va="center", ha="left",
-                     color="#999999" if special else ("white" if luminance < 0.45 else "black"),
-                     bbox={"boxstyle": "square,pad=0.15", "facecolor": "#f0f0f0" if special else colour,
-                           "edgecolor": "none"})
+            ax.text(margin + x + pad, (top + bottom) / 2, text, fontsize=fontsize, va="center_baseline", ha="left",
+                    color="#999999" if special else ("white" if luminance < 0.45 else "black"))
         y -= lines * line_h + 6
+    ax.add_collection(PolyCollection(boxes, facecolors=faces, edgecolors="none", zorder=0))
     return fig
 
 

