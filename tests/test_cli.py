@@ -307,9 +307,6 @@ def test_explain_real_tinyimagenet_with_class_index(tmp_path, capsys):
 
 
 @requires_shared
-@pytest.mark.xfail(strict=True, reason="BUG: --class-index words label the ground truth only; predictions and "
-                                       "targets of a 200-class model are named 'class N' (runner/load_model "
-                                       "never give the class index names to the model)")
 def test_class_index_names_the_predictions(tmp_path, capsys):
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "explain", f"tinyimagenet:{TINYIMAGENET}", "--limit", "1", "--class-index",
@@ -536,9 +533,6 @@ def test_target_label_fails_images_without_a_label(tmp_path, capsys, tiny):
     assert images["unknown"]["status"] == "failed" and "--target label" in images["unknown"]["error"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cmd_explain passes a comma-separated --target list to run_explain as "
-                                       "one target PER IMAGE, not several classes per image (cli.py parse_target "
-                                       "docstring; cmd_compare converts it, cmd_explain does not)")
 def test_explain_comma_separated_targets_explain_each_class_of_each_image(tmp_path, capsys, tiny):
     a = write_image(tmp_path / "a.png", seed=1)
     b = write_image(tmp_path / "b.png", seed=2)
@@ -611,7 +605,7 @@ def test_compare_grid_grows_with_rows(tmp_path, capsys, tiny):
 
 
 @requires_shared
-def test_compare_two_targets_on_the_real_catdog(tmp_path, capsys):
+def test_compare_two_targets_on_the_real_catdog(tmp_path, capsys, real_vit):
     single, double = tmp_path / "single.png", tmp_path / "double.png"
     code, stdout, err = run_cli(capsys, "compare", CATDOG, *REAL, "--methods", FAST, "--target", "243",
                                 "--out", single)
@@ -624,8 +618,7 @@ def test_compare_two_targets_on_the_real_catdog(tmp_path, capsys):
     with Image.open(single) as s, Image.open(double) as d:
         assert d.height > s.height * 1.5 and d.width == s.width
     # the two rows really explain different classes: the class-specific maps differ
-    model = vitlens.load_model(VIT_TINY_SPEC, weights=VIT_TINY_WEIGHTS)
-    result = vitlens.explain(model, CATDOG, methods="chefer", target=torch.tensor([[243, 282]]))
+    result = vitlens.explain(real_vit, CATDOG, methods="chefer", target=torch.tensor([[243, 282]]))
     maps = result.maps["chefer"][0]
     assert [p.name for p in result.target_predictions(0)] == ["bull mastiff", "tiger cat"]
     assert not torch.allclose(maps[0], maps[1], atol=0.05)
@@ -709,8 +702,6 @@ def test_usage_errors_are_one_line_with_exit_code_2(tmp_path, capsys, tiny, case
     assert "explained" not in stdout
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --batch-size 0 raises ValueError from range() in runner.run_explain "
-                                       "(traceback, exit 1); a negative batch size explains nothing and exits 0")
 @pytest.mark.parametrize("size", ["0", "-2"])
 def test_non_positive_batch_size_is_a_usage_error(tmp_path, capsys, tiny, size):
     image = write_image(tmp_path / "img.png")
@@ -734,9 +725,6 @@ def test_weights_error_lists_the_keys(tmp_path, capsys):
     assert f"{len(missing)} missing (" in line
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a Hugging Face directory of a non-image model raises ValueError "
-                                       "from AutoModelForImageClassification outside the `except ValueError` "
-                                       "of models/loading.py _load_hf (traceback instead of one line)")
 def test_hf_directory_of_a_text_model_is_a_one_line_error(tmp_path, capsys):
     from transformers import BertConfig
 
@@ -764,10 +752,6 @@ def test_model_without_attention_with_attention_methods(tmp_path, capsys):
     assert "rollout" in line or "transformer" in line or "attention" in line
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --weights FILE for a Hugging Face model refuses the checkpoint "
-                                       "transformers itself writes (save_pretrained: hub key names such as "
-                                       "vit.encoder.layer.0.attention.attention.query.weight); _load_state_dict "
-                                       "compares raw keys with the in-memory transformers-5 names")
 def test_hf_model_accepts_its_own_saved_checkpoint(tmp_path, capsys):
     module = tiny_hf_vit()
     module.save_pretrained(tmp_path / "hf")
@@ -935,8 +919,6 @@ def test_methods_lists_the_default_methods_with_their_parameters(capsys):
             assert f"{key}={value}" in lines[line + 1]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `vitlens methods` prints DEFAULT_METHODS only (cli.py cmd_methods), so "
-                                       "registered methods outside 'all' (xgradcam, layercam) are never listed")
 def test_methods_lists_every_registered_method(capsys):
     names, _ = _listed_methods(capsys)
     assert sorted(names) == sorted(REGISTRY)

@@ -225,12 +225,22 @@ def cmd_explain(args) -> int:
             from vitlens.errors import MethodError
 
             raise MethodError(f"--param for '{name}', which is not among --methods")
+    if args.batch_size < 1:
+        from vitlens.errors import VitlensError
+
+        raise VitlensError(f"--batch-size must be at least 1, got {args.batch_size}")
     samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit)
     check_writable(args.out)
     model = _load(args)
+    if args.class_index:
+        _name_classes_from_index(model, args.class_index)
     methods = parse_methods(args.methods, model)
     params = with_shared_options(params, methods, args)
     target = parse_target(args.target)
+    if isinstance(target, list):  # several classes, each explained for every image
+        from vitlens.runner import EveryImage
+
+        target = EveryImage(_class_indices(model, target))
     summary = run_explain(samples, model, methods, params, target, args.out, batch_size=args.batch_size,
                           resume=not args.force, progress=not args.quiet, cmap=args.cmap, alpha=args.alpha,
                           html=args.format == "html")
@@ -275,6 +285,27 @@ def _print_summary(summary) -> None:
         print(f"report: {summary.report}")
 
 
+def _class_indices(model, items) -> list[int]:
+    """Class indices or names -> validated indices."""
+    return [model.check_class_index(int(t)) if str(t).lstrip("-").isdigit() else model.class_index(str(t))
+            for t in items]
+
+
+def _name_classes_from_index(model, path) -> None:
+    """Name the model's classes from a --class-index file when the model has no names of its own."""
+    from vitlens.data.labelfiles import read_class_index
+
+    if model.class_names is not None and len(model.class_names) == model.num_classes:
+        return
+    index = read_class_index(path)
+    names = [None] * model.num_classes
+    for key, position in index.indices.items():
+        if 0 <= position < len(names):
+            names[position] = index.names.get(key, key)
+    if all(name is not None for name in names):
+        model.class_names = names
+
+
 def cmd_compare(args, model=None) -> int:
     import torch
 
@@ -294,8 +325,7 @@ def cmd_compare(args, model=None) -> int:
     params = with_shared_options(params, methods, args)
     target = parse_target(args.target)
     if isinstance(target, list):  # several classes of each image: one row per (image, class)
-        indices = [int(t) if str(t).lstrip("-").isdigit() else model.class_index(str(t)) for t in target]
-        target = torch.tensor([indices] * len(images))
+        target = torch.tensor([_class_indices(model, target)] * len(images))
     result = vitlens.explain(model, images, methods=methods, target=target, params=params)
     signed = {m for m in methods if get_method(m).signed}
     rows = []
@@ -341,8 +371,7 @@ def _gamma_sweep(args, model=None) -> int:
     if isinstance(target, list):
         import torch
 
-        indices = [int(t) if str(t).lstrip("-").isdigit() else model.class_index(str(t)) for t in target]
-        target = torch.tensor([indices] * len(images))
+        target = torch.tensor([_class_indices(model, target)] * len(images))
     columns, results = [], []
     for conv, lin in settings:
         columns.append(f"conv {conv:g} / lin {lin:g}")
@@ -369,13 +398,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from vitlens.methods import DEFAULT_METHODS, REGISTRY
+    from vitlens.methods import CNN_METHODS, DEFAULT_METHODS, REGISTRY
 
-    for name in DEFAULT_METHODS:
+    ordered = list(DEFAULT_METHODS) + [name for name in REGISTRY if name not in DEFAULT_METHODS]
+    for name in ordered:
         spec = REGISTRY[name]
         kind = "class-specific" if spec.class_specific else "class-agnostic"
         params = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "-"
-        print(f"{name:10s} {kind:15s} {spec.summary}\n{'':10s} parameters: {params}")
+        in_all = [label for label, group in (("ViTs", DEFAULT_METHODS), ("CNNs", CNN_METHODS)) if name in group]
+        also = f"; in 'all' for {' and '.join(in_all)}" if in_all else ""
+        print(f"{name:10s} {kind:15s} {spec.summary}\n{'':10s} parameters: {params}{also}")
     return 0
 
 

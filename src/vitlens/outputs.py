@@ -101,6 +101,7 @@ class RunWriter:
 
     # --- settings and resume -----------------------------------------------------------------
     def _prepare(self, resume: bool) -> None:
+        self._remove_stale_temp_files()
         path = self.out / SETTINGS_FILE
         normalized = json.loads(json.dumps(self.settings, default=str))
         if path.is_file():
@@ -118,20 +119,35 @@ class RunWriter:
                     )
             if not resume or previous != normalized:
                 self._clear_records()
-        elif not resume:
-            self._clear_records()
+        # a directory that holds no vitlens run is never cleared: its files are not ours
         write_text_atomic(path, json.dumps(normalized, indent=2, sort_keys=True) + "\n")
         ensure_dir(self.records_dir)
 
     def _clear_records(self) -> None:
-        if self.records_dir.is_dir():
-            for record in self.records_dir.glob("*.json"):
-                record.unlink()
+        """Forget a previous run: its records and every file it wrote (``--force``)."""
+        import shutil
 
-    def done(self, key: str) -> bool:
-        """True when ``key`` was finished (explained or recorded as failed) by this run's settings."""
+        for name in ("records", "overlays", "maps", "originals"):
+            folder = self.out / name
+            if folder.is_dir():
+                shutil.rmtree(folder)
+        for name in (MANIFEST_FILE, "report.html"):
+            (self.out / name).unlink(missing_ok=True)
+
+    def _remove_stale_temp_files(self) -> None:
+        # a process killed during an atomic write leaves its temp file behind: never a result
+        for stale in self.out.rglob(".*.tmp"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+
+    def done(self, key: str, path: str | None = None) -> bool:
+        """True when ``key`` was finished (explained or recorded as failed) by this run's settings.
+
+        With ``path``, the record must also be of that file: another folder's ``IMG_0001.png``
+        written into the same output directory is not the same image.
+        """
         record = self.read_record(key)
-        if record is None:
+        if record is None or (path is not None and record.get("path") != path):
             return False
         files = [record.get("original")] + [o.get(k) for o in record.get("outputs", [])
                                             for k in ("overlay", "map", "signed_overlay")]

@@ -20,6 +20,19 @@ from vitlens.methods import get_method
 from vitlens.outputs import RunWriter
 
 
+@dataclass(frozen=True)
+class EveryImage:
+    """A target request meaning: explain each of these classes for every image."""
+
+    classes: tuple
+
+    def __init__(self, classes):
+        object.__setattr__(self, "classes", tuple(int(c) for c in classes))
+
+    def __str__(self) -> str:
+        return ",".join(str(c) for c in self.classes)
+
+
 @dataclass
 class RunSummary:
     """What a run did."""
@@ -58,6 +71,8 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
     """
     from tqdm import tqdm
 
+    if batch_size < 1:
+        raise VitlensError(f"batch size must be at least 1, got {batch_size}")
     resolved = {name: get_method(name).params((params or {}).get(name)) for name in methods}
     run_settings = {"target": str(target if target is not None else "pred"), **(settings or {})}
     writer = RunWriter(out_dir, model, resolved, settings=run_settings, resume=resume, cmap=cmap, alpha=alpha)
@@ -66,16 +81,21 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     bar = tqdm(total=len(samples), unit="img", disable=not progress, desc="explaining", dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = [s for s in batches[0] if not writer.done(s.key)] if batches else []
+        pending = [s for s in batches[0] if not writer.done(s.key, s.path)] if batches else []
         future = pool.submit(lambda b: [_load(s) for s in b], batches[0]) if pending else None
         for number, batch in enumerate(batches):
-            todo = [s for s in batch if not writer.done(s.key)]
+            todo = [s for s in batch if not writer.done(s.key, s.path)]
             loaded = future.result() if future is not None else None
             nxt = batches[number + 1] if number + 1 < len(batches) else None
             future = None
-            if nxt is not None and any(not writer.done(s.key) for s in nxt):
+            if nxt is not None and any(not writer.done(s.key, s.path) for s in nxt):
                 future = pool.submit(lambda b: [_load(s) for s in b], nxt)
             summary.skipped += len(batch) - len(todo)
+            for sample in batch:  # failures of an earlier run stay failures of this one
+                if sample not in todo:
+                    record = writer.read_record(sample.key)
+                    if record is not None and record.get("status") != "ok":
+                        summary.failed.append((sample.key, sample.path, record.get("error")))
             if not todo:
                 bar.update(len(batch))
                 continue
@@ -99,7 +119,7 @@ def _explain_batch(batch, loaded, writer, model, methods, params, target, summar
         if error is None and target == "label" and sample.label is None:
             error = f"no label known for '{sample.path}' (needed by --target label)"
         if error is not None:
-            if not writer.done(sample.key):
+            if not writer.done(sample.key, sample.path):
                 writer.write_failure(sample.key, sample.path, error, sample.label, sample.label_name)
             summary.failed.append((sample.key, sample.path, error))
             continue
@@ -109,6 +129,10 @@ def _explain_batch(batch, loaded, writer, model, methods, params, target, summar
     if not good:
         return
     batch_target = targets if target == "label" else target
+    if isinstance(target, EveryImage):
+        import torch
+
+        batch_target = torch.tensor([list(target.classes)] * len(images))
     try:
         result = explain(model, images, methods=methods, target=batch_target, batch_size=len(images), params=params)
     except (TargetError, MethodError):
@@ -121,7 +145,7 @@ def _explain_batch(batch, loaded, writer, model, methods, params, target, summar
         return
     extras = record_extra(good, result) if record_extra is not None else [None] * len(good)
     for index, sample in enumerate(good):
-        if writer.done(sample.key):
+        if writer.done(sample.key, sample.path):
             continue
         extra = {"boxes": [list(b) for b in sample.boxes]} if sample.boxes else None
         if extras[index]:

@@ -166,40 +166,55 @@ def _timm_preprocess(module) -> Preprocess:
 def _load_hf(spec, name, weights, num_classes):
     from vitlens.models import hub
 
-    kwargs = {} if num_classes is None else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
     is_local = Path(name).is_dir()
-    try:
-        # the local cache first: a pre-populated cache works offline without a network attempt
-        module = _hf_build(name, weights, num_classes, kwargs, local_files_only=True)
-    except OSError:
-        if is_local:
-            raise ModelError(f"cannot load Hugging Face model directory '{name}': missing config or weights") from None
-        if not hub.reachable(hub.HF_HOST):
-            raise ModelError(f"cannot fetch '{spec}': the model hub is unreachable and it is not cached; {HUB_HINT}") from None
-        module = None
-    try:
-        if module is None:
-            module = _hf_build(name, weights, num_classes, kwargs, local_files_only=False)
-    except OSError as exc:
-        if _looks_like_hub_error(exc) or not Path(name).exists():
-            raise ModelError(f"cannot fetch '{spec}' (model hub unreachable or no such model?): {HUB_HINT}") from None
-        raise ModelError(f"cannot load Hugging Face model '{name}': {_one_line(exc)}") from None
-    except ValueError as exc:
-        raise ModelError(f"'{name}' is not an image classification model: {_one_line(exc)}") from None
-    if weights is not None:
-        _load_state_dict(module, read_weights(weights), weights, spec)
+    module = None
+    # the local cache first: a pre-populated cache works offline without a network attempt
+    for local_only in ((True,) if is_local else (True, False)):
+        if not local_only and not hub.reachable(hub.HF_HOST):
+            raise ModelError(f"cannot fetch '{spec}': the model hub is unreachable and it is not cached; {HUB_HINT}")
+        try:
+            module = _hf_build(spec, name, weights, num_classes, local_only)
+            break
+        except OSError as exc:
+            if is_local:
+                raise ModelError(f"cannot load Hugging Face model directory '{name}': {_one_line(exc)}") from None
+            if not local_only:
+                raise ModelError(f"cannot fetch '{spec}' (no such model, or the hub failed): {HUB_HINT}") from None
+        except (ValueError, KeyError) as exc:
+            raise ModelError(f"'{name}' is not an image classification model: {_one_line(exc)}") from None
     preprocess = _hf_preprocess_from_config(module.config, name)
     return wrap_module(module, preprocess=preprocess, info=ModelInfo(spec=spec))
 
 
-def _hf_build(name, weights, num_classes, kwargs, local_files_only):
+def _hf_build(spec, name, weights, num_classes, local_files_only):
     from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+    from transformers.utils import logging as hf_logging
 
     if weights is None:
+        kwargs = {} if num_classes is None else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
         return AutoModelForImageClassification.from_pretrained(name, local_files_only=local_files_only, **kwargs)
     config = AutoConfig.from_pretrained(name, local_files_only=local_files_only,
                                         **({} if num_classes is None else {"num_labels": num_classes}))
-    return AutoModelForImageClassification.from_config(config)
+    if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+        raise ValueError(f"{type(config).__name__} has no image classification model")
+    cls = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(config)]
+    state = read_weights(weights)
+    # transformers converts saved (hub) key names to its in-memory names itself
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        module, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = [(label, sorted(info.get(key) or [])) for label, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("wrong-shape", "mismatched_keys"))]
+    problems = [(label, [k if isinstance(k, str) else k[0] for k in keys]) for label, keys in problems if keys]
+    if problems:
+        parts = [f"{len(keys)} {label} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+                 for label, keys in problems]
+        raise ModelError(f"weights '{weights}' do not fit {spec}: " + "; ".join(parts))
+    return module
 
 
 def _hf_preprocess_from_config(config, name) -> Preprocess:
