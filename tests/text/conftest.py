@@ -90,3 +90,64 @@ def tiny_classifier(tiny_classifier_dir):
     from vitlens.text import load_text_model
 
     return load_text_model(str(tiny_classifier_dir))
+
+
+# ------------------------------------------------------------------------------------------ decoders
+DECODERS = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_decoder(family: str = "gpt2", seed: int = 0, vocab_size: int = 100, **overrides) -> torch.nn.Module:
+    """A 2-layer, 4-head random causal LM (hidden 32) in eval mode; Llama-style ones with 2 key/value heads
+    (grouped-query attention) and rotary embeddings. SDPA attention as transformers picks by default."""
+    import transformers as tr
+
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = tr.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                               bos_token_id=0, eos_token_id=0, **overrides)
+        return tr.GPT2LMHeadModel(config).eval()
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0, **overrides)
+    classes = {"llama": (tr.LlamaConfig, tr.LlamaForCausalLM), "mistral": (tr.MistralConfig, tr.MistralForCausalLM),
+               "qwen2": (tr.Qwen2Config, tr.Qwen2ForCausalLM), "qwen3": (tr.Qwen3Config, tr.Qwen3ForCausalLM)}
+    config_cls, model_cls = classes[family]
+    if family == "qwen3":
+        common.setdefault("head_dim", 8)
+    return model_cls(config_cls(**common)).eval()
+
+
+def left_padded_batch(lengths=(7, 3, 5), vocab_size: int = 100, seed: int = 1):
+    """Left-padded ids (ids 3 and up; padding id 0) and the attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.zeros(len(lengths), n, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        ids[i, n - length:] = torch.randint(3, vocab_size, (length,), generator=g)
+        mask[i, n - length:] = 1
+    return ids, mask
+
+
+CORPUS = ["The capital of France is Paris.", "The capital of Italy is Rome.",
+          "Paris is in France and Rome is in Italy.",
+          "The cat sat on the mat.", "When Mary and John went to the store, John gave a drink to Mary."]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A random 2-layer GPT2LMHeadModel with a byte-level BPE tokenizer trained here on a few sentences
+    (' Paris' is one token), saved as a Hugging Face directory: the GPT-2 pipeline without a hub."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS * 3, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    module = tiny_decoder("gpt2", vocab_size=len(tokenizer))
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    module.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -111,3 +111,33 @@ def test_reference_statistics_distinguish_the_patterns():
     assert ref["global"]["special"] > 0.8
     assert ref["local"]["local"] == pytest.approx(1.0)
     assert max(ref, key=lambda p: ref[p]["distance"]) == "global"
+
+
+def test_statistics_identify_a_previous_token_head_and_an_induction_head():
+    """A synthetic decoder layer on a repeated random sequence (BOS, A B C ... , A B C ...): head 0 attends to
+    the previous token, head 1 is an induction head (to the token after the current token's earlier copy),
+    head 2 is uniform over the past (the causal reference pattern), head 3 sits on the first token (a sink)."""
+    from vitlens.text.stats import induction_pattern, induction_targets
+
+    rng = np.random.default_rng(0)
+    half = rng.permutation(np.arange(10, 60))[:12]
+    ids = np.concatenate([[1], half, half])  # BOS + two copies: 25 tokens
+    n = ids.size
+    patterns = reference_patterns(n)
+    sink = np.zeros((n, n))
+    sink[:, 0] = 1.0
+    heads = np.stack([patterns["previous"], induction_pattern(ids), patterns["causal"], sink])
+    assert np.allclose(np.triu(heads, 1), 0) and np.allclose(heads.sum(-1), 1)
+    stats = head_statistics(heads[None], special=[True] + [False] * (n - 1), ids=ids)
+    previous, induction, causal = stats["previous"][0], stats["induction"][0], stats["causal"][0]
+    assert int(np.argmax(previous)) == 0 and previous[0] == pytest.approx(1.0)
+    assert int(np.argmax(induction)) == 1 and induction[1] == pytest.approx(1.0)
+    assert induction[0] < 0.1 and previous[1] < 0.1  # the two are told apart
+    # every row of the second copy (12 rows) has exactly one induction target: the key after its first copy
+    targets = induction_targets(ids)
+    assert targets.sum() == 12 and all(targets[13 + k, 2 + k] for k in range(12))
+    assert np.allclose(causal, 1.0)  # every head is causal
+    assert stats["special"][0, 3] == pytest.approx(1.0)  # the sink head is on BOS
+    # without token ids no row counts for induction; an encoder's uniform head looks at the past only half the time
+    assert head_statistics(heads[None])["induction"][0, 1] == 0
+    assert _stats(patterns["uniform"])["causal"] == pytest.approx((n + 1) / (2 * n))

@@ -7,6 +7,15 @@ projections, which are called as modules in the adapters' explicit attention, an
 Gamma(``conv_gamma``), every LayerNorm the std-detached form, every element-wise activation
 module the identity rule, and attention the AttnLRP (uniform rule on Q K^T and A V) or CP-LRP
 (Q and K constant) form. Everything is undone when the block ends; no class is touched.
+
+Decoder language models add three module kinds: Hugging Face's ``Conv1D`` (GPT-2's projections,
+``x @ W + b`` with W of shape (in, out): a linear layer, so Gamma(``lin_gamma``) on W^T), RMSNorm
+(Llama, Mistral, Qwen, ``nn.RMSNorm``: the root mean square as a constant, like LayerNorm's
+standard deviation) and the gated MLP ``down(act(gate(x)) * up(x))`` (the gate product is a
+bilinear product: uniform rule). Rotary position embeddings are linear in q and k for a given
+position and keep the plain gradient; grouped-query attention repeats keys and values per head
+group, also plain gradient. RoBERTa-style classification heads call ``torch.tanh`` as a function;
+their forward gets the identity rule on it.
 """
 
 from __future__ import annotations
@@ -18,10 +27,14 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from vitlens.lrp.rules import gamma_conv2d, gamma_linear, identity_rule, layer_norm_std_detached, uniform_matmul
+from vitlens.lrp.rules import (gamma_conv2d, gamma_linear, identity_rule, layer_norm_std_detached,
+                               rms_norm_std_detached, uniform_matmul, uniform_mul)
 from vitlens.models.capture import AttentionRecorder, _masked, swapped_forward
 
 ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Softplus, nn.ELU, nn.LeakyReLU, nn.Hardswish)
+#: Hugging Face RMSNorm classes of the form ``weight * x * rsqrt(mean(x^2) + variance_epsilon)``
+#: (Gemma's ``(1 + weight)`` form is deliberately not listed)
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,58 @@ def _is_activation(module: nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.activations")
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (a linear layer with a transposed weight)."""
+    return (type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+            and getattr(module, "weight", None) is not None and module.weight.dim() == 2)
+
+
+def _rms_norm_eps(module: nn.Module):
+    """The epsilon of a supported RMSNorm module, or None when ``module`` is not one."""
+    if isinstance(module, getattr(nn, "RMSNorm", ())):
+        if tuple(module.normalized_shape) != tuple(module.normalized_shape[-1:]):
+            return None  # only the last dimension is handled
+        return module.eps if module.eps is not None else torch.finfo(torch.float32).eps
+    if type(module).__name__ in RMS_NORMS and hasattr(module, "variance_epsilon"):
+        return float(module.variance_epsilon)
+    return None
+
+
+def _is_gated_mlp(module: nn.Module) -> bool:
+    """``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: Llama, Mistral, Qwen2/3 MLPs."""
+    return type(module).__name__.endswith("MLP") and all(
+        isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+#: heads that apply tanh as a function (not a module): same forward with the identity rule on it
+TANH_HEADS = ("RobertaClassificationHead", "XLMRobertaClassificationHead", "CamembertClassificationHead")
+
+
+def _is_tanh_head(module: nn.Module) -> bool:
+    return type(module).__name__ in TANH_HEADS and all(
+        isinstance(getattr(module, name, None), nn.Module) for name in ("dense", "out_proj", "dropout"))
+
+
+def _tanh_head_forward(module: nn.Module):
+    def forward(features, **kwargs):
+        x = module.dense(module.dropout(features[:, 0, :]))
+        return module.out_proj(module.dropout(identity_rule(torch.tanh, x)))
+
+    return forward
+
+
+def _conv1d_forward(module: nn.Module, gamma: float):
+    return lambda x: gamma_linear(x, module.weight.t(), module.bias, gamma)
+
+
+def _rms_norm_forward(module: nn.Module, eps: float):
+    return lambda x: rms_norm_std_detached(x, module.weight, eps)
+
+
+def _gated_mlp_forward(module: nn.Module):
+    return lambda x: module.down_proj(uniform_mul(module.act_fn(module.gate_proj(x)), module.up_proj(x)))
+
+
 def _linear_forward(module: nn.Linear, gamma: float):
     return lambda x: gamma_linear(x, module.weight, module.bias, gamma)
 
@@ -101,6 +166,14 @@ def lrp_rules(model: nn.Module, config: LRPConfig) -> Iterator[None]:
                 stack.enter_context(swapped_forward(module, _conv_forward(module, config.conv_gamma)))
             elif isinstance(module, nn.LayerNorm):
                 stack.enter_context(swapped_forward(module, _layer_norm_forward(module)))
+            elif _is_conv1d(module):
+                stack.enter_context(swapped_forward(module, _conv1d_forward(module, config.lin_gamma)))
+            elif _rms_norm_eps(module) is not None:
+                stack.enter_context(swapped_forward(module, _rms_norm_forward(module, _rms_norm_eps(module))))
+            elif _is_gated_mlp(module):
+                stack.enter_context(swapped_forward(module, _gated_mlp_forward(module)))
+            elif _is_tanh_head(module):
+                stack.enter_context(swapped_forward(module, _tanh_head_forward(module)))
             elif _is_activation(module):
                 stack.enter_context(swapped_forward(module, _activation_forward(module)))
         yield

@@ -9,7 +9,8 @@ et al., ICML 2024; Gamma after zennit):
 * LayerNorm with the standard deviation treated as a constant (mean-centring and the affine
   map stay differentiable);
 * softmax: plain gradient x input (which is AttnLRP's softmax rule);
-* uniform rule for bilinear products (Q K^T, A V): each operand receives half the relevance;
+* uniform rule for bilinear products (Q K^T, A V, the gate product of a gated MLP): each operand
+  receives half the relevance;
 * Gamma rule for Linear / Conv2d, sign-aware as zennit's ``Gamma``: positive outputs are
   explained by (x+, w + gamma w+) and (x-, w + gamma w-), negative outputs by (x+, w + gamma w-)
   and (x-, w + gamma w+); each group is normalised by its own stabilised sum; the bias (with its
@@ -52,6 +53,24 @@ def layer_norm_std_detached(x: torch.Tensor, normalized_shape, weight, bias, eps
     if bias is not None:
         out = out + bias
     return out
+
+
+def rms_norm_std_detached(x: torch.Tensor, weight, eps: float) -> torch.Tensor:
+    """RMSNorm (over the last dimension) whose root mean square is a constant for the backward pass.
+
+    Computed like Llama's ``LlamaRMSNorm``: in float32, ``x * rsqrt(mean(x^2) + eps)``, cast back,
+    then scaled by ``weight``. Relevance is conserved element-wise: x * grad = y * upstream grad.
+    """
+    dtype = x.dtype
+    xf = x.float()
+    inv = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps).detach()
+    out = (xf * inv).to(dtype)
+    return out * weight if weight is not None else out
+
+
+def uniform_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Element-wise a * b whose relevance is split equally between a and b (the gate of a gated MLP)."""
+    return 0.5 * (a * b.detach()) + 0.5 * (a.detach() * b)
 
 
 def uniform_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

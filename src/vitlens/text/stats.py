@@ -13,9 +13,17 @@ sums to 1) and each layer and head:
 * ``global``        max over keys j of the column mean (1/n) sum_i A_ij: the share of all attention
                     that the single most-attended token receives (1 when every query looks at the
                     same token, a "vertical" head; 1/n for uniform or diagonal attention)
+* ``causal``        mean over rows of the mass on keys j <= i (the past and the token itself): 1 for
+                    every head of a causal decoder (a check of the mask), the backward share of an
+                    encoder's head
+* ``induction``     mean, over the rows i whose token occurred earlier, of the mass on the keys j that
+                    *follow* an earlier occurrence (token[j-1] == token[i], j < i): the induction-head
+                    pattern "... A B ... A -> B" (Olsson et al. 2022); needs the token ids, rows without
+                    an earlier occurrence do not count
 
 Several sequences are pooled by weighting each sequence by its number of rows (n, or n - 1 for
-``previous``), i.e. every real query row of the corpus counts once.
+``previous``, the rows with an earlier occurrence for ``induction``), i.e. every real query row of
+the corpus counts once.
 
 Reference patterns (:func:`reference_patterns`), row-stochastic n x n matrices: ``uniform``,
 ``diagonal`` (self), ``previous`` (token i -> i-1; the first token -> itself), ``local`` (uniform
@@ -28,9 +36,10 @@ from __future__ import annotations
 
 import numpy as np
 
-STATS = ("entropy", "entropy_norm", "distance", "special", "cls", "sep", "local", "previous", "global")
+STATS = ("entropy", "entropy_norm", "distance", "special", "cls", "sep", "local", "previous", "global", "causal",
+         "induction")
 #: the statistics shown in the heatmap figure
-SHOWN = ("entropy_norm", "distance", "special", "local", "previous", "global")
+SHOWN = ("entropy_norm", "distance", "special", "local", "previous", "global", "induction")
 PATTERNS = ("uniform", "diagonal", "previous", "local", "global", "causal", "dilated")
 
 
@@ -47,7 +56,18 @@ def _as_mask(values, n, default_positions=()):
     return mask
 
 
-def sequence_sums(attention, special=None, cls=None, sep=None, window: int = 2) -> tuple[dict, dict]:
+def induction_targets(ids) -> np.ndarray:
+    """(n, n) bool: key j is an induction target of query i (j < i and token[j - 1] == token[i])."""
+    ids = np.asarray(ids).reshape(-1)
+    n = ids.shape[0]
+    targets = np.zeros((n, n), dtype=bool)
+    if n > 2:
+        same = ids[None, :-1] == ids[:, None]  # (i, j-1): token j-1 equals token i
+        targets[:, 1:] = same
+    return targets & (np.arange(n)[None, :] < np.arange(n)[:, None])
+
+
+def sequence_sums(attention, special=None, cls=None, sep=None, window: int = 2, ids=None) -> tuple[dict, dict]:
     """Row sums of every statistic for one sequence, and the row counts they average over.
 
     Parameters
@@ -56,6 +76,8 @@ def sequence_sums(attention, special=None, cls=None, sep=None, window: int = 2) 
         Attention of the real tokens only (rows sum to 1).
     special, cls, sep : bool arrays (n,), optional
         Default: no special tokens; ``cls`` defaults to none, ``sep`` to none.
+    ids : int array (n,), optional
+        Token ids, for ``induction`` (without them it counts no rows).
     """
     a = np.asarray(attention, dtype=np.float64)
     while a.ndim < 4:
@@ -79,9 +101,17 @@ def sequence_sums(attention, special=None, cls=None, sep=None, window: int = 2) 
         "local": (a * (dist <= window)).sum((-1, -2)),
         "previous": a[..., i[1:], i[:-1]].sum(-1) if n > 1 else np.zeros(a.shape[:2]),
         "global": a.mean(-2).max(-1) * n,  # per-sequence value, weighted by n rows like the others
+        "causal": (a * (i[None, :] <= i[:, None])).sum((-1, -2)),
     }
     counts = {name: float(n) for name in STATS}
     counts["previous"] = float(max(n - 1, 0))
+    if ids is not None and len(ids) == n:
+        targets = induction_targets(ids)
+        sums["induction"] = (a * targets).sum((-1, -2))
+        counts["induction"] = float(targets.any(-1).sum())
+    else:
+        sums["induction"] = np.zeros(a.shape[:2])
+        counts["induction"] = 0.0
     return sums, counts
 
 
@@ -94,8 +124,8 @@ class HeadStatistics:
         self.counts: dict = {name: 0.0 for name in STATS}
         self.sequences = 0
 
-    def add(self, attention, special=None, cls=None, sep=None) -> "HeadStatistics":
-        sums, counts = sequence_sums(attention, special, cls, sep, self.window)
+    def add(self, attention, special=None, cls=None, sep=None, ids=None) -> "HeadStatistics":
+        sums, counts = sequence_sums(attention, special, cls, sep, self.window, ids)
         for name in STATS:
             self.sums[name] = self.sums.get(name, 0.0) + sums[name]
             self.counts[name] += counts[name]
@@ -110,21 +140,22 @@ class HeadStatistics:
                 np.zeros_like(np.asarray(self.sums[name])) for name in STATS}
 
 
-def head_statistics(attentions, special=None, cls=None, sep=None, window: int = 2) -> dict:
+def head_statistics(attentions, special=None, cls=None, sep=None, window: int = 2, ids=None) -> dict:
     """Statistics of one sequence (an (L, H, n, n) array) or of a list of sequences.
 
-    ``special``/``cls``/``sep`` are one mask per sequence (or one mask for a single array).
+    ``special``/``cls``/``sep``/``ids`` are one mask (id list) per sequence (or one for a single array).
     Returns stat name -> (L, H) array.
     """
     if isinstance(attentions, np.ndarray) or hasattr(attentions, "shape"):
-        attentions, special, cls, sep = [attentions], [special], [cls], [sep]
+        attentions, special, cls, sep, ids = [attentions], [special], [cls], [sep], [ids]
     acc = HeadStatistics(window)
     count = len(attentions)
     special = special if special is not None else [None] * count
     cls = cls if cls is not None else [None] * count
     sep = sep if sep is not None else [None] * count
-    for a, sp, c, s in zip(attentions, special, cls, sep):
-        acc.add(np.asarray(a), sp, c, s)
+    ids = ids if ids is not None else [None] * count
+    for a, sp, c, s, t in zip(attentions, special, cls, sep, ids):
+        acc.add(np.asarray(a), sp, c, s, t)
     return acc.result()
 
 
@@ -171,5 +202,15 @@ def reference_statistics(n: int, special=None, cls=None, sep=None, window: int =
     return out
 
 
-__all__ = ["HeadStatistics", "PATTERNS", "SHOWN", "STATS", "head_statistics", "reference_patterns",
-           "reference_statistics", "sequence_sums", "stats_rows"]
+def induction_pattern(ids) -> np.ndarray:
+    """A synthetic induction head for these token ids: each row uniform over its induction targets
+    (the tokens that followed an earlier occurrence of the current token), rows without any on the
+    first token (an attention sink). Row-stochastic and causal."""
+    targets = induction_targets(ids).astype(np.float64)
+    empty = targets.sum(-1) == 0
+    targets[empty, 0] = 1.0
+    return targets / targets.sum(-1, keepdims=True)
+
+
+__all__ = ["HeadStatistics", "PATTERNS", "SHOWN", "STATS", "head_statistics", "induction_pattern", "induction_targets",
+           "reference_patterns", "reference_statistics", "sequence_sums", "stats_rows"]

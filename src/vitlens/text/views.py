@@ -32,7 +32,8 @@ ATTENTION_CMAP = "viridis"
 STAT_TITLES = {
     "entropy": "entropy (nats)", "entropy_norm": "entropy / ln n", "distance": "mean distance (tokens)",
     "special": "to special tokens", "cls": "to [CLS]", "sep": "to [SEP]", "local": "local (|i-j| <= w)",
-    "previous": "to previous token", "global": "global (top key share)",
+    "previous": "to previous token", "global": "global (top key share)", "causal": "to past and self (j <= i)",
+    "induction": "induction (after an earlier copy)",
 }
 
 
@@ -154,10 +155,12 @@ def query_figure(attentions, labels, query: int, title: str = "") -> Figure:
     layers, heads, n = a.shape[0], a.shape[1], a.shape[-1]
     rows = a[:, :, query, :]  # (L, H, n)
     width = float(np.clip(0.22 * n + 2.0, 6.0, 40.0))
-    fig = _figure(width, 1.8 + 0.3 * layers + 0.08 * layers * heads)
+    height = 1.8 + 0.3 * layers + 0.08 * layers * heads
+    fig = _figure(width, height)
     cmap = get_cmap(ATTENTION_CMAP)
-    grid = fig.add_gridspec(2, 1, height_ratios=[layers, layers * heads * 0.3 + 1], top=0.92, bottom=0.12,
-                            hspace=0.12)
+    # 0.7 inch above the panels for the title and the first panel's title, also for a 2-layer model
+    grid = fig.add_gridspec(2, 1, height_ratios=[layers, layers * heads * 0.3 + 1], top=min(0.92, 1 - 0.7 / height),
+                            bottom=0.12, hspace=0.12 if height > 6 else 0.3)
     ax = fig.add_subplot(grid[0])
     image = ax.imshow(rows.mean(axis=1), cmap=cmap, vmin=0.0, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(layers))
