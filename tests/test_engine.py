@@ -34,16 +34,23 @@ def test_plan_collects_needs_legrad_layers_and_cam_layers():
 
 
 def test_every_method_runs_from_one_forward(model):
+    """All methods share one forward; each LRP rule set adds exactly one forward of its own."""
     calls = []
     handle = model.module.register_forward_hook(lambda *a: calls.append(1))
     x = torch.randn(4, 3, 32, 32)
-    result = run_batch(model, x, _all_methods(), target="top2")
-    handle.remove()
+    shared = {n: p for n, p in _all_methods().items() if not REGISTRY[n].signed}
+    result = run_batch(model, x, shared, target="top2")
     assert len(calls) == 1
-    assert set(result.patch_maps) == set(REGISTRY)
+    assert set(result.patch_maps) == set(shared)
     for maps in result.patch_maps.values():
         assert maps.shape == (4, 2, 4, 4)
         assert torch.isfinite(maps).all()
+    calls.clear()
+    result = run_batch(model, x, _all_methods(), target="top2")
+    handle.remove()
+    assert len(calls) == 1 + 2  # the shared pass, attnlrp, cp-lrp
+    for name in ("attnlrp", "cp-lrp"):
+        assert result.patch_maps[name].shape == (4, 2, 32, 32)  # signed pixel relevance
 
 
 def test_parameters_keep_no_gradients(model):

@@ -324,9 +324,9 @@ def test_reference_capture_is_not_degenerate(f64):
 def test_defaults_match_reference(f64):
     """All attention methods at their registry defaults in one call (one shared pass).
 
-    The Grad-CAM family is checked against pytorch-grad-cam in test_gradcam.py.
+    The Grad-CAM family is checked against pytorch-grad-cam in test_gradcam.py, LRP in tests/lrp.
     """
-    attention_methods = [m for m in vitlens.DEFAULT_METHODS if "cam" not in m]
+    attention_methods = [m for m in vitlens.DEFAULT_METHODS if "cam" not in m and not vitlens.METHODS[m].signed]
     result = vitlens.explain(f64["model"], f64["x"], methods=attention_methods, target=TARGETS)
     for name in result.methods:
         params = REGISTRY[name].params()

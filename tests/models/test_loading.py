@@ -84,4 +84,5 @@ def test_prefix_tokens_never_reach_the_maps(kwargs, prefix):
     assert model.num_prefix_tokens == prefix
     result = vitlens.explain(model, torch.randn(2, 3, 32, 32), methods="all")
     for name in result.methods:
-        assert result.patch_maps[name].shape == (2, 1, 4, 4), name
+        expected = (2, 1, 32, 32) if vitlens.METHODS[name].signed else (2, 1, 4, 4)  # LRP: pixel relevance
+        assert result.patch_maps[name].shape == expected, name
