@@ -60,8 +60,9 @@ def load(device: str, count: int):
         images = f"{count} random tensors"
     result = vitlens.explain(model, x, methods="gmar-l2", batch_size=16)
     maps = result.maps["gmar-l2"][:, 0].double()
+    # float64, so that the noise really separates every pixel (in float32 large plateaus would keep ties)
     maps = maps + 1e-6 * torch.rand(maps.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return model, x, maps.float(), result.targets[:, 0], source, images
+    return model, x, maps, result.targets[:, 0], source, images
 
 
 def sync(device):

@@ -32,7 +32,8 @@ from vitlens.metrics import (BOXES, MASKS, MODEL, RANDOMIZE, MetricError, boxes_
 from vitlens.render.atomic import write_atomic, write_text_atomic
 
 CI_METHOD = "t"
-PLOTTED = ("deletion", "insertion", "pos_perturbation", "neg_perturbation", "sanity_spearman", "sanity_ssim")
+PLOTTED = ("deletion", "insertion", "deletion_norm", "insertion_norm", "pos_perturbation", "neg_perturbation",
+           "sanity_spearman", "sanity_ssim")
 
 
 @dataclass
@@ -242,8 +243,10 @@ def aggregate(images: list, methods: list, metrics: list, ci_method: str = CI_ME
             for cname, curve in (im.get("curves") or {}).get(method, {}).items():
                 if cname == "sanity_stages" or not isinstance(curve, list):
                     continue
-                curves.setdefault(cname, {}).setdefault(method, []).append(
-                    [math.nan if v is None else float(v) for v in curve])
+                values = [math.nan if v is None else float(v) for v in curve]
+                curves.setdefault(cname, {}).setdefault(method, []).append(values)
+                if cname in ("deletion", "insertion"):
+                    curves.setdefault(f"{cname}_norm", {}).setdefault(method, []).append(normalized_curve(cname, values))
             stages = (im.get("curves") or {}).get(method, {}).get("sanity_stages")
             if stages:
                 curves.setdefault("_stages", stages)
@@ -259,6 +262,17 @@ def aggregate(images: list, methods: list, metrics: list, ci_method: str = CI_ME
             with np.errstate(all="ignore"):
                 mean_curves[cname][method] = [round(float(v), 6) for v in np.nanmean(arr, axis=0)]
     return rows, mean_curves
+
+
+def normalized_curve(kind: str, curve: list) -> list:
+    """A raw deletion/insertion curve normalised like its ``auc_norm``: 0 = fully perturbed, 1 = original.
+
+    The end points are the original image (deletion: first, insertion: last) and the fully perturbed
+    one (the other end).
+    """
+    original, base = (curve[0], curve[-1]) if kind == "deletion" else (curve[-1], curve[0])
+    span = max(1e-8, original - base)
+    return [min(1.0, max(0.0, (v - base) / span)) for v in curve]
 
 
 def _better_text(flag) -> str:
@@ -311,6 +325,7 @@ def _json_default(value):
 
 def plot_curves(folder: Path, curves: dict) -> dict:
     """One PNG per curve kind, a line per method (matplotlib Figure + Agg canvas, no pyplot)."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -318,6 +333,8 @@ def plot_curves(folder: Path, curves: dict) -> dict:
     labels = {
         "deletion": ("fraction of most relevant pixels removed", "score of the explained class"),
         "insertion": ("fraction of most relevant pixels revealed", "score of the explained class"),
+        "deletion_norm": ("fraction of most relevant pixels removed", "normalised score (1 = original, 0 = baseline)"),
+        "insertion_norm": ("fraction of most relevant pixels revealed", "normalised score (1 = original, 0 = baseline)"),
         "pos_perturbation": ("fraction of most relevant pixels removed", "top-1 accuracy (%)"),
         "neg_perturbation": ("fraction of least relevant pixels removed", "top-1 accuracy (%)"),
         "sanity_spearman": ("layers randomised (cascading, top first)", "Spearman rank correlation"),
@@ -331,7 +348,8 @@ def plot_curves(folder: Path, curves: dict) -> dict:
         fig = Figure(figsize=(6.4, 4.2), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
-        for method, curve in per_method.items():
+        palette = matplotlib.colormaps["tab20"] if len(per_method) > 10 else matplotlib.colormaps["tab10"]
+        for index, (method, curve) in enumerate(per_method.items()):
             n = len(curve)
             if name.startswith("sanity"):
                 xs = list(range(n))
@@ -340,7 +358,7 @@ def plot_curves(folder: Path, curves: dict) -> dict:
             else:
                 xs = [i / max(n - 1, 1) for i in range(n)]
             style = "--" if method in ("random", "center") else "-"
-            ax.plot(xs, curve, style, label=method, linewidth=1.6)
+            ax.plot(xs, curve, style, label=method, linewidth=1.6, color=palette(index % palette.N))
         if name.startswith("sanity") and stages:
             ax.set_xticks(range(len(stages)))
             ax.set_xticklabels(stages, rotation=60, fontsize=7)

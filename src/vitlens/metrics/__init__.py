@@ -61,7 +61,35 @@ class MetricSpec:
                 raise MetricError(f"metric '{self.name}' has no parameter '{key}' "
                                   f"(parameters: {', '.join(sorted(params)) or 'none'})")
             params[key] = value
+        for key, value in params.items():
+            problem = _check_value(key, value)
+            if problem:
+                raise MetricError(f"metric '{self.name}': {key}={value!r} {problem}")
         return params
+
+
+def _check_value(key: str, value) -> str | None:
+    """Why a metric parameter value is invalid, or None."""
+    def whole(v, low):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if key == "steps" and not whole(value, 1):
+        return "must be a whole number >= 1"
+    if key == "baseline" and value not in BASELINES:
+        return f"is not a baseline (choose from {', '.join(BASELINES)})"
+    if key == "score" and value not in ("prob", "logit"):
+        return "must be prob or logit"
+    if key == "mode" and value not in ("multiply", "top"):
+        return "must be multiply or top"
+    if key == "keep" and not (isinstance(value, (int, float)) and 0 < value <= 1):
+        return "must be in (0, 1]"
+    if key == "tolerance" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        return "must be a number >= 0"
+    if key == "images" and not whole(value, 0):
+        return "must be a whole number >= 0"
+    if key == "max_stages" and value is not None and not whole(value, 1):
+        return "must be a whole number >= 1 (or null)"
+    return None
 
 
 METRICS: dict[str, MetricSpec] = {}
