@@ -1,10 +1,16 @@
 """Deletion + insertion (20 steps) on 64 images: vitlens's batched metrics vs a per-image, per-step loop,
 and vs torchcam's ``DeletionInsertionMetric`` when torchcam is importable, all on the same maps.
 
+With ``--sensitivity-samples N`` (e.g. 10) it also measures the cost of max-sensitivity with N
+perturbed copies per image relative to one explanation of the same batch (``--sensitivity-methods``,
+default ``gmar-l2``; the original maps are given, as ``vitlens evaluate`` does, so the ratio counts
+only the perturbed explanations; median of ``--repeats`` after a warm-up).
+
 Usage (from the repository root)::
 
     python benchmarks/metrics.py                      # 64 images, 20 steps, black baseline, CPU
     python benchmarks/metrics.py --images 16 --device cuda --json bench.json
+    python benchmarks/metrics.py --images 16 --skip-loop --sensitivity-samples 10 --sensitivity-only
 
 Model: the real ViT-Tiny from ``../shared/data`` when present (else a random-init timm ViT-Tiny, same
 compute); images: the first ``--images`` of ``../shared/data/imagenet_val_1300`` (else random
@@ -132,6 +138,24 @@ def run_torchcam(model, x, maps, targets, steps, batch_size):
     return summary["deletion_auc"], summary["insertion_auc"]
 
 
+def run_sensitivity_cost(model, x, targets, methods, samples, batch_size, repeats, device):
+    """Seconds of one explanation of the batch vs max-sensitivity with ``samples`` perturbed copies per image
+    (the original maps given, as ``vitlens evaluate`` does), and their ratio."""
+    import vitlens
+    from vitlens.metrics.sensitivity import Explainer, sensitivity
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _timing import timed
+
+    explainer = Explainer(model, methods, batch_size=batch_size)
+    maps = explainer(x, targets)
+    one = timed(lambda: vitlens.explain(model, x, methods=methods, target=targets, batch_size=batch_size),
+                repeats, device)
+    sens = timed(lambda: sensitivity(x, targets, explainer, maps=maps, samples=samples, batch_size=batch_size),
+                 repeats, device)
+    return one, sens, sens / one
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
@@ -142,6 +166,12 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--torchcam-path", help="folder with torchcam installed (pip --target)")
     parser.add_argument("--json", help="write the measurements here")
+    parser.add_argument("--sensitivity-samples", type=int, default=0,
+                        help="also time max-sensitivity with this many perturbed copies per image (e.g. 10)")
+    parser.add_argument("--sensitivity-methods", default="gmar-l2",
+                        help="methods explained for the sensitivity cost (comma-separated; 'all' allowed)")
+    parser.add_argument("--sensitivity-only", action="store_true", help="only the sensitivity cost")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repeats of the sensitivity cost (median)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,6 +180,23 @@ def main(argv=None) -> int:
     model, x, maps, targets, source, images = load(args.device, args.images)
     report = {"model": source, "images": images, "steps": args.steps, "device": args.device,
               "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "torch": torch.__version__}
+
+    if args.sensitivity_samples:
+        from vitlens.methods import parse_methods
+
+        for spec in args.sensitivity_methods.split(";"):
+            methods = parse_methods(spec, model)
+            one, sens, ratio = run_sensitivity_cost(model, x, targets, methods, args.sensitivity_samples, 16,
+                                                    args.repeats, args.device)
+            report.setdefault("sensitivity", []).append(
+                {"methods": methods, "samples": args.sensitivity_samples, "images": x.shape[0],
+                 "explain_s": one, "max_sensitivity_s": sens, "ratio": ratio})
+            print(f"max-sensitivity, {args.sensitivity_samples} samples/image, {x.shape[0]} images, "
+                  f"{','.join(methods)}: {sens:.1f} s vs one explanation {one:.1f} s -> {ratio:.2f}x", flush=True)
+        if args.sensitivity_only:
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+            return 0
 
     sync(args.device)
     start = time.perf_counter()

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="faithfulness",
                    help="comma-separated metrics or groups: faithfulness, localisation, all, deletion, insertion, "
                         "pos_perturbation, neg_perturbation, drop_increase, pointing_game, energy_in_box, "
-                        "segmentation, sanity (default: %(default)s)")
+                        "segmentation, sanity, sensitivity, specificity, two_object (default: %(default)s)")
     p.add_argument("--metric-param", action="append", metavar="METRIC.NAME=VALUE",
                    help="metric parameter, e.g. deletion.steps=10, insertion.baseline=zero (repeatable)")
     p.add_argument("--steps", type=int, help="deletion and insertion steps (default 20)")

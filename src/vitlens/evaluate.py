@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vitlens.errors import InputError, TargetError
-from vitlens.metrics import (BOXES, MASKS, MODEL, RANDOMIZE, MetricError, boxes_to_input, cascading_randomization,
+from vitlens.metrics import (BOXES, MASKS, MODEL, OBJECTS, RANDOMIZE, REEXPLAIN, MetricError, boxes_to_input, cascading_randomization,
                              energy_in_box, get_metric, mask_to_input, mean_ci, parse_metrics, perturbation_metrics,
                              pointing_game, segmentation_scores)
 from vitlens.render.atomic import write_atomic, write_text_atomic
@@ -34,6 +34,10 @@ from vitlens.render.atomic import write_atomic, write_text_atomic
 CI_METHOD = "t"
 PLOTTED = ("deletion", "insertion", "deletion_norm", "insertion_norm", "pos_perturbation", "neg_perturbation",
            "sanity_spearman", "sanity_ssim")
+#: bar charts (mean and 95 % CI per method) of metric values without curves
+BARS = {"sensitivity": ("max_sensitivity", "avg_sensitivity"), "lipschitz": ("lipschitz",),
+        "specificity": ("contrast_rank_2nd", "contrast_rank_random", "contrast_l1_2nd", "contrast_l1_random"),
+        "two_object": ("object_share", "object_contrast")}
 
 
 @dataclass
@@ -44,16 +48,25 @@ class EvalSummary:
     rows: list = field(default_factory=list)
     files: dict = field(default_factory=dict)
     forwards: int = 0
+    reexplained: int = 0  # images explained again by sensitivity / specificity (perturbed copies, other targets)
 
 
 # ------------------------------------------------------------------------------------------ checks
-def check_requirements(samples: list, metrics: list, masks_dir=None, source: str = "the inputs") -> None:
+def check_requirements(samples: list, metrics: list, masks_dir=None, source: str = "the inputs",
+                       metric_params: dict | None = None) -> None:
     """One-line errors for metrics the data cannot support (boxes, masks)."""
     for name in metrics:
         needs = get_metric(name).needs
         if BOXES in needs and not any(s.boxes for s in samples):
             raise MetricError(f"metric '{name}' needs object boxes, and {source} have none "
                               "(use a dataset with boxes: tinyimagenet:PATH or cub200:PATH)")
+        if OBJECTS in needs:
+            options = (metric_params or {}).get(name, {})
+            if not options.get("objects"):
+                raise MetricError(f"metric '{name}' needs labelled objects: give --metric-param {name}.objects=FILE "
+                                  "(JSON: image file name -> [[class, x0, y0, x1, y1], ...] in original pixels)")
+            if not Path(options["objects"]).is_file():
+                raise InputError(f"objects file '{options['objects']}' does not exist")
         if MASKS in needs:
             if masks_dir is None:
                 raise MetricError(f"metric '{name}' needs segmentation masks: give --masks DIR "
@@ -69,6 +82,19 @@ def _single_target(target):
     if isinstance(target, (list, tuple)):
         raise TargetError("evaluate explains one class per image: give pred, label, or one class index/name")
     return target
+
+
+def load_objects(path) -> dict:
+    """``{image file name or key: [[class, x0, y0, x1, y1], ...]}`` (original-image pixels) -> name -> [LabelledBox]."""
+    from vitlens.metrics.specificity import LabelledBox
+
+    try:
+        data = json.loads(Path(path).read_text())
+        return {str(name): [LabelledBox(int(o[0]), tuple(float(v) for v in o[1:5])) for o in objects]
+                for name, objects in data.items()}
+    except (ValueError, TypeError, IndexError, AttributeError) as error:
+        raise InputError(f"objects file '{path}' must map image names to [[class, x0, y0, x1, y1], ...]: {error}") \
+            from None
 
 
 def _load_mask(masks_dir, sample) -> torch.Tensor | None:
@@ -120,6 +146,57 @@ class BatchScorer:
         self.masks_dir = masks_dir
         self.sample_index = sample_index or {}
         self.forwards = 0
+        self.reexplained = 0
+        objects_file = self.options.get("two_object", {}).get("objects")
+        self.objects = load_objects(objects_file) if objects_file else {}
+
+    def _first(self, samples, limit) -> list:
+        """Indices of the batch's samples among the first ``limit`` of the run (all when None)."""
+        return [b for b, s in enumerate(samples) if limit is None or self.sample_index.get(s.key, 0) < limit]
+
+    def _reexplain(self, samples, result, x, targets, maps, values, input_size) -> None:
+        from vitlens.metrics.sensitivity import Explainer, sensitivity
+        from vitlens.metrics.specificity import LabelledBox, class_contrast, two_object_share
+
+        explainer = Explainer(self.model, self.methods, self.params, batch_size=min(self.batch_size, 32))
+        stats: dict = {}
+        if "sensitivity" in self.metrics:
+            opt = self.options["sensitivity"]
+            chosen = self._first(samples, opt["limit"])
+            if chosen:
+                out = sensitivity(x[chosen], targets[chosen], explainer, maps={m: maps[m][chosen] for m in self.methods},
+                                  radius=float(opt["radius"]), samples=int(opt["samples"]), norm=opt["norm"],
+                                  seed=self.seed, batch_size=self.batch_size, stats=stats)
+                for m in self.methods:
+                    for j, b in enumerate(chosen):
+                        for key in ("max_sensitivity", "avg_sensitivity", "lipschitz"):
+                            values[b][m][key] = float(out[m][key][j])
+        if "specificity" in self.metrics:
+            chosen = self._first(samples, self.options["specificity"]["limit"])
+            if chosen:
+                out = class_contrast(x[chosen], targets[chosen], explainer, logits=result.probabilities[chosen],
+                                     seed=self.seed, stats=stats)
+                for m in self.methods:
+                    for j, b in enumerate(chosen):
+                        for key, tensor in out[m].items():
+                            values[b][m][key] = float(tensor[j])
+        if "two_object" in self.metrics:
+            objects = []
+            for b, s in enumerate(samples):
+                found = self.objects.get(Path(s.path).name, self.objects.get(s.key, []))
+                crop = result.inputs[b].crop_box or (0, 0, input_size[1], input_size[0])
+                placed = []
+                for o in found:
+                    box = boxes_to_input([o.box], crop, input_size)
+                    if box:
+                        placed.append(LabelledBox(o.label, box[0]))
+                objects.append(placed)
+            out = two_object_share(x, objects, explainer, stats=stats)
+            for m in self.methods:
+                for b in range(len(samples)):
+                    for key, tensor in out.get(m, {}).items():
+                        values[b][m][key] = float(tensor[b])
+        self.reexplained += stats.get("explained", 0)
 
     def __call__(self, samples, result) -> list:
         B = len(samples)
@@ -181,6 +258,9 @@ class BatchScorer:
                         for key, tensor in scores.items():
                             values[b][m][f"seg_{key}"] = float(tensor[j])
 
+        if any(REEXPLAIN in get_metric(n).needs for n in self.metrics):
+            self._reexplain(samples, result, x, targets, maps, values, input_size)
+
         if "sanity" in self.metrics:
             limit = self.options["sanity"]["images"]
             chosen = [b for b, s in enumerate(samples) if self.sample_index.get(s.key, 0) < limit]
@@ -213,7 +293,7 @@ def value_order(metrics: list) -> list:
 
 
 def better(value_name: str):
-    for spec in (get_metric(m) for m in parse_metrics("all") + ["segmentation"]):
+    for spec in (get_metric(m) for m in parse_metrics("all") + ["segmentation", "two_object"]):
         if value_name in spec.values:
             return spec.values[value_name]
     return None
@@ -314,6 +394,51 @@ def write_tables(out: Path, rows: list, curves: dict, methods: list, metrics: li
     md.append(table["note"])
     files["md"] = write_text_atomic(out / "metrics.md", "\n".join(md) + "\n")
     files.update(plot_curves(out / "plots", curves))
+    files.update(plot_bars(out / "plots", rows, methods))
+    return files
+
+
+def plot_bars(folder: Path, rows: list, methods: list) -> dict:
+    """One PNG per group of :data:`BARS` present in ``rows``: per method the mean with its 95 % CI."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    files = {}
+    cell = {(r["method"], r["metric"]): r for r in rows}
+    for name, values in BARS.items():
+        present = [v for v in values if any((m, v) in cell for m in methods)]
+        if not present:
+            continue
+        shown = [m for m in methods if any((m, v) in cell for v in present)]
+        fig = Figure(figsize=(max(6.4, 0.55 * len(shown) * len(present) + 2), 4.2), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        palette = matplotlib.colormaps["tab10"]
+        width = 0.8 / len(present)
+        for k, value in enumerate(present):
+            xs, means, errs = [], [], []
+            for i, m in enumerate(shown):
+                row = cell.get((m, value))
+                if row is None or math.isnan(row["mean"]):
+                    continue
+                half = 0.0 if math.isnan(row["ci_high"]) else (row["ci_high"] - row["ci_low"]) / 2
+                xs.append(i + (k - (len(present) - 1) / 2) * width)
+                means.append(row["mean"])
+                errs.append(half)
+            ax.bar(xs, means, width=width, yerr=errs, capsize=2, label=value, color=palette(k % palette.N))
+        ax.set_xticks(range(len(shown)))
+        ax.set_xticklabels(shown, rotation=45, ha="right", fontsize=8)
+        flag = better(present[0])
+        ax.set_ylabel({True: "higher is better", False: "lower is better"}.get(flag, "value"))
+        ax.set_title(f"{name.replace('_', ' ')} (mean, 95 % CI)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.png"
+        write_atomic(path, lambda fh, fig=fig: fig.savefig(fh, format="png"))
+        files[name] = path
     return files
 
 
@@ -439,7 +564,7 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
     if granularity not in ("pixel", "patch"):
         raise MetricError(f"unknown granularity '{granularity}': choose pixel or patch")
     target = _single_target(target)
-    check_requirements(samples, metric_names, masks_dir, source)
+    check_requirements(samples, metric_names, masks_dir, source, metric_params)
     if RANDOMIZE in set().union(*(get_metric(n).needs for n in metric_names)) and not hasattr(model, "module"):
         raise MetricError("the sanity check needs a vitlens model adapter")
     settings = {"evaluate": {"metrics": options, "seed": seed, "granularity": granularity,
@@ -459,10 +584,10 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     if html:
         report = write_report(out)
-        _add_plots_to_report(report, {k: v for k, v in files.items() if k in PLOTTED}, out)
+        _add_plots_to_report(report, {k: v for k, v in files.items() if k in PLOTTED or k in BARS}, out)
         files["report"] = report
         run.report = report
-    return EvalSummary(run=run, rows=rows, files=files, forwards=scorer.forwards)
+    return EvalSummary(run=run, rows=rows, files=files, forwards=scorer.forwards, reexplained=scorer.reexplained)
 
 
 __all__ = ["BatchScorer", "EvalSummary", "aggregate", "check_requirements", "run_evaluate", "wide_table",

@@ -17,12 +17,16 @@ from vitlens.metrics.perturbation import (BASELINES, PerturbationBatch, baseline
                                           insertion, negative_perturbation, perturbation_metrics, positive_perturbation,
                                           trapezoid, unit_ranks)
 from vitlens.metrics.sanity import SanityResult, cascading_randomization, randomization_stages, spearman, ssim
+from vitlens.metrics.sensitivity import Explainer, sensitivity
+from vitlens.metrics.specificity import CATDOG, LabelledBox, class_contrast, object_share, two_object_share
 from vitlens.metrics.stats import Interval, mean_ci
 
 MODEL = "model"  # forwards of perturbed images through the model
 BOXES = "boxes"
 MASKS = "masks"
 RANDOMIZE = "randomize"  # re-explains with randomised copies of the model
+REEXPLAIN = "reexplain"  # re-explains perturbed inputs or other target classes with the same model
+OBJECTS = "objects"  # two labelled objects per image (metric parameter ``objects``: a JSON file)
 
 
 class MetricError(VitlensError):
@@ -89,6 +93,16 @@ def _check_value(key: str, value) -> str | None:
         return "must be a whole number >= 0"
     if key == "max_stages" and value is not None and not whole(value, 1):
         return "must be a whole number >= 1 (or null)"
+    if key == "limit" and value is not None and not whole(value, 1):
+        return "must be a whole number >= 1 (or null: every image)"
+    if key == "samples" and not whole(value, 1):
+        return "must be a whole number >= 1"
+    if key == "radius" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1):
+        return "must be in (0, 1] (pixel values are in [0, 1])"
+    if key == "norm" and value not in ("rms", "relative"):
+        return "must be rms or relative"
+    if key == "objects" and value is not None and not isinstance(value, str):
+        return "must be the path of a JSON file"
     return None
 
 
@@ -129,11 +143,27 @@ _register(MetricSpec("sanity", frozenset({RANDOMIZE}),
                      "cascading randomisation (Adebayo et al. 2018): similarity to the original maps; lower = the "
                      "method depends on the model"))
 
+_register(MetricSpec("sensitivity", frozenset({REEXPLAIN}),
+                     {"max_sensitivity": False, "avg_sensitivity": False, "lipschitz": False}, (),
+                     {"samples": 10, "radius": 0.05, "norm": "rms", "limit": None},
+                     "Yeh et al. 2019: largest / mean RMS change of the [0, 1] map under uniform pixel noise of "
+                     "L-inf radius r, and the local Lipschitz estimate; lower is more robust"))
+_register(MetricSpec("specificity", frozenset({REEXPLAIN}),
+                     {"contrast_rank_2nd": True, "contrast_l1_2nd": True, "contrast_rank_random": True,
+                      "contrast_l1_random": True}, (), {"limit": None},
+                     "class contrast: 1 - Spearman and mean |difference| between the map of the explained class "
+                     "and of the 2nd-ranked / a random other class; 0 = the map ignores the target"))
+_register(MetricSpec("two_object", frozenset({REEXPLAIN, OBJECTS}), {"object_share": True, "object_contrast": True},
+                     (), {"objects": None},
+                     "two objects of different classes: share of the relevance on the explained object "
+                     "(0.5 = target-independent) and its shift when the target changes (0 = independent)"))
+
 GROUPS = {
     "faithfulness": ("deletion", "insertion", "pos_perturbation", "neg_perturbation", "drop_increase"),
     "localisation": ("pointing_game", "energy_in_box"),
     "all": ("deletion", "insertion", "pos_perturbation", "neg_perturbation", "drop_increase", "pointing_game",
-            "energy_in_box", "sanity"),
+            "energy_in_box", "sanity", "sensitivity", "specificity"),
+    "robustness_specificity": ("sensitivity", "specificity"),
 }
 
 
@@ -166,6 +196,15 @@ def parse_metrics(metrics) -> list[str]:
 
 __all__ = [
     "BASELINES",
+    "CATDOG",
+    "Explainer",
+    "LabelledBox",
+    "OBJECTS",
+    "REEXPLAIN",
+    "class_contrast",
+    "object_share",
+    "sensitivity",
+    "two_object_share",
     "BOXES",
     "GROUPS",
     "Interval",
