@@ -56,6 +56,16 @@ def _ensure_registered() -> None:
     _registered = True
 
 
+def attention_configs(module: nn.Module) -> list:
+    """The distinct Hugging Face config objects of a model's submodules (they select the attention)."""
+    seen = {}
+    for m in module.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            seen[id(cfg)] = cfg
+    return list(seen.values())
+
+
 def is_hf_vit(module: nn.Module) -> bool:
     return type(module).__name__ in SUPPORTED and hasattr(module, "config")
 
@@ -121,12 +131,7 @@ class HFViT(ExplainableModel):
         return self.module.classifier(normed[:, 0])
 
     def _configs(self):
-        seen = {}
-        for m in self.module.modules():
-            cfg = getattr(m, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                seen[id(cfg)] = cfg
-        return list(seen.values())
+        return attention_configs(self.module)
 
     @contextlib.contextmanager
     def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:

@@ -386,12 +386,9 @@ class TextModel(ExplainableModel):
         return self.readout(num_tokens, device, dtype)
 
     def _configs(self) -> list:
-        seen = {}
-        for m in self.module.modules():
-            cfg = getattr(m, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                seen[id(cfg)] = cfg
-        return list(seen.values())
+        from vitlens.models.hf_vit import attention_configs
+
+        return attention_configs(self.module)
 
     @contextlib.contextmanager
     def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
