@@ -110,14 +110,12 @@ def get_method(name: str) -> MethodSpec:
         raise MethodError(f"unknown method '{name}': choose from {', '.join(REGISTRY)}") from None
 
 
-def parse_methods(methods, model=None) -> list[str]:
+def expand_methods(methods, everything, check=None) -> list[str]:
     """``'all'``, a comma-separated string or a list -> validated method names (order kept, no repeats).
 
-    With a ``model``, ``all`` means the methods that apply to it and a method that needs attention
-    is refused for a model without any (a CNN).
+    ``everything`` is what ``all`` expands to; ``check(name, spec)`` may raise for a method the
+    model cannot run.
     """
-    has_attention = getattr(model, "has_attention", True)
-    everything = DEFAULT_METHODS if has_attention else CNN_METHODS
     if methods is None:
         methods = "all"
     if isinstance(methods, str):
@@ -129,16 +127,31 @@ def parse_methods(methods, model=None) -> list[str]:
             continue
         for expanded in (everything if name == "all" else (name,)):
             spec = get_method(expanded)
-            if not has_attention and (ATTENTIONS in spec.needs or LAYER_GRADIENTS in spec.needs or LRP in spec.needs):
-                raise MethodError(
-                    f"method '{expanded}' needs attention maps, which this {type(model.module).__name__} does not "
-                    f"have: use {', '.join(CNN_METHODS)}"
-                )
+            if check is not None:
+                check(expanded, spec)
             if expanded not in names:
                 names.append(expanded)
     if not names:
         raise MethodError("no methods given")
     return names
+
+
+def parse_methods(methods, model=None) -> list[str]:
+    """Method names for an image model: see :func:`expand_methods`.
+
+    With a ``model``, ``all`` means the methods that apply to it and a method that needs attention
+    is refused for a model without any (a CNN).
+    """
+    has_attention = getattr(model, "has_attention", True)
+
+    def check(name, spec):
+        if not has_attention and (ATTENTIONS in spec.needs or LAYER_GRADIENTS in spec.needs or LRP in spec.needs):
+            raise MethodError(
+                f"method '{name}' needs attention maps, which this {type(model.module).__name__} does not "
+                f"have: use {', '.join(CNN_METHODS)}"
+            )
+
+    return expand_methods(methods, DEFAULT_METHODS if has_attention else CNN_METHODS, check)
 
 
 __all__ = [
@@ -153,6 +166,7 @@ __all__ = [
     "LRP",
     "MethodSpec",
     "REGISTRY",
+    "expand_methods",
     "get_method",
     "minmax",
     "parse_methods",

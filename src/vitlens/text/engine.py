@@ -41,7 +41,7 @@ from vitlens.engine import _grads, plan, resolve_targets
 from vitlens.errors import MethodError
 from vitlens.lrp import LRPConfig, LRPRecorder, lrp_rules
 from vitlens.lrp.rules import uniform_mul
-from vitlens.methods import ATTENTIONS, GRADIENTS, LAYER_GRADIENTS, LRP, Captured, get_method
+from vitlens.methods import ATTENTIONS, GRADIENTS, LAYER_GRADIENTS, LRP, Captured, expand_methods, get_method
 from vitlens.models.capture import AttentionRecorder
 from vitlens.text.adapters import TextBatch, TextModel
 
@@ -61,24 +61,14 @@ def text_params(name: str, overrides: dict | None = None) -> dict:
 
 def parse_text_methods(methods) -> list:
     """'all', a comma-separated string or a list -> validated method names for text models."""
-    if methods is None:
-        methods = "all"
-    if isinstance(methods, str):
-        methods = methods.split(",")
-    names = []
-    for raw in methods:
-        name = raw.strip()
-        if not name:
-            continue
-        for expanded in (TEXT_METHODS if name == "all" else (name,)):
-            spec = get_method(expanded)
-            if not spec.needs <= TEXT_NEEDS:
-                missing = ", ".join(sorted(spec.needs - TEXT_NEEDS))
-                raise MethodError(f"method '{expanded}' is not available for text models yet (it needs {missing}); "
-                                  f"use {', '.join(TEXT_METHODS)}")
-            if expanded not in names:
-                names.append(expanded)
-    return names
+
+    def check(name, spec):
+        if not spec.needs <= TEXT_NEEDS:
+            missing = ", ".join(sorted(spec.needs - TEXT_NEEDS))
+            raise MethodError(f"method '{name}' is not available for text models yet (it needs {missing}); "
+                              f"use {', '.join(TEXT_METHODS)}")
+
+    return expand_methods(methods, TEXT_METHODS, check)
 
 
 @dataclass
