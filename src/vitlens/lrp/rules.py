@@ -30,7 +30,8 @@ STABILIZER = 1e-6
 
 def stabilize(z: torch.Tensor, eps: float = STABILIZER) -> torch.Tensor:
     """z + eps * sign(z), with sign(0) = +1 (zennit's stabiliser)."""
-    return z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+    # copysign rather than torch.where: the same values, an order of magnitude faster on CPU
+    return z + torch.copysign(torch.tensor(eps, dtype=z.dtype, device=z.device), z)
 
 
 def identity_rule(activation: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -73,59 +74,89 @@ def uniform_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a * b.detach()) + 0.5 * (a.detach() * b)
 
 
-def uniform_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b whose relevance is split equally between a and b (half of each operand's gradient)."""
-    return 0.5 * (a @ b.detach()) + 0.5 * (a.detach() @ b)
-
-
-class _Gamma(torch.autograd.Function):
-    """Gamma rule for an affine operation ``op(x, weight, bias)`` (linear or convolution)."""
+class _UniformMatmul(torch.autograd.Function):
+    """a @ b computed once, with half of each operand's ordinary gradient in the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gamma, op):
-        ctx.save_for_backward(x, weight, bias if bias is not None else torch.empty(0))
-        ctx.gamma, ctx.op, ctx.has_bias = gamma, op, bias is not None
-        return op(x, weight, bias)
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a @ b
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
-        gamma, op = ctx.gamma, ctx.op
-        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
-        w_up, w_down = weight + gamma * w_pos, weight + gamma * w_neg
-        b_up = None if bias is None else bias + gamma * bias.clamp(min=0)
-        b_down = None if bias is None else bias + gamma * bias.clamp(max=0)
-        with torch.enable_grad():
-            x_pos = x.clamp(min=0).detach().requires_grad_(True)
-            x_neg = x.clamp(max=0).detach().requires_grad_(True)
-            z = op(x, weight, bias).detach()
-            relevance = grad_out * z
-            # positive outputs: (x+, w_up, b_up) + (x-, w_down); negative: (x+, w_down, b_down) + (x-, w_up)
-            z_pos = [op(x_pos, w_up, b_up), op(x_neg, w_down, None)]
-            z_neg = [op(x_pos, w_down, b_down), op(x_neg, w_up, None)]
-            s_pos = relevance * (z > 0) / stabilize(z_pos[0] + z_pos[1]).detach()
-            s_neg = relevance * (z < 0) / stabilize(z_neg[0] + z_neg[1]).detach()
-            g_pos_a, g_neg_a, g_pos_b, g_neg_b = _grads4(z_pos, z_neg, x_pos, x_neg, s_pos, s_neg)
-        # relevance R_in = x+ (g_pos_a + g_pos_b) + x- (g_neg_a + g_neg_b); as a gradient of x:
-        grad_x = torch.where(x > 0, g_pos_a + g_pos_b, g_neg_a + g_neg_b)
-        return grad_x, None, None, None, None
+        a, b = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = _sum_to(0.5 * (grad_out @ b.transpose(-1, -2)), a.shape)
+        if ctx.needs_input_grad[1]:
+            grad_b = _sum_to(0.5 * (a.transpose(-1, -2) @ grad_out), b.shape)
+        return grad_a, grad_b
 
 
-def _grads4(z_pos, z_neg, x_pos, x_neg, s_pos, s_neg):
-    """Gradients of the four modified outputs w.r.t. the split inputs, in one autograd call."""
-    total = (z_pos[0] * s_pos).sum() + (z_pos[1] * s_pos).sum()
-    g_pos_a, g_neg_a = torch.autograd.grad(total, [x_pos, x_neg])
-    total = (z_neg[0] * s_neg).sum() + (z_neg[1] * s_neg).sum()
-    g_pos_b, g_neg_b = torch.autograd.grad(total, [x_pos, x_neg])
-    return g_pos_a, g_neg_a, g_pos_b, g_neg_b
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a gradient over the batch dimensions an operand was broadcast along."""
+    return grad if grad.shape == shape else grad.sum_to_size(shape)
+
+
+def uniform_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b whose relevance is split equally between a and b (half of each operand's gradient)."""
+    if a.dim() < 2 or b.dim() < 2:
+        return 0.5 * (a @ b.detach()) + 0.5 * (a.detach() @ b)
+    return _UniformMatmul.apply(a, b)
+
+
+class _Gamma(torch.autograd.Function):
+    """Gamma rule for an affine operation ``op(x, weight, bias)`` (linear or convolution).
+
+    Written in closed form so that the backward costs three products with the weight (and no
+    ``torch.where``, slow on CPU) instead of the eight products a literal statement needs. With
+    P = x+ W+, Q = x+ W-, S = x- W+, T = x- W- (all through ``op``) and z = x W + b:
+
+    * A = |x| |W| + |b| = P - Q - S + T + |b| comes from one product, and z = P + Q + S + T + b;
+    * the denominator of a positive output is z + gamma (P + T + b+) = (1 + gamma/2) z + gamma/2 A,
+      that of a negative output z + gamma (Q + S + b-) = (1 + gamma/2) z - gamma/2 A; both have the
+      sign of z and the magnitude D = (1 + gamma/2) |z| + gamma/2 A;
+    * with g the upstream gradient, the per-output factor R/d = g z / d is g |z| / D, and its
+      output-signed version g z / D; the modified input gradient is
+      (1 + gamma/2) (g |z| / D) W + gamma/2 sign(x) (g z / D) |W|.
+
+    Same relevance as the literal rule (zennit's ``Gamma``), checked in float64 against independent
+    statements in tests/lrp/test_gamma_rule.py and tests/lrp/test_lrp_reference.py.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gamma, op, op_input_grad):
+        z = op(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, z)
+        ctx.gamma, ctx.op, ctx.op_input_grad = gamma, op, op_input_grad
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, z = ctx.saved_tensors
+        gamma, op, op_input_grad = ctx.gamma, ctx.op, ctx.op_input_grad
+        abs_weight = weight.abs()
+        spread_sum = op(x.abs(), abs_weight, None if bias is None else bias.abs())  # A
+        abs_z = z.abs()
+        # everything below is divided by (1 + gamma/2), which cancels in the first term
+        magnitude = torch.add(abs_z, spread_sum, alpha=0.5 * gamma / (1 + 0.5 * gamma))
+        factor = grad_out / magnitude.add_(STABILIZER / (1 + 0.5 * gamma))
+        plain = op_input_grad(factor * abs_z, weight, x.shape)
+        spread = op_input_grad(factor * z, abs_weight, x.shape)
+        # sign(0) = 0 is harmless: an input of 0 carries no relevance
+        grad_x = torch.addcmul(plain, x.sign(), spread, value=0.5 * gamma / (1 + 0.5 * gamma))
+        return grad_x, None, None, None, None, None
+
+
+def _linear_input_grad(grad_out, weight, input_shape):
+    return grad_out @ weight
 
 
 def gamma_linear(x, weight, bias, gamma: float):
     """``F.linear`` with the Gamma rule in its backward (gamma 0: the ordinary gradient)."""
     if gamma == 0:
         return F.linear(x, weight, bias)
-    return _Gamma.apply(x, weight, bias, gamma, F.linear)
+    return _Gamma.apply(x, weight, bias, gamma, F.linear, _linear_input_grad)
 
 
 def gamma_conv2d(x, conv: torch.nn.Conv2d, gamma: float):
@@ -136,6 +167,10 @@ def gamma_conv2d(x, conv: torch.nn.Conv2d, gamma: float):
     def op(inp, weight, bias):
         return F.conv2d(inp, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
+    def op_input_grad(grad_out, weight, input_shape):
+        return torch.nn.grad.conv2d_input(input_shape, weight, grad_out, conv.stride, conv.padding,
+                                          conv.dilation, conv.groups)
+
     if gamma == 0:
         return op(x, conv.weight, conv.bias)
-    return _Gamma.apply(x, conv.weight, conv.bias, gamma, op)
+    return _Gamma.apply(x, conv.weight, conv.bias, gamma, op, op_input_grad)
