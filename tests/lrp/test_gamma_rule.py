@@ -97,7 +97,9 @@ def test_linear_with_transposed_view_weight():
 
 @pytest.mark.parametrize("gamma", [0.25, 1.0])
 @pytest.mark.parametrize("conv_kwargs", [
-    dict(kernel_size=4, stride=4),  # a patch embedding
+    dict(kernel_size=4, stride=4),  # a patch embedding (the matrix-product path)
+    dict(kernel_size=(4, 3), stride=(4, 3), bias=False),  # non-square patches
+    dict(kernel_size=5, stride=5),  # does not tile 12 x 12: the transposed-convolution path
     dict(kernel_size=3, stride=2, padding=1, bias=False),
     dict(kernel_size=3, padding=2, dilation=2, groups=2),
 ])
