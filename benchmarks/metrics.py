@@ -6,6 +6,10 @@ perturbed copies per image relative to one explanation of the same batch (``--se
 default ``gmar-l2``; the original maps are given, as ``vitlens evaluate`` does, so the ratio counts
 only the perturbed explanations; median of ``--repeats`` after a warm-up).
 
+Before the metrics it measures the batching ceiling: raw model forwards of ``--batch-size`` copies of
+one image, alone vs in one batch. No batched metric can beat the loop by much more than that ratio,
+so it says whether a speed target is reachable on this device at all (``--skip-ceiling`` to omit).
+
 Usage (from the repository root)::
 
     python benchmarks/metrics.py                      # 64 images, 20 steps, black baseline, CPU
@@ -138,6 +142,23 @@ def run_torchcam(model, x, maps, targets, steps, batch_size):
     return summary["deletion_auc"], summary["insertion_auc"]
 
 
+def batching_ceiling(model, x, batch_size, repeats, device):
+    """The most that batching perturbed copies can gain on this device: one raw model forward of
+    ``batch_size`` copies of an image vs ``batch_size`` forwards of that image alone (same work, no
+    perturbing, no scoring). Returns milliseconds per image for both and their ratio."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _timing import timed
+
+    net = model.module
+    one = x[:1].to(device)
+    batch = one.expand(batch_size, -1, -1, -1).contiguous()
+    with model.eval_mode(), torch.inference_mode():
+        alone = timed(lambda: [net(one) for _ in range(batch_size)], repeats, device)
+        together = timed(lambda: net(batch), repeats, device)
+    per_alone, per_together = 1000 * alone / batch_size, 1000 * together / batch_size
+    return per_alone, per_together, per_alone / per_together
+
+
 def run_sensitivity_cost(model, x, targets, methods, samples, batch_size, repeats, device):
     """Seconds of one explanation of the batch vs max-sensitivity with ``samples`` perturbed copies per image
     (the original maps given, as ``vitlens evaluate`` does), and their ratio."""
@@ -171,7 +192,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sensitivity-methods", default="gmar-l2",
                         help="methods explained for the sensitivity cost (comma-separated; 'all' allowed)")
     parser.add_argument("--sensitivity-only", action="store_true", help="only the sensitivity cost")
-    parser.add_argument("--repeats", type=int, default=1, help="timed repeats of the sensitivity cost (median)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed repeats of the sensitivity cost and of the batching ceiling (median)")
+    parser.add_argument("--skip-ceiling", action="store_true",
+                        help="do not measure the batching ceiling (raw forwards, batch 1 vs --batch-size)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,6 +221,13 @@ def main(argv=None) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
             return 0
+
+    if not args.skip_ceiling:
+        alone, together, ceiling = batching_ceiling(model, x, args.batch_size, args.repeats, args.device)
+        report["forward_ms_per_image"] = {"batch_1": alone, f"batch_{args.batch_size}": together}
+        report["batching_ceiling"] = ceiling
+        print(f"ceiling : a raw forward costs {alone:.1f} ms/image alone and {together:.1f} ms/image in batches of "
+              f"{args.batch_size} -> batching alone can gain at most about {ceiling:.2f}x here", flush=True)
 
     sync(args.device)
     start = time.perf_counter()
