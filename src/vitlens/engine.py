@@ -1,51 +1,117 @@
-"""The one-pass engine: capture what the requested methods need, once per batch, and run them all.
+"""The one engine: capture what the requested methods need, once per batch, and run them all.
 
-For a batch it runs one forward with attention capture, then, per target, at most one backward of
-the target logits to every layer's attention (shared by GMAR, GMAR++ and Chefer) and, for LeGrad,
-one partial backward per layer (each traverses one block and the head). Gradients are taken with
-``torch.autograd.grad`` with respect to the captured attention tensors only, so no parameter
-gradients are computed and the model's ``.grad`` fields are never touched.
+Every kind of input (images here, token sequences in :mod:`vitlens.text.task`) describes one batch
+as an :class:`ExplainTask`: where the gradient starts (the leaf: the images, or the word
+embeddings), the forward, the explained scores, the score a block's output gives (LeGrad), and how
+the captured batch is cut into the views the methods see (the whole image batch at once; one view
+per text sequence, padding removed). :func:`run_task` is the only loop:
+
+1. one forward with attention capture (and, for image tasks, the Grad-CAM target layers hooked);
+2. per target slot, at most one ``torch.autograd.grad`` of the summed target scores with respect to
+   every layer's attention and every Grad-CAM activation (shared by GMAR, GMAR++, Chefer and the
+   Grad-CAM family), and, for LeGrad, one partial backward per requested layer (each traverses one
+   block and the head);
+3. every method function on every view;
+4. methods with a modified backward (AttnLRP / CP-LRP) get one more forward per distinct rule set,
+   inside :func:`vitlens.lrp.lrp_rules`, and one backward per target slot to the leaf.
+
+Gradients are taken with ``torch.autograd.grad`` with respect to the captured tensors (or the leaf)
+only, so no parameter gradient is computed and the model's ``.grad`` fields are never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from vitlens.errors import MethodError, TargetError
 from vitlens.lrp import LRPConfig, LRPRecorder, lrp_rules
 from vitlens.methods import ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, LRP, Captured, get_method, resolve_layers
-from vitlens.models.base import ExplainableModel
+from vitlens.models.base import ExplainableModel, ImageModel
 from vitlens.models.capture import AttentionRecorder
+from vitlens.models.layers import find_module
 
 
-@dataclass
-class BatchResult:
-    """Everything one batch produced.
+class ExplainTask:
+    """One batch of one kind of input, as the engine sees it.
+
+    A subclass fills in the five methods below; Grad-CAM is an optional capability
+    (:meth:`default_cam_layers` / :meth:`cam_spatial`), available where a task has spatial layers.
 
     Attributes
     ----------
-    logits : Tensor
-        (B, classes), detached.
-    targets : LongTensor
-        (B, K) target classes, K = number of targets per image (1, or k for top-k).
-    patch_maps : dict
-        method name -> (B, K, h, w) raw (un-normalised) patch maps; signed (B, K, H, W) pixel
-        relevance for LRP methods.
-    grid : (int, int)
-    input_size : (int, int)
-    extras : dict
-        method name -> per-target diagnostics (LRP: ``relevance_sum`` and ``target_logit``, (B, K)).
+    model : ExplainableModel
+    targets : LongTensor or None
+        (B, K) explained classes once resolved (None for tasks that explain another scalar).
+    num_views : int
+        How many views :meth:`views` returns (the methods' outputs are collected per view).
+    keep_attentions : bool
+        Capture attention even when no method needs it (text attention views).
     """
 
-    logits: torch.Tensor
-    targets: torch.Tensor
-    patch_maps: dict
-    grid: tuple
-    input_size: tuple
-    extras: dict = field(default_factory=dict)
+    model: ExplainableModel
+    targets: torch.Tensor | None = None
+    num_views: int = 1
+    keep_attentions: bool = False
+
+    def leaf(self) -> torch.Tensor:
+        """The batch input the gradients start from, as a fresh detached tensor."""
+        raise NotImplementedError
+
+    def forward(self, leaf: torch.Tensor) -> torch.Tensor:
+        """Run the model from the leaf; returns its output (logits, or hidden states)."""
+        raise NotImplementedError
+
+    def scores(self, output: torch.Tensor, lrp: bool = False) -> torch.Tensor:
+        """(B, K) explained scalars on the graph, one column per target slot; resolves the targets on the
+        first call. ``lrp`` asks for the form a modified-backward pass differentiates."""
+        raise NotImplementedError
+
+    def layer_score(self, hidden: torch.Tensor, pool: str, slot: int) -> torch.Tensor:
+        """The slot's target score read out of one block's output, summed over the batch (LeGrad)."""
+        raise NotImplementedError
+
+    def views(self, captured: Captured) -> list:
+        """The batch-level capture -> one :class:`Captured` per view, ready for the method functions."""
+        raise NotImplementedError
+
+    def lrp_views(self, leaf: torch.Tensor, grad: torch.Tensor, key: tuple) -> list:
+        """The leaf and its modified gradient -> one :class:`Captured` per view (``input_relevance[key]``)."""
+        raise NotImplementedError
+
+    # --- optional: Grad-CAM ----------------------------------------------------------------------
+    def default_cam_layers(self) -> list:
+        raise MethodError("Grad-CAM methods need spatial layers, which this kind of input does not have")
+
+    def cam_spatial(self, activation: torch.Tensor, layer: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class PassResult:
+    """What :func:`run_task` produced for one batch.
+
+    Attributes
+    ----------
+    output : Tensor
+        The model output of the first pass, detached.
+    values : Tensor
+        (B, K) explained scalars, detached.
+    maps : dict
+        method -> list over views of the list over target slots of the method's output.
+    lrp_values : dict
+        LRP method -> (B, K) explained scalars of its own (rule-modified) pass.
+    attentions : list or None
+        The captured attention probabilities (detached), when the shared pass captured any.
+    """
+
+    output: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    maps: dict = field(default_factory=dict)
+    lrp_values: dict = field(default_factory=dict)
+    attentions: list | None = None
 
 
 def plan(methods: dict, num_layers: int, default_cam_layers=()) -> tuple[set, set, list]:
@@ -71,6 +137,130 @@ def plan(methods: dict, num_layers: int, default_cam_layers=()) -> tuple[set, se
                 requested = [part.strip() for part in requested.split(",") if part.strip()]
             cam_layers.extend(n for n in requested if n not in cam_layers)
     return needs, layer_requests, cam_layers
+
+
+def run_task(task: ExplainTask, methods: dict) -> PassResult:
+    """Run every requested method on one batch: the shared pass, then one pass per LRP rule set.
+
+    Parameters
+    ----------
+    task : ExplainTask
+    methods : dict
+        method name -> resolved parameter dict.
+    """
+    lrp_methods = {n: p for n, p in methods.items() if LRP in get_method(n).needs}
+    shared_methods = {n: p for n, p in methods.items() if n not in lrp_methods}
+    result = PassResult(maps={name: [[] for _ in range(task.num_views)] for name in methods})
+    if shared_methods or not lrp_methods or task.keep_attentions:
+        _shared_pass(task, shared_methods, result)
+    # LRP changes the backward of the whole model: one extra pass per distinct rule set
+    by_config: dict = {}
+    for name, params in lrp_methods.items():
+        by_config.setdefault((name, params["conv_gamma"], params["lin_gamma"]), []).append(name)
+    for key, names in by_config.items():
+        _lrp_pass(task, LRPConfig(*key), key, {n: methods[n] for n in names}, result)
+    return result
+
+
+def _shared_pass(task: ExplainTask, methods: dict, result: PassResult) -> None:
+    """One forward (+ one backward per target) shared by every method without a modified backward."""
+    model = task.model
+    default_cam = task.default_cam_layers() if any(CAM in get_method(m).needs for m in methods) else []
+    needs, layer_requests, cam_names = plan(methods, model.num_layers, default_cam)
+    want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM} & needs)
+    capture = ATTENTIONS in needs or task.keep_attentions
+    with model.eval_mode(), torch.set_grad_enabled(want_gradients), contextlib.ExitStack() as stack:
+        recorder = AttentionRecorder(keep_block_outputs=LAYER_GRADIENTS in needs)
+        if capture:
+            stack.enter_context(model.capture(recorder))
+        activations = _hook_layers(model, cam_names, stack)
+        leaf = task.leaf()
+        if want_gradients:
+            leaf.requires_grad_(True)  # a graph even when the user froze every parameter
+        output = task.forward(leaf)
+        stack.close()  # the model is back to normal before any method runs
+        if capture and len(recorder.attentions) != model.num_layers:
+            raise RuntimeError(f"captured {len(recorder.attentions)} attention maps for {model.num_layers} layers")
+        values = task.scores(output)
+        result.output, result.values = output.detach(), values.detach()
+        attentions = [a.detach() for a in recorder.attentions]
+        result.attentions = attentions if capture else None
+        missing = [name for name in cam_names if name not in activations]
+        if missing:
+            raise MethodError(f"target layer '{missing[0]}' is not used by the model's forward pass")
+        cam_inputs = [activations[name] for name in cam_names]
+        spatial_acts = {name: task.cam_spatial(act.detach(), name) for name, act in zip(cam_names, cam_inputs)}
+        for slot in range(values.shape[1] if methods else 0):
+            gradients, cam = None, {}
+            shared = (recorder.attentions if GRADIENTS in needs else []) + cam_inputs
+            if shared:
+                # one backward for every method that needs d(target score)/d(something)
+                grads = _grads(values[:, slot].sum(), shared)
+                if GRADIENTS in needs:
+                    gradients = grads[:len(recorder.attentions)]
+                for name, grad in zip(cam_names, grads[len(shared) - len(cam_inputs):]):
+                    cam[name] = (spatial_acts[name], task.cam_spatial(grad, name))
+            layer_gradients = {}
+            for pool, layer in sorted(layer_requests):
+                score = task.layer_score(recorder.block_outputs[layer], pool, slot)
+                layer_gradients[(pool, layer)] = _grads(score, [recorder.attentions[layer]])[0]
+            captured = Captured(attentions, gradients, None, model.num_prefix_tokens, (0, 0), layer_gradients,
+                                cam, list(default_cam))
+            for view, view_captured in enumerate(task.views(captured)):
+                for name, params in methods.items():
+                    result.maps[name][view].append(get_method(name).function(view_captured, **params).detach())
+        del recorder
+
+
+def _lrp_pass(task: ExplainTask, config: LRPConfig, key: tuple, methods: dict, result: PassResult) -> None:
+    """A forward with LRP rules from the leaf, one backward per target slot, the LRP methods on every view.
+
+    Targets resolved by an earlier pass over the same batch are kept, so every method explains the
+    same scores.
+    """
+    model = task.model
+    with model.eval_mode(), torch.enable_grad():
+        leaf = task.leaf().requires_grad_(True)
+        recorder = LRPRecorder(config)
+        with lrp_rules(model.module, config), model.capture(recorder):
+            output = task.forward(leaf)
+        values = task.scores(output, lrp=True)
+        if result.values is None:
+            result.output, result.values = output.detach(), values.detach()
+        for slot in range(values.shape[1]):
+            grad = _grads(values[:, slot].sum(), [leaf])[0]
+            for view, captured in enumerate(task.lrp_views(leaf.detach(), grad, key)):
+                for name, params in methods.items():
+                    result.maps[name][view].append(get_method(name).function(captured, **params).detach())
+        for name in methods:
+            result.lrp_values[name] = values.detach()
+        del recorder
+
+
+def _hook_layers(model: ExplainableModel, names: list, stack: contextlib.ExitStack) -> dict:
+    """Record the outputs of the named modules during the forward (hooks removed with ``stack``).
+
+    The hook hands a copy downstream, so a later in-place operation (``ReLU(inplace=True)``) cannot
+    modify the tensor we differentiate with respect to.
+    """
+    outputs: dict = {}
+    valid = model.spatial_layer_names() if names else []
+    for name in names:
+        module = find_module(model.module, name, valid)
+
+        def hook(mod, inputs, output, name=name):
+            if not isinstance(output, torch.Tensor):
+                raise MethodError(f"target layer '{name}' does not output a tensor: choose one of {', '.join(valid[-8:])}")
+            outputs[name] = output
+            return output.clone()
+
+        stack.callback(module.register_forward_hook(hook).remove)
+    return outputs
+
+
+def _grads(score: torch.Tensor, tensors: list) -> list:
+    grads = torch.autograd.grad(score, tensors, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(tensors, grads)]
 
 
 def resolve_targets(model: ExplainableModel, logits: torch.Tensor, target) -> torch.Tensor:
@@ -114,148 +304,100 @@ def resolve_targets(model: ExplainableModel, logits: torch.Tensor, target) -> to
     raise TargetError(f"cannot use {type(target).__name__} as a target: give an index, a name, 'pred' or 'topK'")
 
 
-def run_batch(model: ExplainableModel, x: torch.Tensor, methods: dict, target=None) -> BatchResult:
-    """Explain one preprocessed batch with every requested method.
+# ------------------------------------------------------------------------------------------ images
+class ImageTask(ExplainTask):
+    """A batch of preprocessed images (B, 3, H, W): the methods see the whole batch as one view.
+
+    Targets are class logits; the gradient starts from the pixels; rollout-style maps are read with
+    the model's own token readout on its patch grid; Grad-CAM reads any spatial layer.
+    """
+
+    def __init__(self, model: ImageModel, x: torch.Tensor, target=None):
+        model.check_input(x)
+        self.model, self.x, self.target = model, x, target
+        self.input_size = tuple(x.shape[-2:])
+        # baselines need a grid on models without attention too: a 16-pixel grid, like a ViT's patches
+        self.grid = model.grid(self.input_size) if model.has_attention \
+            else (self.input_size[0] // 16, self.input_size[1] // 16)
+        self.targets = None
+
+    def leaf(self):
+        return self.x.detach()
+
+    def forward(self, leaf):
+        return self.model.logits(leaf)
+
+    def scores(self, output, lrp=False):
+        if self.targets is None:
+            self.targets = resolve_targets(self.model, output.detach(), self.target)
+        return output.gather(1, self.targets)
+
+    def layer_score(self, hidden, pool, slot):
+        return self.model.layer_logits(hidden, pool).gather(1, self.targets[:, slot:slot + 1]).sum()
+
+    def views(self, captured):
+        readout = None
+        if captured.attentions:
+            first = captured.attentions[0]
+            readout = self.model.readout_weights(first.shape[-1], device=first.device, dtype=first.dtype)
+        return [replace(captured, readout=readout, grid=self.grid, inputs=self.x.detach())]
+
+    def lrp_views(self, leaf, grad, key):
+        return [Captured([], None, None, self.model.num_prefix_tokens, self.grid, inputs=leaf,
+                         input_relevance={key: (leaf, grad)})]
+
+    def default_cam_layers(self):
+        return self.model.default_cam_layers()
+
+    def cam_spatial(self, activation, layer):
+        return self.model.cam_spatial(activation, self.grid, layer)
+
+
+@dataclass
+class BatchResult:
+    """Everything one image batch produced.
+
+    Attributes
+    ----------
+    logits : Tensor
+        (B, classes), detached.
+    targets : LongTensor
+        (B, K) target classes, K = number of targets per image (1, or k for top-k).
+    patch_maps : dict
+        method name -> (B, K, h, w) raw (un-normalised) patch maps; signed (B, K, H, W) pixel
+        relevance for LRP methods.
+    grid : (int, int)
+    input_size : (int, int)
+    extras : dict
+        method name -> per-target diagnostics (LRP: ``relevance_sum`` and ``target_logit``, (B, K)).
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    patch_maps: dict
+    grid: tuple
+    input_size: tuple
+    extras: dict = field(default_factory=dict)
+
+
+def run_batch(model: ImageModel, x: torch.Tensor, methods: dict, target=None) -> BatchResult:
+    """Explain one preprocessed image batch with every requested method.
 
     Parameters
     ----------
-    model : ExplainableModel
+    model : ImageModel
     x : Tensor
         (B, 3, H, W) preprocessed images on the model's device.
     methods : dict
         method name -> resolved parameter dict.
     target : see :func:`resolve_targets`.
     """
-    model.check_input(x)
-    input_size = tuple(x.shape[-2:])
-    # baselines need a grid on CNNs too: a 16-pixel grid, like a ViT's patches
-    grid = model.grid(input_size) if model.has_attention else (input_size[0] // 16, input_size[1] // 16)
-    lrp_methods = {n: p for n, p in methods.items() if LRP in get_method(n).needs}
-    shared_methods = {n: p for n, p in methods.items() if n not in lrp_methods}
-    logits = targets = None
-    patch_maps: dict = {}
-    extras: dict = {}
-    if shared_methods or not lrp_methods:
-        logits, targets, patch_maps = _shared_pass(model, x, shared_methods, target, grid)
-    # LRP changes the backward of the whole model: one extra pass per distinct rule set
-    by_config: dict = {}
-    for name, params in lrp_methods.items():
-        by_config.setdefault((name, params["conv_gamma"], params["lin_gamma"]), []).append(name)
-    for (variant, conv_gamma, lin_gamma), names in by_config.items():
-        config = LRPConfig(variant, conv_gamma, lin_gamma)
-        lrp_logits, targets, pairs = _lrp_pass(model, x, config, target, targets)
-        logits = lrp_logits if logits is None else logits
-        for name in names:
-            maps, sums = [], []
-            for slot, pair in enumerate(pairs):
-                captured = Captured([], None, None, model.num_prefix_tokens, grid, inputs=x.detach(),
-                                    input_relevance={(variant, conv_gamma, lin_gamma): pair})
-                relevance = get_method(name).function(captured, **methods[name]).detach()
-                maps.append(relevance)
-                sums.append(relevance.flatten(1).sum(1))
-            patch_maps[name] = torch.stack(maps, dim=1)
-            extras[name] = {"relevance_sum": torch.stack(sums, dim=1),
-                            "target_logit": lrp_logits.gather(1, targets).detach()}
-    ordered = {name: patch_maps[name] for name in methods}
-    return BatchResult(logits, targets, ordered, grid, input_size, extras)
+    task = ImageTask(model, x, target)
+    result = run_task(task, methods)
+    patch_maps = {name: torch.stack(result.maps[name][0], dim=1) for name in methods}
+    extras = {name: {"relevance_sum": patch_maps[name].flatten(2).sum(2), "target_logit": values}
+              for name, values in result.lrp_values.items()}
+    return BatchResult(result.output, task.targets, patch_maps, task.grid, task.input_size, extras)
 
 
-def _shared_pass(model, x, methods, target, grid):
-    """One forward (+ one backward per target) shared by every non-LRP method."""
-    default_cam = model.default_cam_layers() if any(CAM in get_method(m).needs for m in methods) else []
-    needs, layer_requests, cam_names = plan(methods, model.num_layers, default_cam)
-    want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM} & needs)
-    with model.eval_mode(), torch.set_grad_enabled(want_gradients), contextlib.ExitStack() as stack:
-        if want_gradients:
-            # keeps a graph even when the user froze the parameters
-            x = x.detach().requires_grad_(True)
-        recorder = AttentionRecorder(keep_block_outputs=LAYER_GRADIENTS in needs)
-        if ATTENTIONS in needs:
-            stack.enter_context(model.capture(recorder))
-        activations = _hook_layers(model, cam_names, stack)
-        logits = model.logits(x)
-        stack.close()  # the model is back to normal before any method runs
-        if ATTENTIONS in needs and len(recorder.attentions) != model.num_layers:
-            raise RuntimeError(f"captured {len(recorder.attentions)} attention maps for {model.num_layers} layers")
-        targets = resolve_targets(model, logits.detach(), target)
-        attentions = [a.detach() for a in recorder.attentions]
-        readout = None
-        if attentions:
-            readout = model.readout_weights(attentions[0].shape[-1], device=x.device, dtype=attentions[0].dtype)
-        missing = [name for name in cam_names if name not in activations]
-        if missing:
-            raise MethodError(f"target layer '{missing[0]}' is not used by the model's forward pass")
-        cam_inputs = [activations[name] for name in cam_names]
-        spatial_acts = {name: model.cam_spatial(act.detach(), grid, name) for name, act in zip(cam_names, cam_inputs)}
-        patch_maps: dict = {name: [] for name in methods}
-        for slot in range(targets.shape[1]):
-            column = targets[:, slot:slot + 1]
-            gradients, cam = None, {}
-            shared = (recorder.attentions if GRADIENTS in needs else []) + cam_inputs
-            if shared:
-                # one backward for every method that needs d(target logit)/d(something)
-                grads = _grads(logits.gather(1, column).sum(), shared)
-                if GRADIENTS in needs:
-                    gradients = grads[:len(recorder.attentions)]
-                for name, grad in zip(cam_names, grads[len(shared) - len(cam_inputs):]):
-                    cam[name] = (spatial_acts[name], model.cam_spatial(grad, grid, name))
-            layer_gradients = {}
-            for pool, layer in sorted(layer_requests):
-                layer_score = model.layer_logits(recorder.block_outputs[layer], pool).gather(1, column).sum()
-                layer_gradients[(pool, layer)] = _grads(layer_score, [recorder.attentions[layer]])[0]
-            captured = Captured(attentions, gradients, readout, model.num_prefix_tokens, grid, layer_gradients,
-                                cam, list(default_cam), x.detach())
-            for name, params in methods.items():
-                patch_maps[name].append(get_method(name).function(captured, **params).detach())
-        del recorder
-    stacked = {name: torch.stack(maps, dim=1) for name, maps in patch_maps.items()}
-    return logits.detach(), targets, stacked
-
-
-def _lrp_pass(model, x, config, target, resolved=None):
-    """Forward with LRP rules on the model, one backward per target: (logits, targets, [(x, grad)]).
-
-    ``resolved`` are targets already resolved by an earlier pass over the same batch.
-    """
-    with model.eval_mode(), torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        recorder = LRPRecorder(config)
-        with lrp_rules(model.module, config), model.capture(recorder):
-            logits = model.logits(x)
-        targets = resolved if resolved is not None else resolve_targets(model, logits.detach(), target)
-        pairs = []
-        for slot in range(targets.shape[1]):
-            grad = _grads(logits.gather(1, targets[:, slot:slot + 1]).sum(), [x])[0]
-            pairs.append((x.detach(), grad))
-    return logits.detach(), targets, pairs
-
-
-def _hook_layers(model: ExplainableModel, names: list, stack: contextlib.ExitStack) -> dict:
-    """Record the outputs of the named modules during the forward (hooks removed with ``stack``).
-
-    The hook hands a copy downstream, so a later in-place operation (``ReLU(inplace=True)``) cannot
-    modify the tensor we differentiate with respect to.
-    """
-    from vitlens.models.layers import find_module
-
-    outputs: dict = {}
-    valid = model.spatial_layer_names() if names else []
-    for name in names:
-        module = find_module(model.module, name, valid)
-
-        def hook(mod, inputs, output, name=name):
-            if not isinstance(output, torch.Tensor):
-                raise MethodError(f"target layer '{name}' does not output a tensor: choose one of {', '.join(valid[-8:])}")
-            outputs[name] = output
-            return output.clone()
-
-        stack.callback(module.register_forward_hook(hook).remove)
-    return outputs
-
-
-def _grads(score: torch.Tensor, tensors: list) -> list:
-    grads = torch.autograd.grad(score, tensors, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(tensors, grads)]
-
-
-__all__ = ["ATTENTIONS", "BatchResult", "plan", "resolve_targets", "run_batch"]
+__all__ = ["BatchResult", "ExplainTask", "ImageTask", "PassResult", "plan", "resolve_targets", "run_batch", "run_task"]

@@ -29,3 +29,17 @@ class MethodError(VitlensError):
 
 class OutputError(VitlensError):
     """An output location that cannot be written."""
+
+
+class UsageError(VitlensError, ValueError):
+    """An option or argument with a value that cannot work: a device this machine does not have, a batch
+    size below 1, an overlay opacity outside [0, 1], an unknown colormap...
+
+    Also a ``ValueError``, so code that treats bad arguments generically still catches it.
+    """
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can span many lines)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

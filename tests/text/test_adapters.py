@@ -13,7 +13,7 @@ from vitlens.errors import ModelError
 from vitlens.methods import get_method
 from vitlens.models import AttentionRecorder
 from vitlens.text import TextBatch, load_text_model, run_text_batch
-from vitlens.text.engine import TEXT_METHODS, resolve_objective
+from vitlens.text.task import TEXT_METHODS, resolve_objective
 
 CASES = [(family, classifier) for family in FAMILIES for classifier in (False, True)]
 

@@ -15,7 +15,7 @@ from vitlens.cli import main
 from vitlens.errors import ModelError, TargetError
 from vitlens.models import AttentionRecorder
 from vitlens.text import DecoderModel, TextBatch, explain_text, load_text_model, run_text_batch
-from vitlens.text.engine import TEXT_METHODS, text_params
+from vitlens.text.task import TEXT_METHODS, text_params
 
 
 @pytest.mark.parametrize("family", DECODERS)

@@ -13,7 +13,7 @@ from vitlens.cli import main
 from vitlens.text import TextBatch, explain_text, load_text_model, run_text_batch
 from vitlens.text.api import token_rows
 from vitlens.text.views import token_colours
-from vitlens.text.engine import lrp_cosine, resolve_objective, text_params
+from vitlens.text.task import lrp_cosine, resolve_objective, text_params
 
 LRP = ("attnlrp", "cp-lrp")
 

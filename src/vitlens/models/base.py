@@ -1,14 +1,15 @@
 """What every model adapter offers the engine.
 
-An adapter wraps a user's ``nn.Module`` without changing it. It knows, for its model family:
+An adapter wraps a user's ``nn.Module`` without changing it. :class:`ExplainableModel` is what all
+adapters share, whatever the input: the module and its class names, the attention layers and how
+to capture their probabilities even under fused attention (:meth:`~ExplainableModel.capture`),
+which token rows the explained score reads (:meth:`~ExplainableModel.readout_weights`, used to read
+rollout-style matrices the way the model itself pools), and a scoped eval mode.
 
-* how to run the model and get logits (:meth:`ExplainableModel.logits`),
-* how to capture attention probabilities even under fused attention (:meth:`capture`),
-* its prefix tokens (CLS, distillation, registers) and patch grid,
-* which token rows the classifier reads (:meth:`readout_weights`, used to read rollout-style
-  matrices the way the model itself pools),
-* how to read a class score out of any intermediate layer with the model's own final norm and
-  head (:meth:`layer_logits`, used by LeGrad).
+:class:`ImageModel` adds what images need: preprocessing, the patch grid, logits of a pixel batch,
+a class score read out of any intermediate layer with the model's own final norm and head
+(:meth:`ImageModel.layer_logits`, used by LeGrad) and the Grad-CAM target layers. The text
+adapters (:class:`vitlens.text.base.TextModel`) are the other subclass.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from vitlens.errors import ModelError, TargetError
+from vitlens.errors import MethodError, ModelError, TargetError
 from vitlens.models.capture import AttentionRecorder
 from vitlens.models.preprocess import Preprocess
 
@@ -35,21 +36,23 @@ class ModelInfo:
 
 
 class ExplainableModel:
-    """Base class of the model adapters. Subclasses fill in the family-specific parts."""
+    """Base class of every model adapter (images and text). Subclasses fill in the family-specific parts.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The user's model; never modified (captures swap per-instance forwards or add hooks for the
+        duration of one call only).
+    class_names : sequence of str, optional
+    info : ModelInfo, optional
+    """
 
     family = "base"
     #: True for transformers whose attention vitlens can capture.
     has_attention = True
 
-    def __init__(
-        self,
-        module: nn.Module,
-        preprocess: Preprocess,
-        class_names: Sequence[str] | None = None,
-        info: ModelInfo | None = None,
-    ):
+    def __init__(self, module: nn.Module, class_names: Sequence[str] | None = None, info: ModelInfo | None = None):
         self.module = module
-        self.preprocess = preprocess
         self.class_names = list(class_names) if class_names is not None else None
         self.info = info or ModelInfo(spec=f"module:{type(module).__name__}")
 
@@ -60,34 +63,16 @@ class ExplainableModel:
 
     @property
     def num_layers(self) -> int:
+        """Attention layers run per forward (the number of maps :meth:`capture` records)."""
         raise NotImplementedError
 
     @property
     def num_prefix_tokens(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        raise NotImplementedError
-
-    def grid(self, input_hw: tuple[int, int]) -> tuple[int, int]:
-        """Patch grid (h, w) for an input of the given (H, W)."""
-        ph, pw = self.patch_size
-        return input_hw[0] // ph, input_hw[1] // pw
-
-    def fixed_input_size(self) -> tuple[int, int] | None:
-        """(H, W) the model requires, or None when it accepts other sizes."""
-        return None
-
-    def check_input(self, x: torch.Tensor) -> None:
-        fixed = self.fixed_input_size()
-        if fixed is not None and tuple(x.shape[-2:]) != tuple(fixed):
-            raise ModelError(
-                f"input of {x.shape[-2]}x{x.shape[-1]} pixels does not fit the model, which takes {fixed[0]}x{fixed[1]}"
-            )
+        """Tokens before the patches (CLS, distillation, registers); 0 for text (every token is scored)."""
+        return 0
 
     def readout_weights(self, num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
-        """(N,) weights over token rows that the classifier reads (sums to 1)."""
+        """(N,) weights over the token rows that the explained score reads (sums to 1); default: the first token."""
         weights = torch.zeros(num_tokens, device=device, dtype=dtype)
         weights[0] = 1.0
         return weights
@@ -109,6 +94,7 @@ class ExplainableModel:
         self.module.to(device)
         return self
 
+    # --- classes ----------------------------------------------------------------------------
     def class_name(self, index: int) -> str:
         if self.class_names is not None and 0 <= index < len(self.class_names):
             return self.class_names[index]
@@ -133,13 +119,67 @@ class ExplainableModel:
             raise TargetError(f"target class {index} is out of range: the model has {n} classes (0-{n - 1})")
         return index
 
-    # --- Grad-CAM target layers --------------------------------------------------------------
     def module_name(self, sub: nn.Module) -> str:
         for name, candidate in self.module.named_modules():
             if candidate is sub:
                 return name
         raise ValueError("module is not part of this model")
 
+    def spatial_layer_names(self) -> list[str]:
+        """Layers whose output maps onto the input grid (Grad-CAM target layers); none by default."""
+        return []
+
+    # --- running it ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+        """Within the block, forwards report every layer's attention probabilities to ``recorder``."""
+        raise NotImplementedError
+        yield recorder  # pragma: no cover
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Explanations are defined for the model in eval mode; restore the user's mode after."""
+        flags = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        try:
+            yield
+        finally:
+            for m, flag in flags:
+                m.training = flag
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spec={self.info.spec!r})"
+
+
+class ImageModel(ExplainableModel):
+    """Base class of the image adapters: preprocessing, patch grid, logits, layer scores, Grad-CAM layers."""
+
+    def __init__(self, module: nn.Module, preprocess: Preprocess, class_names: Sequence[str] | None = None,
+                 info: ModelInfo | None = None):
+        super().__init__(module, class_names, info)
+        self.preprocess = preprocess
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def grid(self, input_hw: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (h, w) for an input of the given (H, W)."""
+        ph, pw = self.patch_size
+        return input_hw[0] // ph, input_hw[1] // pw
+
+    def fixed_input_size(self) -> tuple[int, int] | None:
+        """(H, W) the model requires, or None when it accepts other sizes."""
+        return None
+
+    def check_input(self, x: torch.Tensor) -> None:
+        fixed = self.fixed_input_size()
+        if fixed is not None and tuple(x.shape[-2:]) != tuple(fixed):
+            raise ModelError(
+                f"input of {x.shape[-2]}x{x.shape[-1]} pixels does not fit the model, which takes {fixed[0]}x{fixed[1]}"
+            )
+
+    # --- Grad-CAM target layers --------------------------------------------------------------
     def default_cam_layers(self) -> list[str]:
         """The layer(s) Grad-CAM reads when none is named: for ViTs the last block's pre-attention norm."""
         return [self.block_norm_names()[-1]]
@@ -160,8 +200,6 @@ class ExplainableModel:
         if activation.dim() == 3 and activation.shape[1] == prefix + h * w:
             tokens = activation[:, prefix:]
             return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2)
-        from vitlens.errors import MethodError
-
         raise MethodError(
             f"target layer '{layer}' gives shape {tuple(activation.shape)}, not {prefix}+{h}x{w} tokens: "
             f"choose one of {', '.join(self.spatial_layer_names()[-6:])}"
@@ -171,12 +209,6 @@ class ExplainableModel:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Run the model on a preprocessed batch and return its (B, classes) logits."""
         raise NotImplementedError
-
-    @contextlib.contextmanager
-    def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
-        """Within the block, forwards report every layer's attention probabilities to ``recorder``."""
-        raise NotImplementedError
-        yield recorder  # pragma: no cover
 
     def layer_logits(self, hidden: torch.Tensor, pool: str = "model") -> torch.Tensor:
         """Class scores read out of a block's output with the model's own final norm and head.
@@ -194,22 +226,8 @@ class ExplainableModel:
         if pool == "mean":
             hidden = hidden.mean(dim=1, keepdim=True).expand_as(hidden)
         elif pool != "model":
-            raise ValueError(f"unknown pool {pool!r}: expected 'model' or 'mean'")
+            raise MethodError(f"unknown pool {pool!r}: expected 'model' or 'mean'")
         return self._head(hidden)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    @contextlib.contextmanager
-    def eval_mode(self) -> Iterator[None]:
-        """Explanations are defined for the model in eval mode; restore the user's mode after."""
-        flags = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-        try:
-            yield
-        finally:
-            for m, flag in flags:
-                m.training = flag
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(spec={self.info.spec!r})"

@@ -14,16 +14,18 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from vitlens.models.base import ExplainableModel
+from vitlens.models.base import ImageModel
 from vitlens.models.capture import AttentionRecorder
 from vitlens.models.layers import spatial_layers, to_spatial
+from vitlens.models.preprocess import Preprocess, hf_preprocess_from_config, interpolation_name, torchvision_default_preprocess
+from vitlens.models.registry import Family, register_family
 
 
 def is_cnn(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
-class CNNModel(ExplainableModel):
+class CNNModel(ImageModel):
     """Any convolutional image classifier."""
 
     family = "cnn"
@@ -79,3 +81,28 @@ class CNNModel(ExplainableModel):
     @contextlib.contextmanager
     def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
         yield recorder  # nothing to capture: no attention
+
+
+# --- registration -----------------------------------------------------------------------------
+def cnn_default_preprocess(module) -> Preprocess:
+    """A timm CNN's own data config, a Hugging Face CNN's processor config, else ImageNet at 224."""
+    if getattr(module, "pretrained_cfg", None):
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=module)
+        _, h, w = cfg["input_size"]
+        return Preprocess((int(h), int(w)), tuple(cfg["mean"]), tuple(cfg["std"]),
+                          interpolation_name(cfg.get("interpolation", "bilinear")), float(cfg.get("crop_pct", 0.875)))
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "num_labels"):
+        return hf_preprocess_from_config(config, getattr(config, "_name_or_path", None) or None)
+    return torchvision_default_preprocess(224)
+
+
+def wrap(module, preprocess=None, class_names=None, info=None) -> CNNModel:
+    return CNNModel(module, preprocess or cnn_default_preprocess(module), class_names, info)
+
+
+# the catch-all: tried after every attention family, so a ViT with a convolutional stem stays a ViT
+register_family(Family("cnn", "image", is_cnn, wrap, priority=90,
+                       description="convolutional classifiers (torchvision, timm, Hugging Face, any nn.Module with Conv2d)"))

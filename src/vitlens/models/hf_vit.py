@@ -1,76 +1,38 @@
-"""Adapter for Hugging Face ``ViTForImageClassification`` and the DeiT classifiers.
+"""Adapter for Hugging Face ``ViTForImageClassification`` and the DeiT classifiers, and the ``hf:`` image loader.
 
-Capture uses the library's own extension point: an attention function registered in
-``transformers.AttentionInterface`` under the name ``vitlens_capture``. For the duration of a
-call the model's *own config object* selects it; the global registry only gains one entry and
-no existing entry or class is changed. Registration is idempotent.
+Attention is captured through the shared Hugging Face mechanism (:mod:`vitlens.models.hf_capture`):
+the model's own config objects select a registered ``AttentionInterface`` function for the duration
+of a call. ``hf:ORG/NAME`` and local Hugging Face directories load any image classifier the
+``transformers`` auto classes know; the registry then picks its adapter (this one for ViT/DeiT, the
+CNN adapter for convolutional ones).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from vitlens.errors import ModelError
-from vitlens.models.base import ExplainableModel
-from vitlens.models.capture import AttentionRecorder, attribute_set, explicit_attention
-
-ATTENTION_NAME = "vitlens_capture"
-_ACTIVE: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar("vitlens_recorder", default=None)
-_registered = False
+from vitlens.errors import ModelError, one_line
+from vitlens.models import hub
+from vitlens.models.base import ImageModel
+from vitlens.models.capture import AttentionRecorder
+from vitlens.models.hf_capture import hf_capture
+from vitlens.models.preprocess import hf_preprocess_from_config
+from vitlens.models.registry import Family, LoadedModule, register_family, register_spec
+from vitlens.models.weights import HUB_HINT, read_weights
 
 SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
-
-
-def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """An ``AttentionInterface`` function: explicit softmax, probabilities reported in order."""
-    recorder = _ACTIVE.get()
-    if recorder is None:
-        raise RuntimeError("vitlens attention function called outside a capture")
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
-    if groups > 1:  # grouped-query attention (Llama, Mistral, Qwen): each key/value head serves `groups` heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, : key.shape[-2]]
-    # The layer index is the call order: blocks run in sequence within one forward.
-    out = explicit_attention(query, key, value, scaling, len(recorder.attentions), recorder, mask)
-    # HF expects (B, N, heads, head_dim) back, plus the weights.
-    return out.transpose(1, 2).contiguous(), recorder.attentions[-1]
-
-
-def _ensure_registered() -> None:
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, _capture_attention)
-    _registered = True
-
-
-def attention_configs(module: nn.Module) -> list:
-    """The distinct Hugging Face config objects of a model's submodules (they select the attention)."""
-    seen = {}
-    for m in module.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation"):
-            seen[id(cfg)] = cfg
-    return list(seen.values())
 
 
 def is_hf_vit(module: nn.Module) -> bool:
     return type(module).__name__ in SUPPORTED and hasattr(module, "config")
 
 
-class HFViT(ExplainableModel):
+class HFViT(ImageModel):
     """Hugging Face ViT / DeiT image classifiers."""
 
     family = "hf"
@@ -130,32 +92,68 @@ class HFViT(ExplainableModel):
             return (self.module.cls_classifier(normed[:, 0]) + self.module.distillation_classifier(normed[:, 1])) / 2
         return self.module.classifier(normed[:, 0])
 
-    def _configs(self):
-        return attention_configs(self.module)
-
     @contextlib.contextmanager
     def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
-        _ensure_registered()
-        token = _ACTIVE.set(recorder)
+        with hf_capture(self.module, recorder, self.layers):
+            yield recorder
+
+
+# --- loading --------------------------------------------------------------------------------
+def load_hf_spec(spec, name, weights, num_classes):
+    is_local = Path(name).is_dir()
+    module = None
+    # the local cache first: a pre-populated cache works offline without a network attempt
+    for local_only in ((True,) if is_local else (True, False)):
+        if not local_only and not hub.reachable(hub.HF_HOST):
+            raise ModelError(f"cannot fetch '{spec}': the model hub is unreachable and it is not cached; {HUB_HINT}")
         try:
-            with contextlib.ExitStack() as stack:
-                for cfg in self._configs():
-                    stack.enter_context(attribute_set(cfg, "_attn_implementation", ATTENTION_NAME))
-                if recorder.keep_block_outputs:
-                    for i, layer in enumerate(self.layers):
-                        handle = layer.register_forward_hook(_layer_hook(i, recorder))
-                        stack.callback(handle.remove)
-                if getattr(self.module, "gradient_checkpointing", False) or any(
-                        getattr(m, "gradient_checkpointing", False) for m in self.layers):
-                    raise ModelError("disable gradient checkpointing before explaining a Hugging Face model")
-                yield recorder
-        finally:
-            _ACTIVE.reset(token)
+            module = _build(spec, name, weights, num_classes, local_only)
+            break
+        except OSError as exc:
+            if is_local:
+                raise ModelError(f"cannot load Hugging Face model directory '{name}': {one_line(exc)}") from None
+            if not local_only:
+                raise ModelError(f"cannot fetch '{spec}' (no such model, or the hub failed): {HUB_HINT}") from None
+        except (ValueError, KeyError) as exc:
+            raise ModelError(f"'{name}' is not an image classification model: {one_line(exc)}") from None
+    return LoadedModule(module, preprocess=hf_preprocess_from_config(module.config, name))
 
 
-def _layer_hook(index, recorder):
-    def hook(module, inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        recorder.on_block_output(index, hidden)
+def _build(spec, name, weights, num_classes, local_files_only):
+    from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+    from transformers.utils import logging as hf_logging
 
-    return hook
+    if weights is None:
+        kwargs = {} if num_classes is None else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
+        return AutoModelForImageClassification.from_pretrained(name, local_files_only=local_files_only, **kwargs)
+    config = AutoConfig.from_pretrained(name, local_files_only=local_files_only,
+                                        **({} if num_classes is None else {"num_labels": num_classes}))
+    if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+        raise ValueError(f"{type(config).__name__} has no image classification model")
+    cls = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(config)]
+    state = read_weights(weights)
+    # transformers converts saved (hub) key names to its in-memory names itself
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        module, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = [(label, sorted(info.get(key) or [])) for label, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("wrong-shape", "mismatched_keys"))]
+    problems = [(label, [k if isinstance(k, str) else k[0] for k in keys]) for label, keys in problems if keys]
+    if problems:
+        parts = [f"{len(keys)} {label} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+                 for label, keys in problems]
+        raise ModelError(f"weights '{weights}' do not fit {spec}: " + "; ".join(parts))
+    return module
+
+
+def wrap(module, preprocess=None, class_names=None, info=None) -> HFViT:
+    return HFViT(module, preprocess or hf_preprocess_from_config(module.config, None), class_names, info)
+
+
+register_family(Family("hf", "image", is_hf_vit, wrap, priority=20,
+                       description="Hugging Face " + ", ".join(SUPPORTED)))
+register_spec("image", "hf", load_hf_spec)

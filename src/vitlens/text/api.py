@@ -27,8 +27,10 @@ from vitlens.api import Prediction
 from vitlens.errors import InputError, MethodError, OutputError
 from vitlens.methods import get_method
 from vitlens.render.atomic import ensure_dir, write_text_atomic
-from vitlens.text.adapters import TextBatch, TextModel, load_text_model
-from vitlens.text.engine import parse_text_methods, resolve_objective, run_text_batch, text_params
+from vitlens.text.base import TextModel
+from vitlens.text.batch import TextBatch
+from vitlens.text.loading import load_text_model
+from vitlens.text.task import parse_text_methods, resolve_objective, run_text_batch, text_params
 from vitlens.text.stats import STATS, HeadStatistics, reference_statistics, stats_rows
 
 VIEWS = ("tokens", "heads", "overview", "query", "headview", "stats")

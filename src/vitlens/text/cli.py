@@ -131,7 +131,7 @@ def _load(args):
     import torch
 
     from vitlens.errors import VitlensError
-    from vitlens.text.adapters import load_text_model
+    from vitlens.text.loading import load_text_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -141,7 +141,7 @@ def _load(args):
 
 def _methods(args, model, views, has_pairs, params) -> list:
     from vitlens.errors import MethodError
-    from vitlens.text.engine import parse_text_methods
+    from vitlens.text.task import parse_text_methods
 
     if "tokens" not in views:
         return []

@@ -1,6 +1,6 @@
 """Adapters for Hugging Face causal language models: GPT-2, Llama, Mistral, Qwen2, Qwen3.
 
-A :class:`DecoderModel` is a :class:`~vitlens.text.adapters.TextModel` whose "classes" are the
+A :class:`DecoderModel` is a :class:`~vitlens.text.base.TextModel` whose "classes" are the
 vocabulary: it explains the score of one next token -- its logit, or its log-probability
 (``score='logprob'``) -- read at the last real token of the prompt. Everything else is the encoders'
 machinery: the same registered ``AttentionInterface`` function ``vitlens_capture`` (selected through
@@ -22,9 +22,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from vitlens.errors import InputError, ModelError, TargetError
-from vitlens.models.base import ExplainableModel, ModelInfo
-from vitlens.text.adapters import TextBatch, TextModel
+from vitlens.errors import InputError, MethodError, ModelError, TargetError
+from vitlens.models.base import ModelInfo
+from vitlens.models.registry import Family, register_family
+from vitlens.text.base import TextModel, unsupported_message
+from vitlens.text.batch import TextBatch
 
 #: model class name -> family
 DECODER_FAMILIES = {
@@ -38,17 +40,6 @@ SUPPORTED_DECODERS = "GPT-2 (GPT2LMHeadModel), Llama, Mistral, Qwen2, Qwen3 (...
 SCORES = ("logit", "logprob")
 #: how a token's text may start when a space precedes it (GPT-2 byte-level BPE, SentencePiece)
 _SPACE_MARKS = ("\u0120", "\u2581")
-
-
-def is_decoder_model(module) -> bool:
-    return isinstance(module, nn.Module) and type(module).__name__ in DECODER_FAMILIES and hasattr(module, "config")
-
-
-def unsupported_message(name: str) -> str:
-    from vitlens.text.adapters import SUPPORTED_FAMILIES
-
-    return (f"unsupported text model {name}: vitlens reads the encoders {SUPPORTED_FAMILIES} (base model or "
-            f"...ForSequenceClassification) and the causal decoders {SUPPORTED_DECODERS}")
 
 
 class DecoderModel(TextModel):
@@ -73,26 +64,20 @@ class DecoderModel(TextModel):
             raise ModelError(unsupported_message(name))
         if score not in SCORES:
             raise ModelError(f"unknown score {score!r}: expected one of {', '.join(SCORES)}")
-        ExplainableModel.__init__(self, module, None, None, info or ModelInfo(spec=f"module:{name}"))
-        self.tokenizer = tokenizer
+        text_family = DECODER_FAMILIES[name]
+        if text_family == "gpt2":
+            backbone, final_norm, layers = module.transformer, module.transformer.ln_f, module.transformer.h
+        else:
+            backbone, final_norm, layers = module.model, module.model.norm, module.model.layers
+        # its classes are the vocabulary: the next token
+        super().__init__(module, tokenizer, text_family=text_family, backbone=backbone, layers=list(layers),
+                         is_classifier=True, info=info)
         self.pooling = "last"
         self.score = score
-        self.kind_name = name
-        self.text_family = DECODER_FAMILIES[name]
-        self.is_classifier = True  # its classes are the vocabulary: the next token
-        if self.text_family == "gpt2":
-            self.backbone, self.final_norm = module.transformer, module.transformer.ln_f
-            self.layers = list(module.transformer.h)
-        else:
-            self.backbone, self.final_norm = module.model, module.model.norm
-            self.layers = list(module.model.layers)
+        self.final_norm = final_norm
         self.lm_head = module.get_output_embeddings()
 
     # --- facts ------------------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
     @property
     def num_key_value_heads(self) -> int:
         return int(getattr(self.config, "num_key_value_heads", None) or self.num_heads)
@@ -101,13 +86,8 @@ class DecoderModel(TextModel):
     def num_classes(self) -> int:
         return int(self.lm_head.out_features)
 
-    @property
-    def max_length(self) -> int:
-        limit = int(getattr(self.config, "max_position_embeddings", 1024))
-        tok_max = getattr(self.tokenizer, "model_max_length", None)
-        if isinstance(tok_max, int) and 0 < tok_max < limit:
-            limit = tok_max
-        return limit
+    def _position_limit(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 1024))
 
     @property
     def value_name(self) -> str:
@@ -240,13 +220,13 @@ class DecoderModel(TextModel):
         elif pool == "model":
             state = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.last_index(attention_mask)]
         else:
-            raise ValueError(f"unknown pool {pool!r}: expected 'model' or 'mean'")
+            raise MethodError(f"unknown pool {pool!r}: expected 'model' or 'mean'")
         return self._scores(self.lm_head(self.final_norm(state)))
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), self.last_index(attention_mask)]
 
-    def readout(self, num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    def readout_weights(self, num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """The explained score is read at the last real token: one-hot there."""
         weights = torch.zeros(num_tokens, device=device, dtype=dtype)
         weights[-1] = 1.0
@@ -270,4 +250,15 @@ def _words(tok, pieces: list, special: list) -> list:
     return out
 
 
-__all__ = ["DECODER_FAMILIES", "DecoderModel", "SCORES", "SUPPORTED_DECODERS", "is_decoder_model", "unsupported_message"]
+def is_decoder_model(module) -> bool:
+    return isinstance(module, nn.Module) and type(module).__name__ in DECODER_FAMILIES and hasattr(module, "config")
+
+
+def wrap(module, tokenizer=None, info=None, score=None, **options) -> DecoderModel:
+    return DecoderModel(module, tokenizer, score or "logit", info=info)
+
+
+register_family(Family("hf-decoder", "text", is_decoder_model, wrap, priority=20,
+                       description=f"the causal decoders {SUPPORTED_DECODERS}"))
+
+__all__ = ["DECODER_FAMILIES", "DecoderModel", "SCORES", "SUPPORTED_DECODERS", "is_decoder_model"]

