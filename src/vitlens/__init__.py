@@ -1,7 +1,6 @@
 """vitlens: see why a vision transformer (or a CNN, or a text transformer) made a prediction."""
 
-__version__ = "0.1.0"
-
+from vitlens.version import __version__  # noqa: E402
 from vitlens.api import ExplainResult, Prediction, explain  # noqa: E402
 from vitlens.errors import VitlensError  # noqa: E402
 from vitlens.methods import DEFAULT_METHODS, REGISTRY as METHODS  # noqa: E402

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-import vitlens
 from vitlens.errors import OutputError
 from vitlens.models import describe
 from vitlens.methods import get_method
 from vitlens.render import overlay, save_png_atomic, signed_overlay, write_atomic, write_text_atomic
 from vitlens.render.atomic import ensure_dir
+from vitlens.version import __version__
 
 ORIGINAL_MAX_SIDE = 512
 SETTINGS_FILE = "run.json"
@@ -89,7 +89,7 @@ class RunWriter:
         self.methods = methods
         self.cmap, self.alpha = cmap, alpha
         self.settings = {
-            "vitlens_version": vitlens.__version__,
+            "vitlens_version": __version__,
             "model": describe(model),
             "methods": methods,
             "overlay": {"cmap": cmap, "alpha": alpha},

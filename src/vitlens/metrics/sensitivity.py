@@ -57,9 +57,9 @@ class Explainer:
 
     def __init__(self, model, methods, params: dict | None = None, batch_size: int = 32):
         from vitlens.methods import parse_methods
-        from vitlens.models import ExplainableModel, load_model
+        from vitlens.models import ImageModel, load_model
 
-        self.model = model if isinstance(model, ExplainableModel) else load_model(model)
+        self.model = model if isinstance(model, ImageModel) else load_model(model)
         self.methods = parse_methods(methods, self.model)
         self.params = {m: p for m, p in (params or {}).items() if m in self.methods}
         self.batch_size = batch_size
