@@ -6,8 +6,10 @@ that, once per batch, and hands the same tensors to every method.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 from vitlens.errors import MethodError
 from vitlens.methods.baselines import center_map, random_map
@@ -26,10 +28,142 @@ LAYER_GRADIENTS = "layer_gradients"  # LeGrad: d(layer score)/dA of the same lay
 CAM = "cam"  # activations of target layers and d(target logit)/d(activations)
 LRP = "lrp"  # a separate pass with LRP rules: input and its modified gradient
 
+#: the kinds of values a parameter can take (see :class:`Param`)
+PARAM_KINDS = ("float", "int", "choice", "layer", "layers", "module_names")
+
+
+def show_value(value) -> str:
+    """A value as a user would type it: strings quoted, numbers and lists as they are."""
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+@dataclass(frozen=True)
+class Param:
+    """The values one method parameter accepts: checked when a request is parsed, listed by ``vitlens methods``.
+
+    ``kind`` is one of
+
+    * ``float``: a finite number (an int is taken as a float) within ``low``/``high``;
+    * ``int``: a whole number within ``low``/``high``;
+    * ``choice``: one of ``choices``;
+    * ``layer``: one attention layer by index, negative counting from the end (the model's depth is
+      checked by :func:`check_params_for_model`);
+    * ``layers``: LeGrad's layer selection: ``'all'``, ``'lastN'``, an int N (the last N layers), or
+      layer indices as a list or a comma-separated string (see :func:`resolve_layers`);
+    * ``module_names``: Grad-CAM target layers by module name (``'default'``, ``'blocks.11.norm1'``,
+      a comma-separated string or a list); the names are checked against the model.
+
+    ``low_open`` / ``high_open`` make a bound exclusive.
+    """
+
+    kind: str
+    help: str = ""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+
+    def __post_init__(self):
+        if self.kind not in PARAM_KINDS:
+            raise ValueError(f"unknown parameter kind {self.kind!r}: expected one of {', '.join(PARAM_KINDS)}")
+
+    def allowed(self) -> str:
+        """What the parameter accepts, in words: ``a number in [0, 1)``, ``one of mean, max, min``..."""
+        if self.kind in ("float", "int"):
+            noun = "a number" if self.kind == "float" else "an integer"
+            if self.low is not None and self.high is not None:
+                return (f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                        f"{')' if self.high_open else ']'}")
+            if self.low is not None:
+                return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+            if self.high is not None:
+                return f"{noun} {'<' if self.high_open else '<='} {self.high:g}"
+            return noun
+        if self.kind == "choice":
+            return "one of " + ", ".join(self.choices)
+        if self.kind == "layer":
+            return "a layer index (negative counts from the end)"
+        if self.kind == "layers":
+            return "'all', 'lastN', N (the last N layers) or layer indices ('3,5' or [3, 5])"
+        return "'default' or module names (comma-separated, or a list)"
+
+    def validate(self, method: str, name: str, value):
+        """``value`` as the method takes it (ints become floats for ``float``), or a one-line MethodError."""
+        checked = self._checked(value)
+        if checked is _INVALID:
+            raise MethodError(f"method '{method}': {name} must be {self.allowed()}, got {show_value(value)}")
+        return checked
+
+    def _checked(self, value):
+        if self.kind in ("float", "int", "layer"):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                return _INVALID
+            if self.kind != "float":
+                # 2.0 typed where 2 was meant is fine; 2.5 layers is not
+                if not float(value).is_integer():
+                    return _INVALID
+                value = int(value)
+            else:
+                value = float(value)
+            if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+                return _INVALID
+            if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+                return _INVALID
+            return value
+        if self.kind == "choice":
+            return value if isinstance(value, str) and value in self.choices else _INVALID
+        if self.kind == "layers":
+            return _checked_layers(value)
+        return _checked_module_names(value)
+
+
+_INVALID = object()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _checked_layers(value):
+    if value is None or value == "all":
+        return value
+    if _is_int(value):
+        return int(value) if value >= 1 else _INVALID
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("last"):
+            count = text[4:].strip(" -_:")
+            return value if count.isdigit() and int(count) >= 1 else _INVALID
+        parts = [part.strip() for part in text.split(",")]
+        return value if parts and all(part.lstrip("-").isdigit() for part in parts) else _INVALID
+    if isinstance(value, (list, tuple)) and value and all(_is_int(v) for v in value):
+        return [int(v) for v in value]
+    return _INVALID
+
+
+def _checked_module_names(value):
+    if value is None or value == "default":
+        return value
+    if isinstance(value, str):
+        return value if all(part.strip() for part in value.split(",")) else _INVALID
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return list(value)
+    return _INVALID
+
+
+def module_names(value) -> list:
+    """A ``module_names`` value as a list of names (empty for the default)."""
+    if value in (None, "default"):
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return list(value)
+
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A named method: its function, what it needs captured, and its default parameters."""
+    """A named method: its function, what it needs captured, its default parameters and what each accepts."""
 
     name: str
     function: Callable
@@ -39,15 +173,28 @@ class MethodSpec:
     summary: str = ""
     #: signed maps (relevance): overlays show the positive part, a diverging rendering shows both
     signed: bool = False
+    #: parameter name -> :class:`Param`; a parameter without one is passed on unchecked
+    declared: dict = field(default_factory=dict)
 
-    def params(self, overrides: dict | None = None) -> dict:
-        params = dict(self.defaults)
-        for key, value in (overrides or {}).items():
-            if key not in params:
-                valid = ", ".join(sorted(params)) or "none"
+    def check(self, overrides: Mapping | None) -> dict:
+        """The given parameters, each checked against its declaration (one-line MethodError otherwise)."""
+        if overrides is None:
+            return {}
+        if not isinstance(overrides, Mapping):
+            raise MethodError(f"parameters of method '{self.name}' must be a dict of NAME: VALUE, "
+                              f"got a {type(overrides).__name__}")
+        checked = {}
+        for key, value in overrides.items():
+            if key not in self.defaults:
+                valid = ", ".join(sorted(self.defaults)) or "none"
                 raise MethodError(f"method '{self.name}' has no parameter '{key}' (parameters: {valid})")
-            params[key] = value
-        return params
+            param = self.declared.get(key)
+            checked[key] = param.validate(self.name, key, value) if param is not None else value
+        return checked
+
+    def params(self, overrides: Mapping | None = None) -> dict:
+        """The defaults with ``overrides`` applied, every override checked."""
+        return {**self.defaults, **self.check(overrides)}
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -58,26 +205,49 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+START_LAYER = Param("layer", "first layer of the product (earlier layers are skipped)")
+RESIDUAL = Param("float", "weight of the identity added to each layer's attention (the residual path)", low=0)
+HEAD_NORM = Param("choice", "norm of each head's gradient that weighs the heads", choices=("l1", "l2"))
+CONV_GAMMA = Param("float", "Gamma rule strength of Conv2d layers (0: the plain LRP-0 rule)", low=0)
+LIN_GAMMA = Param("float", "Gamma rule strength of Linear layers (0: the plain LRP-0 rule)", low=0)
+CAM_LAYERS = Param("module_names", "target layer(s); several are fused (default: the last block's norm, or the "
+                                   "last spatial layer of a CNN)")
+
 register(MethodSpec("attention", raw_attention, frozenset({ATTENTIONS}), False, {"layer": -1},
-                    "raw last-layer attention of the class token, mean over heads (baseline)"))
+                    "raw last-layer attention of the class token, mean over heads (baseline)",
+                    declared={"layer": Param("layer", "the layer whose attention is shown")}))
 register(MethodSpec("rollout", attention_rollout, frozenset({ATTENTIONS}), False,
                     {"head_fusion": "mean", "discard_ratio": 0.0, "start_layer": 0, "residual": 1.0},
-                    "attention rollout (Abnar & Zuidema 2020)"))
+                    "attention rollout (Abnar & Zuidema 2020)",
+                    declared={"head_fusion": Param("choice", "how each layer's heads are combined",
+                                                   choices=("mean", "max", "min")),
+                              "discard_ratio": Param("float", "share of the weakest patch-to-patch attention set to "
+                                                              "zero in each layer", low=0, high=1, high_open=True),
+                              "start_layer": START_LAYER, "residual": RESIDUAL}))
 register(MethodSpec("gmar-l1", gmar, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"norm": "l1", "residual": 1.0, "start_layer": 0},
-                    "gradient-weighted head rollout, L1 head norms (Jo et al. 2025)"))
+                    "gradient-weighted head rollout, L1 head norms (Jo et al. 2025)",
+                    declared={"norm": HEAD_NORM, "residual": RESIDUAL, "start_layer": START_LAYER}))
 register(MethodSpec("gmar-l2", gmar, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"norm": "l2", "residual": 1.0, "start_layer": 0},
-                    "gradient-weighted head rollout, L2 head norms (Jo et al. 2025)"))
+                    "gradient-weighted head rollout, L2 head norms (Jo et al. 2025)",
+                    declared={"norm": HEAD_NORM, "residual": RESIDUAL, "start_layer": START_LAYER}))
 register(MethodSpec("gmar++", gmar_plus_plus, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"norm": "l2", "residual": 1.0, "normalize": "none", "start_layer": 0},
-                    "positive gradients x attention, per-layer head weights, residual rollout"))
+                    "positive gradients x attention, per-layer head weights, residual rollout",
+                    declared={"norm": HEAD_NORM, "residual": RESIDUAL, "start_layer": START_LAYER,
+                              "normalize": Param("choice", "'layer' divides each layer's weighted attention by its "
+                                                           "mean row sum", choices=("none", "layer"))}))
 register(MethodSpec("legrad", legrad, frozenset({ATTENTIONS, LAYER_GRADIENTS}), True,
                     {"layers": "all", "pool": "model"},
-                    "per-layer gradient of per-layer scores (Bousselham et al. 2025)"))
+                    "per-layer gradient of per-layer scores (Bousselham et al. 2025)",
+                    declared={"layers": Param("layers", "the layers whose scores are explained and averaged"),
+                              "pool": Param("choice", "read each layer's score as the model pools, or from the "
+                                                      "mean of all tokens", choices=("model", "mean"))}))
 register(MethodSpec("chefer", chefer_rollout, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"start_layer": 0},
-                    "gradient x attention rollout (Chefer et al., ICCV 2021)"))
+                    "gradient x attention rollout (Chefer et al., ICCV 2021)",
+                    declared={"start_layer": START_LAYER}))
 
 for _name, _fn, _summary in (
     ("gradcam", gradcam, "Grad-CAM: channels weighted by mean gradients (Selvaraju et al. 2017)"),
@@ -85,16 +255,22 @@ for _name, _fn, _summary in (
     ("xgradcam", xgradcam, "XGrad-CAM: activation-normalised gradient weights (Fu et al. 2020)"),
     ("layercam", layercam, "LayerCAM: element-wise positive-gradient weights (Jiang et al. 2021)"),
 ):
-    register(MethodSpec(_name, _fn, frozenset({CAM}), True, {"layers": None}, _summary))
+    register(MethodSpec(_name, _fn, frozenset({CAM}), True, {"layers": None}, _summary,
+                        declared={"layers": CAM_LAYERS}))
 
 register(MethodSpec("attnlrp", attnlrp, frozenset({LRP}), True, {"conv_gamma": 1.0, "lin_gamma": 0.5},
-                    "AttnLRP (Achtibat et al. 2024) with Gamma rules, signed pixel relevance", signed=True))
+                    "AttnLRP (Achtibat et al. 2024) with Gamma rules, signed pixel relevance", signed=True,
+                    declared={"conv_gamma": CONV_GAMMA, "lin_gamma": LIN_GAMMA}))
 register(MethodSpec("cp-lrp", cp_lrp, frozenset({LRP}), True, {"conv_gamma": 1.0, "lin_gamma": 0.5},
-                    "CP-LRP: relevance through the values only, Gamma rules, signed pixel relevance", signed=True))
+                    "CP-LRP: relevance through the values only, Gamma rules, signed pixel relevance", signed=True,
+                    declared={"conv_gamma": CONV_GAMMA, "lin_gamma": LIN_GAMMA}))
 register(MethodSpec("random", random_map, frozenset(), False, {"seed": 0},
-                    "baseline: uniform noise per patch, seeded per image"))
+                    "baseline: uniform noise per patch, seeded per image",
+                    declared={"seed": Param("int", "random seed (mixed with each image's fingerprint)")}))
 register(MethodSpec("center", center_map, frozenset(), False, {"sigma": 0.25},
-                    "baseline: centred Gaussian (centre bias)"))
+                    "baseline: centred Gaussian (centre bias)",
+                    declared={"sigma": Param("float", "spread as a share of the grid's longer side", low=0,
+                                             low_open=True)}))
 BASELINES = ("random", "center")
 
 #: what ``all`` expands to for transformers and for CNNs, in display order
@@ -136,6 +312,38 @@ def expand_methods(methods, everything, check=None) -> list[str]:
     return names
 
 
+def check_params_for_model(methods: Mapping, num_layers: int | None, model=None) -> None:
+    """One-line MethodError for parameter values the model cannot take, before anything runs or is written.
+
+    ``methods`` maps method names to their (checked) parameters. Layer indices and LeGrad's layer
+    selection are checked against ``num_layers`` (the model's attention layers; None skips them),
+    and with ``model`` (an adapter) Grad-CAM target layer names against its modules.
+    """
+    for name, params in methods.items():
+        spec = get_method(name)
+        for key, value in (params or {}).items():
+            param = spec.declared.get(key)
+            if param is None:
+                continue
+            if param.kind == "layer" and num_layers is not None and not -num_layers <= value < num_layers:
+                raise MethodError(f"method '{name}': {key}={value} is beyond the model's {num_layers} layers "
+                                  f"(0 to {num_layers - 1}, or -1 to -{num_layers} from the end)")
+            if param.kind == "layers" and num_layers is not None:
+                try:
+                    resolve_layers(value, num_layers)
+                except MethodError as exc:
+                    raise MethodError(f"method '{name}': {exc}") from None
+            if param.kind == "module_names" and model is not None and module_names(value):
+                from vitlens.models.layers import find_module
+
+                valid = model.spatial_layer_names()
+                for layer in module_names(value):
+                    try:
+                        find_module(model.module, layer, valid)
+                    except MethodError as exc:
+                        raise MethodError(f"method '{name}': {exc}") from None
+
+
 def parse_methods(methods, model=None) -> list[str]:
     """Method names for an image model: see :func:`expand_methods`.
 
@@ -165,7 +373,9 @@ __all__ = [
     "LAYER_GRADIENTS",
     "LRP",
     "MethodSpec",
+    "Param",
     "REGISTRY",
+    "check_params_for_model",
     "expand_methods",
     "get_method",
     "minmax",

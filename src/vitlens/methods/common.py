@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from vitlens.errors import MethodError
+
 EPS = 1e-8
 
 
@@ -62,7 +64,7 @@ def fuse_heads(attention: torch.Tensor, how: str = "mean") -> torch.Tensor:
         return attention.amax(dim=1)
     if how == "min":
         return attention.amin(dim=1)
-    raise ValueError(f"unknown head fusion {how!r}: expected mean, max or min")
+    raise MethodError(f"unknown head fusion {how!r}: expected mean, max or min")
 
 
 def add_residual(matrix: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from vitlens.errors import MethodError
 from vitlens.methods.common import EPS, Captured, add_residual, compose, readout_rows
 
 
@@ -27,7 +28,7 @@ def head_norms(gradient: torch.Tensor, norm: str) -> torch.Tensor:
         return flat.abs().sum(dim=-1)
     if norm == "l2":
         return flat.pow(2).sum(dim=-1).sqrt()
-    raise ValueError(f"unknown head norm {norm!r}: expected 'l1' or 'l2'")
+    raise MethodError(f"unknown head norm {norm!r}: expected 'l1' or 'l2'")
 
 
 def normalized_head_weights(gradient: torch.Tensor, norm: str) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from vitlens.errors import MethodError
 from vitlens.methods.common import EPS, Captured, add_residual, compose, readout_rows
 from vitlens.methods.gmar import normalized_head_weights
 
@@ -37,7 +38,7 @@ def gmar_plus_plus(captured: Captured, norm: str = "l2", residual: float = 1.0, 
                    start_layer: int = 0) -> torch.Tensor:
     """GMAR++ patch map (B, h, w)."""
     if normalize not in ("none", "layer"):
-        raise ValueError(f"unknown normalize {normalize!r}: expected 'none' or 'layer'")
+        raise MethodError(f"unknown normalize {normalize!r}: expected 'none' or 'layer'")
     matrices = []
     for attention, gradient in zip(captured.attentions[start_layer:], captured.gradients[start_layer:]):
         weighted = gradient_weighted_attention(attention, gradient, norm)

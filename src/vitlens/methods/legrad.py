@@ -19,24 +19,44 @@ from __future__ import annotations
 
 import torch
 
+from vitlens.errors import MethodError
 from vitlens.methods.common import Captured, patches_to_grid
 
 
 def resolve_layers(layers, num_layers: int) -> list[int]:
-    """Normalise the ``layers`` parameter into sorted non-negative layer indices."""
+    """Normalise the ``layers`` parameter into sorted non-negative layer indices.
+
+    A selection the model cannot satisfy (more layers than it has, an index beyond its depth) is a
+    one-line MethodError: the parameter comes from the user.
+    """
     if layers in (None, "all"):
         return list(range(num_layers))
-    if isinstance(layers, int):
-        if not 1 <= layers <= num_layers:
-            raise ValueError(f"layers={layers}: the model has {num_layers} layers")
-        return list(range(num_layers - layers, num_layers))
+    count = None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        count = layers
+    elif isinstance(layers, str) and layers.strip().startswith("last"):
+        digits = layers.strip()[4:].strip(" -_:")
+        if not digits.isdigit():
+            raise MethodError(f"layers={layers!r}: write lastN with a number, e.g. last4")
+        count = int(digits)
+    if count is not None:
+        if not 1 <= count <= num_layers:
+            shown = layers if isinstance(layers, int) else repr(layers)
+            raise MethodError(f"layers={shown} asks for the last {count} layers, but the model has {num_layers}")
+        return list(range(num_layers - count, num_layers))
     if isinstance(layers, str):
-        if layers.startswith("last"):
-            return resolve_layers(int(layers[4:].strip(" -_:")), num_layers)
-        layers = [int(v) for v in layers.split(",")]
-    out = sorted({(int(v) + num_layers) % num_layers if int(v) < 0 else int(v) for v in layers})
-    if not out or out[-1] >= num_layers:
-        raise ValueError(f"layers={layers}: the model has {num_layers} layers (0-{num_layers - 1})")
+        text = layers.strip()
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise MethodError(f"layers={layers!r}: expected 'all', 'lastN', or layer indices such as '3,5'") from None
+    else:
+        values = list(layers)
+    # negative indices count from the end; one below -num_layers must not wrap around to a valid layer
+    out = sorted({int(v) + num_layers if int(v) < 0 else int(v) for v in values})
+    if not out or out[0] < 0 or out[-1] >= num_layers:
+        raise MethodError(f"layers={layers}: the model has {num_layers} layers (0 to {num_layers - 1}, "
+                          f"or -1 to -{num_layers} from the end)")
     return out
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from vitlens.errors import MethodError
 from vitlens.methods.common import Captured, add_residual, compose, fuse_heads, readout_rows
 
 
@@ -23,7 +24,7 @@ def discard_lowest(fused: torch.Tensor, ratio: float, num_prefix: int) -> torch.
     if ratio <= 0:
         return fused
     if not 0 <= ratio < 1:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {ratio}")
+        raise MethodError(f"discard_ratio must be in [0, 1), got {ratio}")
     patch_block = fused[:, num_prefix:, num_prefix:]
     flat = patch_block.reshape(fused.shape[0], -1)
     count = int(flat.shape[1] * ratio)
@@ -41,7 +42,7 @@ def attention_rollout(captured: Captured, head_fusion: str = "mean", discard_rat
     """Rollout patch map (B, h, w) from the captured attentions (class-agnostic)."""
     layers = captured.attentions[start_layer:]
     if not layers:
-        raise ValueError(f"start_layer {start_layer} leaves no layers (model has {len(captured.attentions)})")
+        raise MethodError(f"start_layer {start_layer} leaves no layers (model has {len(captured.attentions)})")
     matrices = []
     for attention in layers:
         fused = discard_lowest(fuse_heads(attention, head_fusion), discard_ratio, captured.num_prefix)
