@@ -96,7 +96,7 @@ def _load_from_spec(spec: str, weights, num_classes) -> ImageModel:
     return wrap_module(loaded.module, preprocess=loaded.preprocess, class_names=loaded.class_names, info=info)
 
 
-def describe(model: ExplainableModel) -> dict:
+def describe(model: ImageModel) -> dict:
     """Provenance of a model for manifests."""
     return {
         "spec": model.info.spec,

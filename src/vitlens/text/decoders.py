@@ -36,6 +36,8 @@ DECODER_FAMILIES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+#: family -> where its base model, final norm and blocks live: (base model, final norm, blocks)
+_LAYOUTS = {"gpt2": ("transformer", "ln_f", "h"), "llama": ("model", "norm", "layers")}
 SUPPORTED_DECODERS = "GPT-2 (GPT2LMHeadModel), Llama, Mistral, Qwen2, Qwen3 (...ForCausalLM)"
 SCORES = ("logit", "logprob")
 #: how a token's text may start when a space precedes it (GPT-2 byte-level BPE, SentencePiece)
@@ -65,10 +67,9 @@ class DecoderModel(TextModel):
         if score not in SCORES:
             raise ModelError(f"unknown score {score!r}: expected one of {', '.join(SCORES)}")
         text_family = DECODER_FAMILIES[name]
-        if text_family == "gpt2":
-            backbone, final_norm, layers = module.transformer, module.transformer.ln_f, module.transformer.h
-        else:
-            backbone, final_norm, layers = module.model, module.model.norm, module.model.layers
+        base_attr, norm_attr, layers_attr = _LAYOUTS.get(text_family, _LAYOUTS["llama"])
+        backbone = getattr(module, base_attr)
+        final_norm, layers = getattr(backbone, norm_attr), getattr(backbone, layers_attr)
         # its classes are the vocabulary: the next token
         super().__init__(module, tokenizer, text_family=text_family, backbone=backbone, layers=list(layers),
                          is_classifier=True, info=info)

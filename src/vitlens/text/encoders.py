@@ -8,7 +8,8 @@ family keeps its blocks and head, how it numbers positions and how a plain encod
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +36,68 @@ FAMILIES = {
     "AlbertForSequenceClassification": ("albert", "albert"),
     "ElectraModel": ("electra", None),
     "ElectraForSequenceClassification": ("electra", "electra"),
+}
+
+
+def _bert_head(m, backbone, hidden):
+    return m.classifier(m.dropout(backbone.pooler(hidden)))
+
+
+def _token_head(m, backbone, hidden):  # RoBERTa / ELECTRA heads read the first token themselves
+    return m.classifier(hidden)
+
+
+def _distilbert_head(m, backbone, hidden):
+    return m.classifier(m.dropout(torch.relu(m.pre_classifier(hidden[:, 0]))))
+
+
+def _albert_head(m, backbone, hidden):
+    return m.classifier(m.dropout(backbone.pooler_activation(backbone.pooler(hidden[:, 0]))))
+
+
+def _encoder_layers(backbone):
+    return list(backbone.encoder.layer)
+
+
+def _albert_layers(backbone):
+    return [layer for group in backbone.encoder.albert_layer_groups for layer in group.albert_layers]
+
+
+@dataclass(frozen=True)
+class EncoderArchitecture:
+    """What differs between the encoder architectures this adapter reads.
+
+    Attributes
+    ----------
+    layers : callable
+        backbone -> its blocks, in forward order.
+    head : callable
+        (classifier module, backbone, token states (B, N, C)) -> logits: the classifier's own head,
+        applied to any layer's states (LeGrad).
+    token_types : bool
+        Whether the model takes segment ids.
+    positions_from_ids : bool
+        RoBERTa numbers positions from the ids, after the padding index: from embeddings alone it
+        cannot, so the adapter passes them, and the longest input is shorter by that offset.
+    layer_calls : callable or None
+        config -> attention layers run per forward when blocks are shared (ALBERT), else None.
+    """
+
+    layers: Callable
+    head: Callable
+    token_types: bool = True
+    positions_from_ids: bool = False
+    layer_calls: Callable | None = None
+
+
+ARCHITECTURES = {
+    "bert": EncoderArchitecture(_encoder_layers, _bert_head),
+    "roberta": EncoderArchitecture(_encoder_layers, _token_head, positions_from_ids=True),
+    "electra": EncoderArchitecture(_encoder_layers, _token_head),
+    "distilbert": EncoderArchitecture(lambda backbone: list(backbone.transformer.layer), _distilbert_head,
+                                      token_types=False),
+    "albert": EncoderArchitecture(_albert_layers, _albert_head,
+                                  layer_calls=lambda cfg: int(cfg.num_hidden_layers) * int(cfg.inner_group_num)),
 }
 SUPPORTED_FAMILIES = "BERT (incl. MiniLM), RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ALBERT, ELECTRA"
 PACKAGED_MINILM = ("vitlens:all-minilm-l6-v2", "vitlens:minilm", "minilm")
@@ -68,18 +131,17 @@ class EncoderModel(TextModel):
             class_names = [str(id2label.get(i, f"LABEL_{i}")) for i in range(module.config.num_labels)]
         text_family, base_attr = FAMILIES[name]
         backbone = getattr(module, base_attr) if base_attr else module
+        self.architecture = ARCHITECTURES[text_family]
         super().__init__(module, tokenizer, text_family=text_family, backbone=backbone,
-                         layers=_find_layers(text_family, backbone), is_classifier=base_attr is not None,
+                         layers=self.architecture.layers(backbone), is_classifier=base_attr is not None,
                          class_names=class_names, info=info)
         self.pooling = pooling
 
     @property
     def num_layers(self) -> int:
         """Attention layers run per forward (ALBERT runs its shared layers several times)."""
-        cfg = self.config
-        if self.text_family == "albert":
-            return int(cfg.num_hidden_layers) * int(cfg.inner_group_num)
-        return len(self.layers)
+        calls = self.architecture.layer_calls
+        return calls(self.config) if calls is not None else len(self.layers)
 
     @property
     def num_classes(self) -> int:
@@ -90,7 +152,7 @@ class EncoderModel(TextModel):
 
     def _position_limit(self) -> int:
         limit = super()._position_limit()
-        if self.text_family == "roberta":  # positions start after the padding index
+        if self.architecture.positions_from_ids:  # positions start after the padding index
             limit -= int(getattr(self.config, "pad_token_id", 1) or 1) + 1
         return limit
 
@@ -162,17 +224,17 @@ class EncoderModel(TextModel):
         return batch.to(self.device)
 
     def _uses_token_types(self) -> bool:
-        return self.text_family != "distilbert" and int(getattr(self.config, "type_vocab_size", 0) or 0) > 1
+        return self.architecture.token_types and int(getattr(self.config, "type_vocab_size", 0) or 0) > 1
 
     def forward(self, batch: TextBatch, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (S, classes) of a classifier, or the last hidden states (S, N, C) of an encoder."""
         if embeds is None:
             embeds = self.embed(batch.input_ids)
         kwargs = {"inputs_embeds": embeds, "attention_mask": batch.attention_mask}
-        if batch.token_type_ids is not None and self.text_family != "distilbert":
+        if batch.token_type_ids is not None and self.architecture.token_types:
             kwargs["token_type_ids"] = batch.token_type_ids
-        if self.text_family == "roberta":
-            # RoBERTa numbers positions from the ids (padding-aware); from embeddings alone it cannot
+        if self.architecture.positions_from_ids:
+            # numbered from the ids (padding-aware), which the embeddings alone do not carry
             pad = self.backbone.embeddings.padding_idx
             real = batch.input_ids.ne(pad).long()
             kwargs["position_ids"] = torch.cumsum(real, dim=1) * real + pad
@@ -181,19 +243,9 @@ class EncoderModel(TextModel):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The classifier's logits read from any layer's token states (B, N, C) with its own head."""
-        m, family = self.module, self.text_family
         if not self.is_classifier:
             raise TargetError("a plain encoder has no classification head")
-        if family == "bert":
-            return m.classifier(m.dropout(self.backbone.pooler(hidden)))
-        if family in ("roberta", "electra"):
-            return m.classifier(hidden)
-        if family == "distilbert":
-            return m.classifier(m.dropout(torch.relu(m.pre_classifier(hidden[:, 0]))))
-        if family == "albert":
-            pooled = self.backbone.pooler_activation(self.backbone.pooler(hidden[:, 0]))
-            return m.classifier(m.dropout(pooled))
-        raise AssertionError(family)  # pragma: no cover
+        return self.architecture.head(self.module, self.backbone, hidden)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sentence embeddings (B, C) of an encoder: mean over real tokens, or the first token."""
@@ -223,14 +275,6 @@ class EncoderModel(TextModel):
             weights[0] = 1.0
             return weights
         return torch.full((num_tokens,), 1.0 / num_tokens, device=device, dtype=dtype)
-
-
-def _find_layers(text_family: str, backbone: nn.Module) -> list:
-    if text_family == "distilbert":
-        return list(backbone.transformer.layer)
-    if text_family == "albert":
-        return [layer for group in backbone.encoder.albert_layer_groups for layer in group.albert_layers]
-    return list(backbone.encoder.layer)
 
 
 def _segments(seq_ids, kept) -> list:
