@@ -53,14 +53,14 @@ BLUR_KERNEL, BLUR_SIGMA = 21, 7.0
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _pixel_stats(model, mean=None, std=None) -> tuple[tuple, tuple]:
+def pixel_stats(model, mean=None, std=None) -> tuple[tuple, tuple]:
     pre = getattr(model, "preprocess", None)
     mean = mean if mean is not None else (getattr(pre, "mean", None) or (0.0, 0.0, 0.0))
     std = std if std is not None else (getattr(pre, "std", None) or (1.0, 1.0, 1.0))
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def _fingerprint(image: torch.Tensor) -> int:
+def fingerprint(image: torch.Tensor) -> int:
     return int(torch.round(image.double().abs().sum() * 1000).item()) % (2 ** 31)
 
 
@@ -86,7 +86,7 @@ def baseline_inputs(x: torch.Tensor, kind: str, mean=(0.0, 0.0, 0.0), std=(1.0, 
     if kind == "noise":
         out = []
         for image in x:
-            g = torch.Generator().manual_seed((seed * 1_000_003 + _fingerprint(image)) % (2 ** 63))
+            g = torch.Generator().manual_seed((seed * 1_000_003 + fingerprint(image)) % (2 ** 63))
             out.append(torch.rand(image.shape, generator=g, dtype=torch.float64))
         return ((torch.stack(out).to(device=x.device, dtype=x.dtype)) - m) / s
     raise ValueError(f"unknown baseline {kind!r}: choose from {', '.join(BASELINES)}")
@@ -170,7 +170,7 @@ class PerturbationBatch:
     def __init__(self, model, inputs: torch.Tensor, mean=None, std=None, seed: int = 0, batch_size: int = 128):
         self.model = model
         self.x = inputs.detach()
-        self.mean, self.std = _pixel_stats(model, mean, std)
+        self.mean, self.std = pixel_stats(model, mean, std)
         self.seed = seed
         self.batch_size = max(1, int(batch_size))
         self._baselines: dict = {}

@@ -42,6 +42,8 @@ from typing import Callable
 
 import torch
 
+from vitlens.metrics.perturbation import fingerprint as image_fingerprint, pixel_stats
+
 SENSITIVITY_VALUES = ("max_sensitivity", "avg_sensitivity", "lipschitz")
 NORMS = ("rms", "relative")
 
@@ -68,9 +70,7 @@ class Explainer:
 
     @property
     def pixel_stats(self) -> tuple:
-        from vitlens.metrics.perturbation import _pixel_stats
-
-        return _pixel_stats(self.model)
+        return pixel_stats(self.model)
 
     def __call__(self, x: torch.Tensor, targets: torch.Tensor) -> dict:
         from vitlens.api import explain
@@ -104,19 +104,13 @@ def as_explainer(explain_fn=None, model=None, methods=None, params=None, batch_s
     return Explainer(model, methods, params, batch_size)
 
 
-def _fingerprint(image: torch.Tensor) -> int:
-    from vitlens.metrics.perturbation import _fingerprint as fingerprint
-
-    return fingerprint(image)
-
-
 # ------------------------------------------------------------------------------------ perturbations
 def perturb(x: torch.Tensor, index: int, sample: int, radius: float, mean, std, seed: int = 0,
             fingerprint: int | None = None) -> tuple[torch.Tensor, float]:
     """One perturbed copy of the preprocessed image ``x[index]`` (3, H, W) and the L2 norm of its actual
     perturbation in ``[0, 1]`` pixel space (see the module docstring)."""
     image = x[index]
-    fp = _fingerprint(image) if fingerprint is None else fingerprint
+    fp = image_fingerprint(image) if fingerprint is None else fingerprint
     generator = torch.Generator().manual_seed(((seed * 1_000_003 + fp) * 1009 + sample) % (2 ** 63))
     delta = (torch.rand(image.shape, generator=generator, dtype=torch.float64) * 2 - 1) * radius
     m = torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)
@@ -179,9 +173,7 @@ def sensitivity(x: torch.Tensor, targets: torch.Tensor, explain_fn: Callable | N
     if mean is None or std is None:
         stats_of = getattr(explain_fn, "pixel_stats", None)
         if stats_of is None and model is not None:
-            from vitlens.metrics.perturbation import _pixel_stats
-
-            stats_of = _pixel_stats(model)
+            stats_of = pixel_stats(model)
         m0, s0 = stats_of if stats_of is not None else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
         mean, std = (m0 if mean is None else mean), (s0 if std is None else std)
     x = x.detach().cpu()
@@ -190,7 +182,7 @@ def sensitivity(x: torch.Tensor, targets: torch.Tensor, explain_fn: Callable | N
     if maps is None:
         maps = explain_fn(x, targets)
     maps = {m: (v[:, 0] if v.dim() == 4 else v).detach().cpu() for m, v in maps.items()}
-    fingerprints = [_fingerprint(x[b]) for b in range(B)]
+    fingerprints = [image_fingerprint(x[b]) for b in range(B)]
     pairs = [(b, s) for b in range(B) for s in range(samples)]
     dist = {m: torch.zeros(B, samples, dtype=torch.float64) for m in maps}
     ratio = {m: torch.zeros(B, samples, dtype=torch.float64) for m in maps}

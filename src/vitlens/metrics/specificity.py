@@ -48,7 +48,8 @@ import torch
 
 from vitlens.metrics.localisation import box_mask
 from vitlens.metrics.sanity import spearman
-from vitlens.metrics.sensitivity import _fingerprint, as_explainer
+from vitlens.metrics.perturbation import fingerprint as image_fingerprint
+from vitlens.metrics.sensitivity import as_explainer
 
 CONTRAST_VALUES = ("contrast_rank_2nd", "contrast_l1_2nd", "contrast_rank_random", "contrast_l1_random")
 OBJECT_VALUES = ("object_share", "object_contrast")
@@ -95,7 +96,7 @@ def contrast_targets(logits: torch.Tensor, targets: torch.Tensor, x: torch.Tenso
     second = masked.argmax(dim=1)
     chosen = []
     for b in range(B):
-        fp = _fingerprint(x[b]) if x is not None else b
+        fp = image_fingerprint(x[b]) if x is not None else b
         g = torch.Generator().manual_seed((seed * 1_000_003 + fp * 7 + 12345) % (2 ** 63))
         draw = int(torch.randint(0, C - 1, (1,), generator=g))
         chosen.append(draw + 1 if draw >= int(targets[b]) else draw)  # uniform over the C - 1 other classes
