@@ -117,3 +117,26 @@ def test_class_specific_methods_depend_on_the_target(model):
     b = run_batch(model, x, methods, target=8)
     for name in methods:
         assert not torch.allclose(a.patch_maps[name], b.patch_maps[name]), name
+
+
+def test_images_and_text_run_through_the_same_engine(model, monkeypatch):
+    """One loop: an image request and a text request both go through engine._shared_pass and _lrp_pass."""
+    from tests.text.conftest import random_batch, tiny_text_model
+    from vitlens import engine
+    from vitlens.text import TextBatch, load_text_model, run_text_batch
+    from vitlens.text.task import TextTask, text_params
+
+    seen = []
+    shared, lrp = engine._shared_pass, engine._lrp_pass
+    monkeypatch.setattr(engine, "_shared_pass", lambda task, *a: (seen.append(("shared", type(task).__name__)),
+                                                                    shared(task, *a))[1])
+    monkeypatch.setattr(engine, "_lrp_pass", lambda task, *a: (seen.append(("lrp", type(task).__name__)),
+                                                              lrp(task, *a))[1])
+    run_batch(model, torch.randn(2, 3, 32, 32), {"rollout": {}, "attnlrp": get_method("attnlrp").params()})
+    ids, mask = random_batch()
+    text_model = load_text_model(tiny_text_model("bert"))
+    result = run_text_batch(text_model, TextBatch.from_ids(ids, mask),
+                            {"rollout": text_params("rollout"), "attnlrp": text_params("attnlrp")})
+    assert seen == [("shared", "ImageTask"), ("lrp", "ImageTask"), ("shared", TextTask.__name__),
+                    ("lrp", TextTask.__name__)]
+    assert [m.shape for m in result.token_maps["rollout"]] == [(1, 9), (1, 5), (1, 7)]

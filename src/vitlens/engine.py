@@ -317,8 +317,9 @@ class ImageTask(ExplainTask):
         self.model, self.x, self.target = model, x, target
         self.input_size = tuple(x.shape[-2:])
         # baselines need a grid on models without attention too: a 16-pixel grid, like a ViT's patches
+        # (at least one cell, for inputs smaller than 16 pixels)
         self.grid = model.grid(self.input_size) if model.has_attention \
-            else (self.input_size[0] // 16, self.input_size[1] // 16)
+            else (max(1, self.input_size[0] // 16), max(1, self.input_size[1] // 16))
         self.targets = None
 
     def leaf(self):
