@@ -1,8 +1,8 @@
 """Adapter for torchvision ``VisionTransformer`` (``vit_b_16`` and friends).
 
 torchvision's encoder blocks call ``nn.MultiheadAttention`` with ``need_weights=False``, which takes
-the fused path. During capture each block's attention instance gets an explicit forward computed
-from the same packed ``in_proj`` weights and ``out_proj``.
+the fused path. During capture each block's attention instance gets the explicit forward of
+:mod:`vitlens.models.mha` (the same packed ``in_proj`` weights and ``out_proj``).
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from vitlens.errors import ModelError, one_line
 from vitlens.models import hub
 from vitlens.models.base import ImageModel
-from vitlens.models.capture import AttentionRecorder, explicit_attention, swapped_forward
+from vitlens.models.capture import AttentionRecorder, swapped_forward
+from vitlens.models.mha import mha_capturing_forward
 from vitlens.models.preprocess import Preprocess, interpolation_name, torchvision_default_preprocess
 from vitlens.models.registry import Family, LoadedModule, register_family, register_spec
 from vitlens.models.weights import HUB_HINT, infer_num_classes, load_state_dict_checked, looks_like_hub_error, read_weights
@@ -26,58 +26,6 @@ def is_torchvision_vit(module: nn.Module) -> bool:
     from torchvision.models.vision_transformer import VisionTransformer
 
     return isinstance(module, VisionTransformer)
-
-
-def mha_capturing_forward(mha: nn.MultiheadAttention, layer: int, recorder: AttentionRecorder):
-    """Self-attention forward of one ``nn.MultiheadAttention`` instance with explicit softmax."""
-    if not mha._qkv_same_embed_dim:
-        raise ModelError("nn.MultiheadAttention with separate key/value dimensions is not supported")
-
-    def forward(query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        x = query if mha.batch_first else query.transpose(0, 1)
-        B, N, C = x.shape
-        heads = mha.num_heads
-        head_dim = C // heads
-        qkv = recorder.linear(x, mha.in_proj_weight, mha.in_proj_bias)
-        q, k, v = qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = _combine_masks(attn_mask, key_padding_mask, is_causal, N, x.device)
-        out = explicit_attention(q, k, v, head_dim ** -0.5, layer, recorder, mask)
-        out = out.transpose(1, 2).reshape(B, N, C)
-        out = mha.out_proj(out)
-        if not mha.batch_first:
-            out = out.transpose(0, 1)
-        weights = None
-        if need_weights:
-            weights = recorder.attentions[layer]
-            weights = weights.mean(dim=1) if average_attn_weights else weights
-        return out, weights
-
-    return forward
-
-
-def _combine_masks(attn_mask, key_padding_mask, is_causal, n, device):
-    """MHA's masks as one additive float mask (``-inf`` where attending is not allowed), or None."""
-    masks = []
-    if attn_mask is not None:
-        masks.append(_additive(attn_mask))
-    if key_padding_mask is not None:
-        masks.append(_additive(key_padding_mask)[:, None, None, :])
-    if is_causal and attn_mask is None:
-        masks.append(_additive(torch.ones(n, n, dtype=torch.bool, device=device).triu(1)))
-    if not masks:
-        return None
-    total = masks[0]
-    for m in masks[1:]:
-        total = total + m
-    return total
-
-
-def _additive(mask):
-    # nn.MultiheadAttention convention: a boolean True marks a position that may NOT be attended.
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=mask.device).masked_fill(mask, float("-inf"))
-    return mask
 
 
 class TorchvisionViT(ImageModel):
