@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 WEIGHTS = SHARED / "vit_tiny_in1k_augreg" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.pth"
@@ -90,7 +88,9 @@ def main(argv=None) -> int:
     from vitlens.metrics.specificity import LabelledBox
 
     objects = [[LabelledBox(o.label, boxes_to_input([o.box], crop, tuple(cd.shape[-2:]))[0]) for o in CATDOG_BOXES]]
-    for methods in (() if args.no_two_object else (CHEAP,) if args.no_lrp else (LRP,) if args.only_lrp else (CHEAP, LRP)):
+    two_object_sets = (() if args.no_two_object else (CHEAP,) if args.no_lrp else (LRP,) if args.only_lrp
+                       else (CHEAP, LRP))
+    for methods in two_object_sets:
         res = two_object_share(cd, objects, Explainer(model, list(methods)))
         for m, v in res.items():
             write(out, {"part": "two_object", "method": m, "image": "chefer_catdog.png",

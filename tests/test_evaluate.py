@@ -153,7 +153,8 @@ def test_batch_size_does_not_change_the_metrics(tmp_path, tiny_weights, tin):
 
 
 def test_aggregate_and_wide_table_on_known_records():
-    images = [{"status": "ok", "metrics": {"m": {"deletion_auc": v, "deletion_auc_norm": None}}} for v in (1, 2, 3, 4, 5)]
+    images = [{"status": "ok", "metrics": {"m": {"deletion_auc": v, "deletion_auc_norm": None}}}
+              for v in (1, 2, 3, 4, 5)]
     images.append({"status": "failed", "metrics": None})
     rows, _ = aggregate(images, ["m"], ["deletion"])
     (row,) = rows  # the all-None value has no row

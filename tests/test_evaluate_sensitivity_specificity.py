@@ -34,7 +34,8 @@ def test_evaluate_sensitivity_specificity_tables_plots_report(tmp_path, capsys, 
     assert float(table[("chefer", "contrast_l1_random")]["mean"]) > 0
     records = [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
     avg = [r["metrics"]["chefer"]["avg_sensitivity"] for r in records if "avg_sensitivity" in r["metrics"]["chefer"]]
-    assert len(avg) == 2 and float(table[("chefer", "avg_sensitivity")]["mean"]) == pytest.approx(sum(avg) / 2, abs=1e-5)
+    assert len(avg) == 2
+    assert float(table[("chefer", "avg_sensitivity")]["mean"]) == pytest.approx(sum(avg) / 2, abs=1e-5)
     assert all(r["metrics"]["chefer"]["max_sensitivity"] >= r["metrics"]["chefer"]["avg_sensitivity"]
                for r in records if "max_sensitivity" in r["metrics"]["chefer"])
     md = (out / "metrics.md").read_text()
@@ -76,7 +77,8 @@ def test_two_object_errors_are_one_line(tmp_path, capsys, tiny):  # noqa: F811
     folder = tmp_path / "photos"
     picture(folder / "a.jpg", 0)
     for extra, fragments in ((["--metrics", "two_object"], ["two_object.objects=FILE"]),
-                             (["--metrics", "two_object", "--metric-param", f"two_object.objects={tmp_path / 'no.json'}"],
+                             (["--metrics", "two_object",
+                               "--metric-param", f"two_object.objects={tmp_path / 'no.json'}"],
                               ["does not exist"]),
                              (["--metrics", "sensitivity", "--metric-param", "sensitivity.radius2=1"],
                               ["no parameter 'radius2'"]),

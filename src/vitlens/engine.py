@@ -250,7 +250,8 @@ def _hook_layers(model: ExplainableModel, names: list, stack: contextlib.ExitSta
 
         def hook(mod, inputs, output, name=name):
             if not isinstance(output, torch.Tensor):
-                raise MethodError(f"target layer '{name}' does not output a tensor: choose one of {', '.join(valid[-8:])}")
+                raise MethodError(f"target layer '{name}' does not output a tensor: "
+                                  f"choose one of {', '.join(valid[-8:])}")
             outputs[name] = output
             return output.clone()
 

@@ -76,7 +76,8 @@ def test_lrp_leaves_the_model_and_other_methods_unchanged(family):
         assert torch.equal(before.patch_maps[name], after.patch_maps[name]), name
         assert torch.allclose(before.patch_maps[name], together.patch_maps[name], atol=1e-6), name
     assert not any("forward" in m.__dict__ for m in module.modules())
-    assert nn.Linear.forward.__qualname__ == "Linear.forward" and nn.LayerNorm.forward.__qualname__ == "LayerNorm.forward"
+    assert nn.Linear.forward.__qualname__ == "Linear.forward"
+    assert nn.LayerNorm.forward.__qualname__ == "LayerNorm.forward"
 
 
 def test_other_models_are_untouched_during_an_lrp_pass():

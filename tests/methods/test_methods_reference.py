@@ -361,7 +361,9 @@ def _t(rows):
 
 def _captured(attentions, gradients=None, layer_gradients=None):
     """attentions / gradients: list over layers of lists over heads of 3x3 nested lists."""
-    to = lambda layers: [_t(heads).unsqueeze(0) for heads in layers]  # (1, K, 3, 3)
+    def to(layers):
+        return [_t(heads).unsqueeze(0) for heads in layers]  # (1, K, 3, 3)
+
     return Captured(to(attentions), to(gradients) if gradients is not None else None,
                     _t([1.0, 0.0, 0.0]), 1, (1, 2),
                     {k: _t(v).unsqueeze(0) for k, v in (layer_gradients or {}).items()})

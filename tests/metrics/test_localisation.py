@@ -14,9 +14,11 @@ from vitlens.metrics import (average_precision, box_mask, boxes_to_input, energy
 
 def test_boxes_follow_the_crop_into_input_pixels():
     # the model saw the region (10, 10)-(110, 110) of the original, stretched to 224 x 224
-    assert boxes_to_input([(10, 10, 60, 60)], (10, 10, 110, 110), (224, 224)) == [pytest.approx((0.0, 0.0, 112.0, 112.0))]
+    assert boxes_to_input([(10, 10, 60, 60)], (10, 10, 110, 110), (224, 224)) == [
+        pytest.approx((0.0, 0.0, 112.0, 112.0))]
     # clipped to the input; a box outside the crop disappears
-    assert boxes_to_input([(0, 50, 200, 60)], (10, 10, 110, 110), (224, 224)) == [pytest.approx((0.0, 89.6, 224.0, 112.0))]
+    assert boxes_to_input([(0, 50, 200, 60)], (10, 10, 110, 110), (224, 224)) == [
+        pytest.approx((0.0, 89.6, 224.0, 112.0))]
     assert boxes_to_input([(120, 0, 130, 5)], (10, 10, 110, 110), (224, 224)) == []
     # a 64 px TinyImageNet image seen through a centre crop of 224/248
     (x0, y0, x1, y1), = boxes_to_input([(0, 0, 64, 64)], (3.0967, 3.0967, 60.9033, 60.9033), (224, 224))
@@ -76,7 +78,8 @@ def test_segmentation_scores_on_a_tiny_mask():
     assert_scores(segmentation_scores(maps, torch.tensor([[[True, False], [True, False]]])),
                   pixel_accuracy=1.0, iou=1.0, miou=1.0, ap=1.0)
     # truth = top row: prediction hits 1 of 2, one false positive
-    scores = segmentation_scores(torch.tensor([[[0.9, 0.2], [0.8, 0.1]]]), torch.tensor([[[True, True], [False, False]]]))
+    scores = segmentation_scores(torch.tensor([[[0.9, 0.2], [0.8, 0.1]]]),
+                                 torch.tensor([[[True, True], [False, False]]]))
     # pred fg = {0.9, 0.8} (mean 0.5); gt fg = {0.9, 0.2}: inter 1, union 3; bg: pred {0.2, 0.1}, gt {0.8, 0.1}: 1/3
     # AP: ranking 0.9 (+), 0.8 (-), 0.2 (+), 0.1 (-): precision at the positives 1, 2/3 -> (1 + 2/3) / 2
     assert_scores(scores, pixel_accuracy=0.5, iou=1 / 3, miou=1 / 3, ap=(1 + 2 / 3) / 2)

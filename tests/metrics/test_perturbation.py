@@ -170,7 +170,8 @@ def test_batched_equals_per_image(tiny):
                 for name, tensor in values.items():
                     if name == "fractions":
                         continue
-                    assert torch.allclose(batched[method][metric][name][i], tensor[0], atol=1e-5), (method, metric, name)
+                    got = batched[method][metric][name][i]
+                    assert torch.allclose(got, tensor[0], atol=1e-5), (method, metric, name)
 
 
 def test_matches_a_straightforward_per_step_loop(tiny):

@@ -74,8 +74,12 @@ def test_stages_top_down(tiny):
 def test_randomisation_is_cumulative_seeded_and_leaves_the_model_alone(tiny):
     model, x = tiny
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    first = [{k: v.clone() for k, v in clone.module.state_dict().items()} for _, clone in randomized_copies(model, seed=3)]
-    again = [{k: v.clone() for k, v in clone.module.state_dict().items()} for _, clone in randomized_copies(model, seed=3)]
+    def snapshots(seed):
+        return [{k: v.clone() for k, v in clone.module.state_dict().items()}
+                for _, clone in randomized_copies(model, seed=seed)]
+
+    first = snapshots(3)
+    again = snapshots(3)
     assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
     assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again) for k in a)
     # stage 0 changes the head only; the last stage has changed everything that has weights

@@ -64,7 +64,10 @@ def test_missing_map_is_a_blank_na_cell():
     rows[0].maps = {"a": rows[0].maps["a"]}  # "b" missing now
     with_missing = np.asarray(compare_grid(rows, ["a", "b"], alpha=1.0).convert("RGB"))
     assert with_all.shape == with_missing.shape
-    gray = lambda arr: int(np.all(arr == NA_GRAY, axis=-1).sum())
+
+    def gray(arr):
+        return int(np.all(arr == NA_GRAY, axis=-1).sum())
+
     assert gray(with_all) < 50  # a few antialiased text pixels may hit the value
     # Most of a ~260x260 px cell is the n/a background.
     assert gray(with_missing) > 0.8 * 260 * 260

@@ -35,4 +35,5 @@ def center_map(captured: Captured, sigma: float = 0.25) -> torch.Tensor:
     xs = torch.arange(w, dtype=torch.float64) + 0.5 - w / 2
     spread = sigma * max(h, w)
     gauss = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * spread ** 2))
-    return gauss.expand(len(captured.inputs), h, w).clone().to(device=captured.inputs.device, dtype=captured.inputs.dtype)
+    inputs = captured.inputs
+    return gauss.expand(len(inputs), h, w).clone().to(device=inputs.device, dtype=inputs.dtype)

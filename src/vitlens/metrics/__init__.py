@@ -128,7 +128,8 @@ _register(MetricSpec("neg_perturbation", frozenset({MODEL}), {"neg_perturbation_
 _register(MetricSpec("drop_increase", frozenset({MODEL}),
                      {"average_drop": False, "increase_confidence": True, "average_gain": True}, (),
                      {"score": "prob", "mode": "multiply", "baseline": "zero", "keep": 0.25},
-                     "Grad-CAM++ Average Drop / Increase in Confidence (+ Average Gain), explanation map = map x image"))
+                     "Grad-CAM++ Average Drop / Increase in Confidence (+ Average Gain), "
+                     "explanation map = map x image"))
 _register(MetricSpec("pointing_game", frozenset({BOXES}), {"pointing_game": True}, (), {"tolerance": 15.0},
                      "map maximum inside (or within tolerance px of) an object box"))
 _register(MetricSpec("energy_in_box", frozenset({BOXES}), {"energy_in_box": True}, (), {},

@@ -15,9 +15,10 @@ All metrics here perturb the *preprocessed* input ``x`` (B, 3, H, W): a perturbe
 * **positive / negative perturbation** (Chefer et al., CVPR 2021): remove (set to black pixels,
   ``baseline='zero'``) the ``floor(q * U)`` most relevant units (positive), or keep the
   ``floor((1 - q) * U)`` most relevant ones (negative: the ``ceil(q * U)`` least relevant are removed,
-  at most one unit more than Chefer's ``floor``) for q = 0.1 ... 0.9 and record top-1 correctness against the label (against the original top-1
-  prediction where an image has no label). ``auc`` is the trapezoid area of accuracy in percent over
-  q in [0, 0.9] including q = 0 (the unperturbed accuracy), as in the paper's tables (max 90).
+  at most one unit more than Chefer's ``floor``) for q = 0.1 ... 0.9 and record top-1 correctness
+  against the label (against the original top-1 prediction where an image has no label). ``auc`` is
+  the trapezoid area of accuracy in percent over q in [0, 0.9] including q = 0 (the unperturbed
+  accuracy), as in the paper's tables (max 90).
   Positive: lower is better; negative: higher is better.
 * **average drop / increase in confidence / average gain** (Chattopadhay et al., Grad-CAM++ 2018;
   gain: Zhang et al. 2023): with Y the score of ``x`` and O of the explanation map
@@ -64,7 +65,8 @@ def fingerprint(image: torch.Tensor) -> int:
     return int(torch.round(image.double().abs().sum() * 1000).item()) % (2 ** 31)
 
 
-def baseline_inputs(x: torch.Tensor, kind: str, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), seed: int = 0) -> torch.Tensor:
+def baseline_inputs(x: torch.Tensor, kind: str, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                    seed: int = 0) -> torch.Tensor:
     """The fully perturbed version of a preprocessed batch ``x`` (B, 3, H, W).
 
     ``zero``: black pixels (0 in [0, 1] pixel space, i.e. ``-mean/std`` after normalisation);
@@ -215,7 +217,8 @@ class PerturbationBatch:
             self.baseline(baseline)
             return self._request(("empty", image, target, baseline), ("empty", image, target, baseline))
         self.baseline(baseline)
-        return self._request(("range", image, target, key, lo, hi, baseline), ("range", image, target, key, lo, hi, baseline))
+        request = ("range", image, target, key, lo, hi, baseline)
+        return self._request(request, request)
 
     def original(self, image: int, target: int) -> int:
         return self._request(("orig", image, target), ("orig", image, target))
@@ -566,8 +569,8 @@ def drop_increase(model, inputs, maps, targets, score: str = "prob", mode: str =
                    batch_size=batch_size)
 
 
-def per_image_reference(model, x: torch.Tensor, pixel_map: torch.Tensor, target: int, steps: int, baseline: torch.Tensor,
-                        mode: str = "deletion") -> np.ndarray:
+def per_image_reference(model, x: torch.Tensor, pixel_map: torch.Tensor, target: int, steps: int,
+                        baseline: torch.Tensor, mode: str = "deletion") -> np.ndarray:
     """A straightforward per-image, per-step loop (the benchmark and test reference): one forward per step.
 
     ``pixel_map`` (H, W); ``baseline`` (3, H, W). Returns the probability curve (steps + 1,).

@@ -75,7 +75,8 @@ def attention_configs(module: nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def hf_capture(module: nn.Module, recorder: AttentionRecorder, layers: Sequence[nn.Module]) -> Iterator[AttentionRecorder]:
+def hf_capture(module: nn.Module, recorder: AttentionRecorder,
+               layers: Sequence[nn.Module]) -> Iterator[AttentionRecorder]:
     """Within the block, every attention layer of ``module`` reports its probabilities to ``recorder``.
 
     ``layers`` are the model's blocks: when the recorder keeps block outputs (LeGrad), each block's

@@ -106,5 +106,5 @@ def descriptions(kind: str) -> str:
     return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + (names[-1] if names else "")
 
 
-__all__ = ["Family", "KINDS", "LoadedModule", "descriptions", "families", "find_family", "register_family", "register_spec",
-           "spec_loader", "spec_prefixes"]
+__all__ = ["Family", "KINDS", "LoadedModule", "descriptions", "families", "find_family", "register_family",
+           "register_spec", "spec_loader", "spec_prefixes"]

@@ -13,7 +13,8 @@ from vitlens.models.base import ImageModel
 from vitlens.models.capture import AttentionRecorder, attribute_set, explicit_attention, swapped_forward
 from vitlens.models.preprocess import Preprocess, interpolation_name
 from vitlens.models.registry import Family, LoadedModule, register_family, register_spec
-from vitlens.models.weights import HUB_HINT, infer_num_classes, load_state_dict_checked, looks_like_hub_error, read_weights
+from vitlens.models.weights import (HUB_HINT, infer_num_classes, load_state_dict_checked, looks_like_hub_error,
+                                    read_weights)
 
 SUPPORTED_POOLS = ("token", "avg")
 
@@ -179,7 +180,8 @@ def load_timm_spec(spec, name, weights, num_classes):
         module = timm.create_model(name, pretrained=weights is None, **kwargs)
     except Exception as exc:  # hub errors come in many types
         if weights is None and looks_like_hub_error(exc):
-            raise ModelError(f"cannot fetch pretrained weights for '{spec}' (model hub unreachable?): {HUB_HINT}") from None
+            raise ModelError(f"cannot fetch pretrained weights for '{spec}' (model hub unreachable?): "
+                             f"{HUB_HINT}") from None
         raise ModelError(f"cannot build timm model '{name}': {one_line(exc)}") from None
     if state is not None:
         load_state_dict_checked(module, state, weights, spec)

@@ -209,7 +209,8 @@ def _header_html(manifest: dict, methods: list[str], counts: dict[str, int], tit
 
 def _gallery_html(rows: list[_Row], methods: list[str]) -> str:
     if not rows:
-        return '<section id="gallery"><h2>Gallery</h2><p class="empty">No image was explained successfully.</p></section>'
+        return ('<section id="gallery"><h2>Gallery</h2>'
+                '<p class="empty">No image was explained successfully.</p></section>')
     classes = sorted({r.pred_name for r in rows if r.pred_name}, key=str.casefold)
     options = "".join(f'<option value="{esc(c)}">{esc(c)}</option>' for c in classes)
     head = "".join(f"<th>{esc(m)}</th>" for m in methods)
@@ -278,10 +279,12 @@ def _metrics_html(metrics: Any) -> str:
     )
 
 
-_CSS = """
+# adjacent literals keep the source lines short; the style sheet text is one unbroken string
+_CSS = ("""
 :root{--fg:#1d2330;--muted:#667085;--line:#d9dee7;--bg:#f6f7f9;--accent:#2f5bea}
 *{box-sizing:border-box}
-body{margin:0;padding:24px 32px;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+body{margin:0;padding:24px 32px;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;"""
+        """color:var(--fg);background:var(--bg)}
 h1{font-size:22px;margin:0 0 12px}h2{font-size:17px;margin:28px 0 10px}
 dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;margin:0}
 dt{color:var(--muted)}dd{margin:0;word-break:break-all}
@@ -291,7 +294,8 @@ ul.methods{margin:0;padding-left:20px}.params{color:var(--muted);font-family:ui-
 select{font:inherit;padding:3px 6px}#shown-count{color:var(--muted)}
 .scroll{overflow-x:auto;background:#fff;border:1px solid var(--line);border-radius:6px}
 table{border-collapse:collapse}
-table.gallery th,table.gallery td{padding:6px;border-bottom:1px solid var(--line);vertical-align:middle;text-align:center}
+table.gallery th,table.gallery td{padding:6px;border-bottom:1px solid var(--line);"""
+        """vertical-align:middle;text-align:center}
 table.gallery thead th{position:sticky;top:0;background:#fff;font-weight:600}
 td.info{text-align:left!important;min-width:220px;max-width:320px;font-size:13px}
 .fname{font-weight:600;word-break:break-all}.k{display:inline-block;width:44px;color:var(--muted)}
@@ -311,7 +315,7 @@ table.metrics th:first-child,table.metrics td:first-child{text-align:left}
 /* A fixed box with object-fit scales small images (32 px CIFAR inputs) up as well as big ones down. */
 .lightbox img{display:block;width:92vw;height:84vh;object-fit:contain}
 .lightbox figcaption{color:#eee;margin-top:8px;font-size:13px}
-"""
+""")
 
 _JS = """
 (function () {

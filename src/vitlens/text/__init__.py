@@ -20,6 +20,6 @@ from vitlens.text.stats import HeadStatistics, head_statistics, reference_patter
 
 __all__ = ["DECODER_FAMILIES", "DecoderModel", "EncoderModel", "FAMILIES", "HeadStatistics",
            "Objective", "Prediction", "SequenceResult", "TEXT_METHODS", "TextBatch",
-           "TextItem", "TextModel", "TextResult", "TextTask", "VIEWS", "attention_views", "explain_text", "head_statistics",
-           "load_text_model", "minilm_path", "parse_text_methods", "reference_patterns", "reference_statistics",
-           "run_text_batch", "write_item"]
+           "TextItem", "TextModel", "TextResult", "TextTask", "VIEWS", "attention_views", "explain_text",
+           "head_statistics", "load_text_model", "minilm_path", "parse_text_methods", "reference_patterns",
+           "reference_statistics", "run_text_batch", "write_item"]

@@ -61,7 +61,8 @@ svg text.active { font-weight: bold; }
 .note { color: #777; font-size: 0.8em; }
 """
 
-_HEAD_VIEW_JS = r"""
+# adjacent raw literals keep the source lines short; the script text is one unbroken string
+_HEAD_VIEW_JS = (r"""
 (function () {
   var DATA = JSON.parse(document.getElementById('vitlens-data').textContent);
   var COLOURS = DATA.colours, ROW = 18, LEFT = 20, GAP = 260;
@@ -69,7 +70,8 @@ _HEAD_VIEW_JS = r"""
   var svgNS = 'http://www.w3.org/2000/svg';
   var seqSelect = document.getElementById('seq'), layerSelect = document.getElementById('layer');
   var headBox = document.getElementById('heads'), view = document.getElementById('view');
-  function option(sel, value, text) { var o = document.createElement('option'); o.value = value; o.textContent = text; sel.appendChild(o); }
+  function option(sel, value, text) { var o = document.createElement('option'); o.value = value; """
+                 r"""o.textContent = text; sel.appendChild(o); }
   DATA.sequences.forEach(function (s, i) { option(seqSelect, i, s.title); });
   if (DATA.sequences.length < 2) { seqSelect.parentNode.style.display = 'none'; }
   for (var l = 0; l < DATA.layers; l++) { option(layerSelect, l, 'layer ' + l); }
@@ -82,13 +84,15 @@ _HEAD_VIEW_JS = r"""
       e.target.classList.toggle('off', !state.heads[k]); draw(); });
     b.addEventListener('dblclick', function (e) { var k = +e.target.dataset.head;
       for (var j = 0; j < DATA.heads; j++) { state.heads[j] = (j === k); }
-      Array.prototype.forEach.call(headBox.children, function (c) { c.classList.toggle('off', +c.dataset.head !== k); }); draw(); });
+      Array.prototype.forEach.call(headBox.children, function (c) { """
+                 r"""c.classList.toggle('off', +c.dataset.head !== k); }); draw(); });
     headBox.appendChild(b);
   }
   seqSelect.addEventListener('change', function () { state.seq = +seqSelect.value; state.hover = null; build(); });
   layerSelect.addEventListener('change', function () { state.layer = +layerSelect.value; draw(); });
   var svg, lines, leftTexts, rightTexts;
-  function el(name, attrs) { var e = document.createElementNS(svgNS, name); for (var k in attrs) { e.setAttribute(k, attrs[k]); } return e; }
+  function el(name, attrs) { var e = document.createElementNS(svgNS, name); """
+                 r"""for (var k in attrs) { e.setAttribute(k, attrs[k]); } return e; }
   function build() {
     view.textContent = '';
     var seq = DATA.sequences[state.seq], n = seq.tokens.length;
@@ -96,13 +100,16 @@ _HEAD_VIEW_JS = r"""
     lines = el('g', { id: 'lines' }); svg.appendChild(lines);
     leftTexts = []; rightTexts = [];
     for (var i = 0; i < n; i++) {
-      var t = el('text', { x: LEFT + 140, y: 14 + i * ROW, 'text-anchor': 'end', 'class': seq.special[i] ? 'left special' : 'left' });
+      var t = el('text', { x: LEFT + 140, y: 14 + i * ROW, 'text-anchor': 'end', """
+                 r"""'class': seq.special[i] ? 'left special' : 'left' });
       t.textContent = seq.tokens[i]; t.dataset.index = i;
-      t.addEventListener('mouseenter', function (e) { state.hover = { side: 'left', index: +e.target.dataset.index }; draw(); });
+      t.addEventListener('mouseenter', function (e) { """
+                 r"""state.hover = { side: 'left', index: +e.target.dataset.index }; draw(); });
       svg.appendChild(t); leftTexts.push(t);
       var r = el('text', { x: LEFT + 150 + GAP, y: 14 + i * ROW, 'class': seq.special[i] ? 'right special' : 'right' });
       r.textContent = seq.tokens[i]; r.dataset.index = i;
-      r.addEventListener('mouseenter', function (e) { state.hover = { side: 'right', index: +e.target.dataset.index }; draw(); });
+      r.addEventListener('mouseenter', function (e) { """
+                 r"""state.hover = { side: 'right', index: +e.target.dataset.index }; draw(); });
       svg.appendChild(r); rightTexts.push(r);
     }
     svg.addEventListener('mouseleave', function () { state.hover = null; draw(); });
@@ -138,7 +145,7 @@ _HEAD_VIEW_JS = r"""
   }
   build();
 })();
-"""
+""")
 
 
 def head_view_html(sequences: list, title: str = "vitlens head view", layer: int = -1, meta: str = "") -> str:
@@ -208,7 +215,8 @@ def tokens_row_html(tokens, space, values, special, raw=None, signed: bool = Fal
             span = f'<span class="tok special" title="{esc(tip)}">{esc(text)}</span>'
         else:
             fg = "#fff" if luminance < 0.45 else "#000"
-            span = f'<span class="tok" style="background:{_hex(colour)};color:{fg}" title="{esc(tip)}">{esc(text)}</span>'
+            span = (f'<span class="tok" style="background:{_hex(colour)};color:{fg}" title="{esc(tip)}">'
+                    f'{esc(text)}</span>')
         parts.append((" " if sp and i else "") + span)
     return "".join(parts)
 

@@ -273,5 +273,5 @@ def _sequence_captured(model: TextModel, batch: TextBatch, s: int, captured: Cap
                     layer_gradients=layer_grads, inputs=ids)
 
 
-__all__ = ["Objective", "TEXT_DEFAULTS", "TEXT_METHODS", "TextBatchResult", "TextTask", "lrp_objective", "parse_text_methods",
-           "resolve_objective", "run_text_batch", "text_params"]
+__all__ = ["Objective", "TEXT_DEFAULTS", "TEXT_METHODS", "TextBatchResult", "TextTask", "lrp_objective",
+           "parse_text_methods", "resolve_objective", "run_text_batch", "text_params"]

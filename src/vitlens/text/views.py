@@ -208,8 +208,8 @@ def stats_figure(stats: dict, reference: dict | None = None, shown=SHOWN, title:
             for l in range(layers):
                 for h in range(heads):
                     v = values[l, h]
-                    ax.text(h, l, _short_number(v, 1 if name == "distance" else 2), ha="center", va="center", fontsize=5,
-                            color="black" if v / top > 0.6 else "white")
+                    ax.text(h, l, _short_number(v, 1 if name == "distance" else 2), ha="center", va="center",
+                            fontsize=5, color="black" if v / top > 0.6 else "white")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
     if reference:
         ax = fig.add_subplot(rows, cols, len(shown) + 1)
