@@ -15,7 +15,9 @@ standard deviation) and the gated MLP ``down(act(gate(x)) * up(x))`` (the gate p
 bilinear product: uniform rule). Rotary position embeddings are linear in q and k for a given
 position and keep the plain gradient; grouped-query attention repeats keys and values per head
 group, also plain gradient. RoBERTa-style classification heads call ``torch.tanh`` as a function;
-their forward gets the identity rule on it.
+their forward gets the identity rule on it. ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
+keep their activation as a plain function (``F.relu``, ``F.gelu``) in the instance attribute
+``activation``: that attribute is swapped for the identity rule on the same function.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 
 from vitlens.lrp.rules import (gamma_conv2d, gamma_linear, identity_rule, layer_norm_std_detached,
                                rms_norm_std_detached, uniform_matmul, uniform_mul)
-from vitlens.models.capture import AttentionRecorder, _masked, swapped_forward
+from vitlens.models.capture import AttentionRecorder, _masked, attribute_set, swapped_forward
 
 ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Softplus, nn.ELU, nn.LeakyReLU, nn.Hardswish)
 #: Hugging Face RMSNorm classes of the form ``weight * x * rsqrt(mean(x^2) + variance_epsilon)``
@@ -146,6 +148,23 @@ def _layer_norm_forward(module: nn.LayerNorm):
     return lambda x: layer_norm_std_detached(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
+def _functional_activation(module: nn.Module):
+    """The activation function a torch transformer layer stores as a plain attribute, or None.
+
+    An activation given as a module (``activation=nn.GELU()``) is a child module and gets the rule
+    of its own kind; a plain function is no module, so no forward of it could be swapped.
+    """
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        activation = module.__dict__.get("activation")
+        if callable(activation) and not isinstance(activation, nn.Module):
+            return activation
+    return None
+
+
+def _identity_rule_function(function):
+    return lambda x: identity_rule(function, x)
+
+
 def _activation_forward(module: nn.Module):
     original = type(module).forward
 
@@ -176,6 +195,9 @@ def lrp_rules(model: nn.Module, config: LRPConfig) -> Iterator[None]:
                 stack.enter_context(swapped_forward(module, _tanh_head_forward(module)))
             elif _is_activation(module):
                 stack.enter_context(swapped_forward(module, _activation_forward(module)))
+            elif _functional_activation(module) is not None:
+                rule = _identity_rule_function(_functional_activation(module))
+                stack.enter_context(attribute_set(module, "activation", rule))
         yield
 
 

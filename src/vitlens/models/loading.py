@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 # the built-in image families register themselves on import (order does not matter: priorities do)
-from vitlens.models import cnn, hf_vit, packaged, timm_vit, torchvision_vit  # noqa: F401
+from vitlens.models import cnn, hf_vit, packaged, timm_vit, torch_attention, torchvision_vit  # noqa: F401
 from vitlens.errors import ModelError
 from vitlens.models.base import ImageModel, ModelInfo
 from vitlens.models.preprocess import Preprocess
@@ -28,7 +28,8 @@ from vitlens.models.weights import (default_class_names, file_sha256, imagenet_c
 
 
 def load_model(spec, weights: str | os.PathLike | None = None, num_classes: int | None = None,
-               device: str | torch.device | None = None) -> ImageModel:
+               device: str | torch.device | None = None, *, input_size=None, mean=None, std=None,
+               interpolation: str | None = None, attention_layers=None, readout: str | None = None) -> ImageModel:
     """Build an explainable model.
 
     Parameters
@@ -44,40 +45,74 @@ def load_model(spec, weights: str | os.PathLike | None = None, num_classes: int 
         Size of the classifier head (defaults to the checkpoint's / pretrained config's).
     device : str or torch.device, optional
         Where to put the model (default: CPU).
+    input_size : int or (int, int), optional
+        The model's input (H, W). Default: the family's own preprocessing (a timm / Hugging Face /
+        torchvision config); for a module of your own, the size its position embedding and patch
+        convolution imply, else 224: pass the size it was trained on.
+    mean, std : float or sequence of 3 floats, optional
+        Per-channel normalisation of [0, 1] pixel values (default: the family's, ImageNet's for your own).
+    interpolation : str, optional
+        Resize filter: ``nearest``, ``bilinear``, ``bicubic``, ``lanczos``, ``box`` or ``hamming``.
+    attention_layers : sequence of str, optional
+        Glob patterns of the attention modules (``['encoder.layers.*.self_attn']``): an
+        ``nn.MultiheadAttention``, or a module that outputs the (B, heads, N, N) softmax probabilities.
+        Giving it reads the module with the generic attention adapter (default: every self-attention
+        ``nn.MultiheadAttention`` of a model that no specific family reads).
+    readout : {'cls', 'mean', 'mean-all'}, optional
+        The token rows the classifier reads (CLS token, mean of the patch tokens, mean of all tokens);
+        default: found by the generic attention adapter from the model's own logits.
 
     Returns
     -------
     ImageModel
         The adapter, in eval mode.
     """
+    options = {k: v for k, v in (("attention_layers", attention_layers), ("readout", readout)) if v is not None}
     if isinstance(spec, ImageModel):
         model = spec
     elif isinstance(spec, nn.Module):
         if weights is not None:
             load_state_dict_checked(spec, read_weights(weights), weights, f"module:{type(spec).__name__}")
-        model = wrap_module(spec, info=ModelInfo(spec=f"module:{type(spec).__name__}"))
+        model = wrap_module(spec, info=ModelInfo(spec=f"module:{type(spec).__name__}"), **options)
     elif isinstance(spec, (str, os.PathLike)):
         model = _load_from_spec(str(spec), weights, num_classes)
     else:
         raise ModelError(f"cannot load a model from {type(spec).__name__}: give a spec string or an nn.Module")
+    if options and not isinstance(spec, nn.Module):
+        # named attention layers or a readout: the generic attention adapter reads the loaded module
+        model = wrap_module(model.module, preprocess=model.preprocess, class_names=model.class_names, info=model.info,
+                            **options)
+    overrides = {"input_size": input_size, "mean": mean, "std": std, "interpolation": interpolation}
+    if any(v is not None for v in overrides.values()):
+        model.preprocess = model.preprocess.with_overrides(**overrides)
+        fixed = model.fixed_input_size()
+        if fixed is not None and tuple(model.preprocess.input_size) != tuple(fixed):
+            h, w = model.preprocess.input_size
+            raise ModelError(f"input_size {h}x{w} does not fit the model, which takes {fixed[0]}x{fixed[1]}")
     if weights is not None:
         model.info.weights = str(Path(weights).resolve())
         model.info.weights_sha256 = file_sha256(weights)
     model.module.eval()
     if device is not None:
         model.to(device)
+    if model.has_attention:
+        model.num_layers  # noqa: B018  (adapters that find their layers with a dry run do it now: errors at load)
     return model
 
 
 def wrap_module(module: nn.Module, preprocess: Preprocess | None = None, class_names=None,
-                info: ModelInfo | None = None) -> ImageModel:
-    """The adapter of the first registered image family that reads ``module``."""
-    family = find_family(module, "image")
+                info: ModelInfo | None = None, **options) -> ImageModel:
+    """The adapter of the first registered image family that reads ``module``.
+
+    ``options`` (``attention_layers``, ``readout``) are read by the generic attention adapter only, so
+    giving any selects it.
+    """
+    family = torch_attention.FAMILY if options else find_family(module, "image")
     if family is None:
         raise ModelError(f"{type(module).__name__} is not a supported model: vitlens reads {descriptions('image')}")
     if class_names is None:
         class_names = default_class_names(module)
-    return family.wrap(module, preprocess=preprocess, class_names=class_names, info=info)
+    return family.wrap(module, preprocess=preprocess, class_names=class_names, info=info, **options)
 
 
 def _load_from_spec(spec: str, weights, num_classes) -> ImageModel:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vitlens.errors import UsageError
+
 _PIL_RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -124,10 +126,70 @@ class Preprocess:
     def with_input_size(self, height: int, width: int) -> "Preprocess":
         return Preprocess((height, width), self.mean, self.std, self.interpolation, self.crop_pct, self.resize_mode, self.extra)
 
+    def with_overrides(self, input_size=None, mean=None, std=None, interpolation=None) -> "Preprocess":
+        """This preprocessing with the given fields replaced (None keeps a field); values are checked.
+
+        ``input_size`` is an int, (H, W) or a string ``'32'`` / ``'32x48'`` / ``'32,48'``; ``mean`` and
+        ``std`` are one value or one per channel (a sequence or a comma-separated string).
+        """
+        return Preprocess(
+            self.input_size if input_size is None else parse_input_size(input_size),
+            self.mean if mean is None else parse_channel_values(mean, "mean"),
+            self.std if std is None else parse_channel_values(std, "std", positive=True),
+            self.interpolation if interpolation is None else parse_interpolation(interpolation),
+            self.crop_pct, self.resize_mode, self.extra,
+        )
+
 
 def _crop_offset(size: int, crop: int) -> int:
     # torchvision CenterCrop rounds the same way
     return int(round((size - crop) / 2.0))
+
+
+def parse_input_size(value) -> tuple[int, int]:
+    """An input size given as an int, (H, W) or a string (``'32'``, ``'32x48'``, ``'32,48'``) -> (H, W)."""
+    parts = value
+    if isinstance(value, str):
+        parts = [p for p in value.lower().replace("x", ",").split(",") if p.strip()]
+    elif isinstance(value, int) or (hasattr(value, "__index__") and not hasattr(value, "__len__")):
+        parts = [value]
+    try:
+        sizes = [int(p) for p in parts]
+        if any(float(p) != size for p, size in zip(parts, sizes)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UsageError(f"input size {value!r} is not an int or H,W pair of ints") from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise UsageError(f"input size {value!r} must be one positive int or two (height, width)")
+    return sizes[0], sizes[1]
+
+
+def parse_channel_values(value, name: str, channels: int = 3, positive: bool = False) -> tuple[float, ...]:
+    """Per-channel normalisation values: one value (for every channel) or one per channel."""
+    parts = value.split(",") if isinstance(value, str) else value
+    if isinstance(parts, (int, float)):
+        parts = [parts]
+    try:
+        values = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} {value!r} is not a number or a list of {channels} numbers") from None
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise UsageError(f"{name} needs 1 or {channels} values (one per channel), got {len(values)}")
+    if not all(math.isfinite(v) for v in values) or (positive and min(values) <= 0):
+        raise UsageError(f"{name} {value!r} must be finite{' and > 0' if positive else ''}")
+    return values
+
+
+def parse_interpolation(value) -> str:
+    """A resampling filter name (``nearest``, ``bilinear``, ``bicubic``...), checked."""
+    name = str(getattr(value, "value", value)).lower()
+    if name not in _PIL_RESAMPLE:
+        raise UsageError(f"unknown interpolation {value!r}: expected one of {', '.join(_PIL_RESAMPLE)}")
+    return name
 
 
 def interpolation_name(value) -> str:
