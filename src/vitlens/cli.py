@@ -81,6 +81,14 @@ def _add_model_options(p):
     p.add_argument("--weights", help="local checkpoint (.pth/.pt/.bin/.safetensors) instead of hub weights")
     p.add_argument("--num-classes", type=int, help="classifier size, when it differs from the pretrained config")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--input-size", metavar="SIZE", help="model input size, N or HxW (default: the model's own)")
+    p.add_argument("--mean", help="normalisation mean of [0, 1] pixels: one value or R,G,B (default: the model's own)")
+    p.add_argument("--std", help="normalisation std: one value or R,G,B (default: the model's own)")
+    p.add_argument("--interpolation", help="resize filter: nearest, bilinear, bicubic, lanczos, box, hamming "
+                                           "(default: the model's own)")
+    p.add_argument("--attention-layers", action="append", metavar="PATTERN",
+                   help="glob pattern of the attention modules, e.g. 'encoder.layers.*.self_attn' (repeatable or "
+                        "comma-separated): read the model with the generic attention adapter")
 
 
 def _add_method_options(p, default="all"):
@@ -209,7 +217,9 @@ def _load(args):
         from vitlens.errors import VitlensError
 
         raise VitlensError(f"--device {device}: CUDA is not available on this machine")
-    return vitlens.load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=device)
+    return vitlens.load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=device,
+                              input_size=args.input_size, mean=args.mean, std=args.std,
+                              interpolation=args.interpolation, attention_layers=args.attention_layers)
 
 
 def cmd_explain(args) -> int:
