@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vitlens.cliargs import (check_count, check_overlay, check_params_requested, check_target,
+                             select_device)
 from vitlens.engine import run_batch
 from vitlens.errors import InputError
-from vitlens.methods import get_method, parse_methods, to_pixels
-from vitlens.models import ExplainableModel, load_model
+from vitlens.methods import check_params_for_model, get_method, parse_methods, to_pixels
+from vitlens.models import ImageModel, load_model
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ExplainResult:
     ``maps`` its positive part divided by its maximum.
     """
 
-    model: ExplainableModel
+    model: ImageModel
     methods: list
     maps: dict
     patch_maps: dict
@@ -96,6 +97,7 @@ class ExplainResult:
         """Write overlays (PNG), raw maps (``.npy``) and ``manifest.json`` into ``out_dir``."""
         from vitlens.outputs import RunWriter
 
+        check_overlay(cmap, alpha, prefix="")  # before RunWriter writes run.json
         writer = RunWriter(out_dir, self.model, {m: self.params[m] for m in self.methods}, resume=False,
                            cmap=cmap, alpha=alpha)
         for i in range(len(self)):
@@ -123,7 +125,7 @@ def _key_for(source: str | None, index: int) -> str:
     return f"{index:04d}_{make_key(name)}"
 
 
-def prepare_inputs(model: ExplainableModel, images) -> tuple[torch.Tensor, list]:
+def prepare_inputs(model: ImageModel, images) -> tuple[torch.Tensor, list]:
     """Turn paths, PIL images, numpy arrays or tensors into one preprocessed batch.
 
     A torch tensor is taken as already preprocessed model input, (3, H, W) or (B, 3, H, W).
@@ -155,7 +157,8 @@ def prepare_inputs(model: ExplainableModel, images) -> tuple[torch.Tensor, list]
         elif isinstance(item, np.ndarray):
             image = _array_to_image(item)
         else:
-            raise InputError(f"cannot explain an input of type {type(item).__name__}: give paths, PIL images, arrays or tensors")
+            raise InputError(f"cannot explain an input of type {type(item).__name__}: "
+                             "give paths, PIL images, arrays or tensors")
         tensor, box = model.preprocess(image)
         tensors.append(tensor)
         records.append(InputRecord(source, image, box))
@@ -186,7 +189,7 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
 
     Parameters
     ----------
-    model : ExplainableModel, nn.Module or str
+    model : ImageModel, nn.Module or str
         An adapter from :func:`vitlens.load_model`, a supported module, or a model spec.
     images : path, PIL image, array, tensor, or a sequence of them
         Tensors are taken as preprocessed model input.
@@ -206,17 +209,17 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
     -------
     ExplainResult
     """
-    if not isinstance(model, ExplainableModel):
+    check_count(batch_size, "batch_size")
+    if not isinstance(model, ImageModel):
         model = load_model(model)
     names = parse_methods(methods, model)
+    check_params_requested(params, names, option="params", among="the methods")
     resolved = {name: get_method(name).params((params or {}).get(name)) for name in names}
-    unknown = set(params or {}) - set(names)
-    if unknown:
-        from vitlens.errors import MethodError
-
-        raise MethodError(f"parameters given for methods not requested: {', '.join(sorted(unknown))}")
+    # layer indices and Grad-CAM layer names depend on the model: refused here, before the first batch
+    check_params_for_model(resolved, model.num_layers if model.has_attention else None, model)
+    check_target(model, target)
     if device is not None:
-        model.to(device)
+        model.to(select_device(device, option="device"))
     batch, records = prepare_inputs(model, images)
     per_image_targets = isinstance(target, (list, tuple)) or (isinstance(target, torch.Tensor) and target.dim() >= 1)
     maps: dict = {n: [] for n in names}

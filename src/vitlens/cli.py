@@ -2,49 +2,33 @@
 
 Exit codes: 0 all went well, 1 some inputs failed (listed at the end and in the manifest),
 2 a usage error (bad option, unknown method or model, unreadable weights...), 130 interrupted.
-User mistakes print one line, never a traceback.
+User mistakes print one line, never a traceback, and are found before anything is written (the
+table of them: docs/errors.md). What both this module and ``vitlens text`` parse and check lives in
+:mod:`vitlens.cliargs`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from vitlens.cliargs import (check_count, check_out_dir, check_overlay, check_params_requested, check_target,
+                             class_indices, parse_method_params, parse_params, parse_target, select_device)
+from vitlens.text import cli as text_cli
 
 DEFAULT_MODEL = "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 FALLBACK_MODEL = "vitlens:efficientnet_lite0"
 DEMO_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
-class UsageError(Exception):
+class ArgumentError(Exception):
     """Raised by the argument parser instead of printing usage and exiting."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would print the whole usage block
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def parse_params(items) -> dict:
-    """``['rollout.discard_ratio=0.9', 'legrad.layers=last2']`` -> nested dict."""
-    from vitlens.errors import MethodError
-
-    params: dict = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        method, dot, name = key.rpartition(".")
-        if not sep or not dot or not method or not name:
-            raise MethodError(f"--param '{item}' must look like METHOD.NAME=VALUE (e.g. rollout.discard_ratio=0.9)")
-        params.setdefault(method, {})[name] = _parse_value(value)
-    return params
+        raise ArgumentError(f"{self.prog}: {message}")
 
 
 def with_shared_options(params: dict, methods: list, args) -> dict:
@@ -62,16 +46,6 @@ def with_shared_options(params: dict, methods: list, args) -> dict:
                 if value is not None:
                     params.setdefault(name, {})[option] = value
     return params
-
-
-def parse_target(text: str | None):
-    """CLI target: pred | INDEX | NAME | topK | label | comma-separated indices/names (several per image)."""
-    if text is None:
-        return None
-    text = text.strip()
-    if "," in text and not text.lower().startswith("top"):
-        return [part.strip() for part in text.split(",") if part.strip()]
-    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def _add_model_options(p):
@@ -104,27 +78,33 @@ def _add_method_options(p, default="all"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vitlens", description="Explain vision transformers: heatmaps, overlays, comparisons, reports.")
+    parser = _Parser(prog="vitlens",
+                     description="Explain vision transformers: heatmaps, overlays, comparisons, reports.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("explain", help="explain images, folders or datasets; write overlays, maps and a manifest")
-    p.add_argument("inputs", nargs="+", help="image files, folders, globs, or imagefolder:/tinyimagenet:/cub200:/imagenet-val: specs")
+    p.add_argument("inputs", nargs="+",
+                   help="image files, folders, globs, or imagefolder:/tinyimagenet:/cub200:/imagenet-val: specs")
     _add_model_options(p)
     _add_method_options(p)
     p.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--labels", help="labels file for imagenet-val: or plain inputs (CSV file,label or 'file index' lines)")
-    p.add_argument("--class-index", help="mapping from the model's output index to class ids (index<TAB>wnid<TAB>words)")
+    p.add_argument("--labels",
+                   help="labels file for imagenet-val: or plain inputs (CSV file,label or 'file index' lines)")
+    p.add_argument("--class-index",
+                   help="mapping from the model's output index to class ids (index<TAB>wnid<TAB>words)")
     p.add_argument("--limit", type=int, help="explain only the first N inputs")
     p.add_argument("--cmap", default="jet", help="overlay colormap (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity 0..1 (default: %(default)s)")
     p.add_argument("--format", choices=["files", "html"], default="files", help="html also writes report.html")
-    p.add_argument("--resume", action="store_true", help="continue a run in --out (also the default when settings match)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run in --out (also the default when settings match)")
     p.add_argument("--force", action="store_true", help="recompute everything even if --out holds finished work")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("evaluate", help="score methods on a dataset: deletion/insertion, perturbation, localisation, sanity")
+    p = sub.add_parser("evaluate",
+                       help="score methods on a dataset: deletion/insertion, perturbation, localisation, sanity")
     p.add_argument("inputs", nargs="+", help="dataset, folder, glob or files (as for explain)")
     _add_model_options(p)
     _add_method_options(p)
@@ -175,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
 
     p = sub.add_parser("text", help="text transformers: attention views, head statistics, token attributions")
-    from vitlens.text.cli import add_arguments as add_text_arguments
-
-    add_text_arguments(p)
+    text_cli.add_arguments(p)
     return parser
 
 
@@ -196,11 +174,12 @@ def main(argv=None) -> int:
             parser.print_help()
             return 2
         return COMMANDS[args.command](args)
-    except UsageError as exc:
+    except ArgumentError as exc:
         print(f"{exc}  (see vitlens --help)", file=sys.stderr)
         return 2
     except VitlensError as exc:
-        print(f"vitlens: error: {exc}", file=sys.stderr)
+        # one line even if a library's message spans several
+        print("vitlens: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("vitlens: interrupted; run the same command again to resume", file=sys.stderr)
@@ -208,49 +187,58 @@ def main(argv=None) -> int:
 
 
 def _load(args):
-    import torch
-
+    """The model the options name (--model, --weights, --num-classes, --device, preprocessing, attention layers): the
+    one place they become a model."""
     import vitlens
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from vitlens.errors import VitlensError
-
-        raise VitlensError(f"--device {device}: CUDA is not available on this machine")
+    device = select_device(args.device)
     return vitlens.load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=device,
                               input_size=args.input_size, mean=args.mean, std=args.std,
                               interpolation=args.interpolation, attention_layers=args.attention_layers)
 
 
+def _check_options(args) -> None:
+    """The options that need no model: checked before inputs are read, a model is loaded or anything is written."""
+    for option in ("batch_size", "perturb_batch_size", "limit"):
+        value = getattr(args, option, None)
+        if value is not None:
+            check_count(value, "--" + option.replace("_", "-"))
+    if hasattr(args, "alpha"):
+        check_overlay(args.cmap, args.alpha)
+    select_device(getattr(args, "device", None))
+
+
+def _check_for_model(model, methods: list, params: dict, target, allow_label: bool = False) -> None:
+    """What depends on the loaded model (layer indices, Grad-CAM layer names, target classes), checked
+    right after loading it and before anything is written."""
+    from vitlens.methods import check_params_for_model, get_method
+
+    check_params_requested(params, methods)
+    resolved = {name: get_method(name).params(params.get(name)) for name in methods}
+    check_params_for_model(resolved, model.num_layers if model.has_attention else None, model)
+    check_target(model, target, allow_label=allow_label)
+
+
 def cmd_explain(args) -> int:
     from vitlens.data import resolve_inputs
     from vitlens.methods import parse_methods
-    from vitlens.outputs import check_writable
-    from vitlens.runner import run_explain
+    from vitlens.runner import EveryImage, run_explain
 
     methods = parse_methods(args.methods)
-    params = parse_params(args.param)
-    for name in params:
-        if name not in methods:
-            from vitlens.errors import MethodError
-
-            raise MethodError(f"--param for '{name}', which is not among --methods")
-    if args.batch_size < 1:
-        from vitlens.errors import VitlensError
-
-        raise VitlensError(f"--batch-size must be at least 1, got {args.batch_size}")
+    params = parse_method_params(args.param)
+    check_params_requested(params, methods)
+    _check_options(args)
     samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit)
-    check_writable(args.out)
+    check_out_dir(args.out)
     model = _load(args)
     if args.class_index:
         _name_classes_from_index(model, args.class_index)
     methods = parse_methods(args.methods, model)
     params = with_shared_options(params, methods, args)
     target = parse_target(args.target)
+    _check_for_model(model, methods, params, target, allow_label=True)
     if isinstance(target, list):  # several classes, each explained for every image
-        from vitlens.runner import EveryImage
-
-        target = EveryImage(_class_indices(model, target))
+        target = EveryImage(class_indices(model, target))
     summary = run_explain(samples, model, methods, params, target, args.out, batch_size=args.batch_size,
                           resume=not args.force, progress=not args.quiet, cmap=args.cmap, alpha=args.alpha,
                           html=args.format == "html")
@@ -263,18 +251,22 @@ def cmd_evaluate(args) -> int:
     from vitlens.evaluate import metric_options, run_evaluate
     from vitlens.methods import parse_methods
     from vitlens.metrics import parse_metrics
-    from vitlens.outputs import check_writable
 
-    parse_methods(args.methods)
+    methods = parse_methods(args.methods)
     metrics = parse_metrics(args.metrics)
-    params = parse_params(args.param)
-    metric_params = metric_options(metrics, parse_params(args.metric_param), args.steps, args.baseline)
+    params = parse_method_params(args.param)
+    check_params_requested(params, methods)
+    metric_params = metric_options(metrics, parse_params(args.metric_param, "--metric-param", "METRIC.NAME=VALUE",
+                                                         "deletion.steps=10"), args.steps, args.baseline)
+    _check_options(args)
     samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit)
-    check_writable(args.out)
+    check_out_dir(args.out)
     model = _load(args)
     methods = parse_methods(args.methods, model)
     params = with_shared_options(params, methods, args)
-    summary = run_evaluate(samples, model, methods, params, metrics, metric_params, parse_target(args.target),
+    target = parse_target(args.target)
+    _check_for_model(model, methods, params, target, allow_label=True)
+    summary = run_evaluate(samples, model, methods, params, metrics, metric_params, target,
                            args.out, batch_size=args.batch_size, perturb_batch_size=args.perturb_batch_size,
                            granularity=args.granularity, resume=not args.force, progress=not args.quiet,
                            seed=args.seed, masks_dir=args.masks, source=f"'{' '.join(args.inputs)}'")
@@ -288,17 +280,11 @@ def _print_summary(summary) -> None:
     rate = done / summary.seconds if summary.seconds > 0 and done else 0.0
     print(f"explained {done} image(s), {summary.skipped} already done, {len(summary.failed)} failed "
           f"in {summary.seconds:.1f}s ({rate:.2f} img/s)")
-    for key, path, error in summary.failed:
+    for _key, _path, error in summary.failed:
         print(f"  failed: {error}")
     print(f"outputs: {summary.out_dir}  manifest: {summary.manifest}")
     if summary.report:
         print(f"report: {summary.report}")
-
-
-def _class_indices(model, items) -> list[int]:
-    """Class indices or names -> validated indices."""
-    return [model.check_class_index(int(t)) if str(t).lstrip("-").isdigit() else model.class_index(str(t))
-            for t in items]
 
 
 def _name_classes_from_index(model, path) -> None:
@@ -328,14 +314,18 @@ def cmd_compare(args, model=None) -> int:
     if getattr(args, "gamma_sweep", None):
         return _gamma_sweep(args, model)
     methods = parse_methods(args.methods)
-    params = parse_params(args.param)
+    params = parse_method_params(args.param)
+    check_params_requested(params, methods)
+    _check_options(args)
+    _check_grid_out(args.out)
     images = [load_image(path) for path in args.inputs]
     model = model or _load(args)
     methods = parse_methods(args.methods, model)
     params = with_shared_options(params, methods, args)
     target = parse_target(args.target)
+    _check_for_model(model, methods, params, target)
     if isinstance(target, list):  # several classes of each image: one row per (image, class)
-        target = torch.tensor([_class_indices(model, target)] * len(images))
+        target = torch.tensor([class_indices(model, target)] * len(images))
     result = vitlens.explain(model, images, methods=methods, target=target, params=params)
     signed = {m for m in methods if get_method(m).signed}
     rows = []
@@ -352,8 +342,19 @@ def cmd_compare(args, model=None) -> int:
     return 0
 
 
+def _check_grid_out(out) -> None:
+    """compare writes one PNG: its folder must be writable, and --out must not be a folder itself."""
+    from vitlens.errors import OutputError
+
+    path = Path(out)
+    if path.is_dir():
+        raise OutputError(f"--out '{path}' is a directory: give the PNG file to write, e.g. {path / 'compare.png'}")
+    check_out_dir(path.parent)
+
+
 def parse_gamma_sweep(text: str) -> list:
     from vitlens.errors import MethodError
+    from vitlens.methods import get_method
 
     settings = []
     for item in text.split(","):
@@ -364,6 +365,7 @@ def parse_gamma_sweep(text: str) -> list:
             raise MethodError(f"--gamma-sweep item '{item}' must look like CONV:LIN, e.g. 1:0.5") from None
         if not sep:
             raise MethodError(f"--gamma-sweep item '{item}' must look like CONV:LIN, e.g. 1:0.5")
+        get_method("attnlrp").check({"conv_gamma": settings[-1][0], "lin_gamma": settings[-1][1]})
     return settings
 
 
@@ -375,13 +377,16 @@ def _gamma_sweep(args, model=None) -> int:
     from vitlens.render import GridRow, compare_grid
 
     settings = parse_gamma_sweep(args.gamma_sweep)
+    _check_options(args)
+    _check_grid_out(args.out)
     images = [load_image(path) for path in args.inputs]
     model = model or _load(args)
     target = parse_target(args.target)
+    check_target(model, target)
     if isinstance(target, list):
         import torch
 
-        target = torch.tensor([_class_indices(model, target)] * len(images))
+        target = torch.tensor([class_indices(model, target)] * len(images))
     columns, results = [], []
     for conv, lin in settings:
         columns.append(f"conv {conv:g} / lin {lin:g}")
@@ -392,8 +397,8 @@ def _gamma_sweep(args, model=None) -> int:
         seen = image.crop(crop_box_pixels(results[0].inputs[i].crop_box, image.size))
         for slot, prediction in enumerate(results[0].target_predictions(i)):
             maps = {col: r.patch_maps["attnlrp"][i, slot].numpy() for col, r in zip(columns, results)}
-            rows.append(GridRow(image=seen, title=f"{Path(args.inputs[i]).name}\n{prediction.name} {prediction.prob:.2f}",
-                                maps=maps))
+            title = f"{Path(args.inputs[i]).name}\n{prediction.name} {prediction.prob:.2f}"
+            rows.append(GridRow(image=seen, title=title, maps=maps))
     compare_grid(rows, columns, path=args.out, cmap=args.cmap, alpha=args.alpha, signed=set(columns))
     print(f"wrote {args.out} ({len(rows)} row(s) x {len(columns) + 1} columns: AttnLRP Gamma sweep)")
     return 0
@@ -418,6 +423,11 @@ def cmd_methods(args) -> int:
         in_all = [label for label, group in (("ViTs", DEFAULT_METHODS), ("CNNs", CNN_METHODS)) if name in group]
         also = f"; in 'all' for {' and '.join(in_all)}" if in_all else ""
         print(f"{name:10s} {kind:15s} {spec.summary}\n{'':10s} parameters: {params}{also}")
+        width = max((len(key) for key in spec.defaults), default=0)
+        for key, value in spec.defaults.items():
+            declared = spec.declared.get(key)
+            if declared is not None:  # what --param accepts, so a mistake is not found by trial
+                print(f"{'':12s} {key:{width}s}  {declared.help}: {declared.allowed()}, default {value}")
     return 0
 
 
@@ -447,14 +457,14 @@ def cmd_demo(args) -> int:
     from vitlens.data import resolve_inputs
     from vitlens.errors import ModelError
     from vitlens.methods import parse_methods
-    from vitlens.outputs import check_writable
     from vitlens.render import save_png_atomic
     from vitlens.runner import run_explain
 
-    out = check_writable(args.out)
+    _check_options(args)
+    out = check_out_dir(args.out)
     try:
         model = _load(args)
-    except ModelError as exc:
+    except ModelError:
         if args.weights is not None or args.model != DEFAULT_MODEL:
             raise
         # the default ViT needs the hub (or a cache); the packaged CNN always works offline
@@ -484,9 +494,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_text(args) -> int:
-    from vitlens.text.cli import run
-
-    return run(args)
+    return text_cli.run(args)
 
 
 COMMANDS = {

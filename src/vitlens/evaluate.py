@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitlens.cliargs import check_count
 from vitlens.errors import InputError, TargetError
 from vitlens.metrics import (BOXES, MASKS, MODEL, OBJECTS, RANDOMIZE, REEXPLAIN, MetricError, boxes_to_input, cascading_randomization,
                              energy_in_box, get_metric, mask_to_input, mean_ci, parse_metrics, perturbation_metrics,
@@ -563,6 +564,7 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
     options = {name: get_metric(name).params(metric_params.get(name)) for name in metric_names}
     if granularity not in ("pixel", "patch"):
         raise MetricError(f"unknown granularity '{granularity}': choose pixel or patch")
+    check_count(perturb_batch_size, "perturb_batch_size")  # before run_explain writes anything
     target = _single_target(target)
     check_requirements(samples, metric_names, masks_dir, source, metric_params)
     if RANDOMIZE in set().union(*(get_metric(n).needs for n in metric_names)) and not hasattr(model, "module"):

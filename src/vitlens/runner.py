@@ -16,7 +16,8 @@ from pathlib import Path
 from vitlens.api import explain
 from vitlens.data import Sample, load_image
 from vitlens.errors import InputError, MethodError, TargetError, VitlensError
-from vitlens.methods import get_method
+from vitlens.cliargs import check_count, check_overlay, check_params_requested, check_target
+from vitlens.methods import check_params_for_model, get_method
 from vitlens.outputs import RunWriter
 
 
@@ -71,9 +72,13 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
     """
     from tqdm import tqdm
 
-    if batch_size < 1:
-        raise VitlensError(f"batch size must be at least 1, got {batch_size}")
+    # every mistake in the request is found here, before RunWriter creates run.json and records/
+    check_count(batch_size, "batch_size")
+    check_overlay(cmap, alpha, prefix="")
+    check_params_requested(params, methods, option="params", among="the methods")
     resolved = {name: get_method(name).params((params or {}).get(name)) for name in methods}
+    check_params_for_model(resolved, model.num_layers if model.has_attention else None, model)
+    check_target(model, list(target.classes) if isinstance(target, EveryImage) else target, allow_label=True)
     run_settings = {"target": str(target if target is not None else "pred"), **(settings or {})}
     writer = RunWriter(out_dir, model, resolved, settings=run_settings, resume=resume, cmap=cmap, alpha=alpha)
     summary = RunSummary(out_dir=Path(out_dir), total=len(samples))

@@ -210,8 +210,8 @@ RESIDUAL = Param("float", "weight of the identity added to each layer's attentio
 HEAD_NORM = Param("choice", "norm of each head's gradient that weighs the heads", choices=("l1", "l2"))
 CONV_GAMMA = Param("float", "Gamma rule strength of Conv2d layers (0: the plain LRP-0 rule)", low=0)
 LIN_GAMMA = Param("float", "Gamma rule strength of Linear layers (0: the plain LRP-0 rule)", low=0)
-CAM_LAYERS = Param("module_names", "target layer(s); several are fused (default: the last block's norm, or the "
-                                   "last spatial layer of a CNN)")
+CAM_LAYERS = Param("module_names", "target layer(s), several are fused; None: the last block's norm of a ViT, the "
+                                   "last spatial layer of a CNN")
 
 register(MethodSpec("attention", raw_attention, frozenset({ATTENTIONS}), False, {"layer": -1},
                     "raw last-layer attention of the class token, mean over heads (baseline)",

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from vitlens.api import Prediction
+from vitlens.cliargs import check_count, check_params_requested
 from vitlens.errors import InputError, MethodError, OutputError
-from vitlens.methods import get_method
+from vitlens.methods import check_params_for_model, get_method
 from vitlens.render.atomic import ensure_dir, write_text_atomic
 from vitlens.text.base import TextModel
 from vitlens.text.batch import TextBatch
@@ -167,7 +168,10 @@ def _as_list(values, what: str):
         return None
     if isinstance(values, str):
         return [values]
-    values = list(values)
+    try:
+        values = list(values)
+    except TypeError:
+        raise InputError(f"{what} must be a string or a list of strings, got a {type(values).__name__}") from None
     for v in values:
         if not isinstance(v, str):
             raise InputError(f"{what} must be strings, got a {type(v).__name__}")
@@ -220,14 +224,14 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
         raise InputError("no text given")
     if pairs is not None and len(pairs) != len(texts):
         raise InputError(f"{len(pairs)} second texts for {len(texts)} texts: give one per text")
-    if batch_size < 1:
-        raise InputError("batch_size must be at least 1")
+    check_count(batch_size, "batch_size")
+    if max_length is not None:
+        check_count(max_length, "max_length")
     names = parse_text_methods(methods) if methods not in (None, [], (), "") else []
+    check_params_requested(params, names, option="params", among="the methods")
     params = params or {}
-    for name in params:
-        if name not in names:
-            raise MethodError(f"parameters given for '{name}', which is not among the methods")
     resolved = {name: text_params(name, params.get(name)) for name in names}
+    check_params_for_model(resolved, model.num_layers)  # layer indices beyond the model's depth
     if model.is_classifier:
         if objective is not None:
             raise MethodError("objective= is for plain encoders: a classifier explains its target logits")
@@ -376,6 +380,12 @@ def write_item(item: TextItem, out, views, methods, model: TextModel, formats=("
     from vitlens.text import views as text_views
 
     views = parse_views(views)
+    # a layer or query token the item does not have is refused before the first file is written
+    if "heads" in views or "headview" in views:
+        _resolve_layer(layer, model.num_layers)
+    if "query" in views:
+        for seq in item.sequences:
+            resolve_query(seq, query)
     out = ensure_dir(out)
     written: dict = {}
     multi = len(item.sequences) > 1
@@ -420,7 +430,8 @@ def write_item(item: TextItem, out, views, methods, model: TextModel, formats=("
         acc = HeadStatistics()
         for seq in item.sequences:
             acc.add(seq.attention, seq.special, seq.cls, seq.sep, seq.ids)
-        written["stats"] = write_stats(acc, out, item.sequences, formats, title=f"attention statistics: {_shorten(heading, 70)}")
+        written["stats"] = write_stats(acc, out, item.sequences, formats,
+                                       title=f"attention statistics: {_shorten(heading, 70)}")
     return written
 
 

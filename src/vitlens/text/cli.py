@@ -12,7 +12,8 @@ inputs (``stats.csv``/``.json``/``.png``/``.svg``). Inputs that fail (too long, 
 skipped; the exit code is then 1.
 
 The argument definitions import nothing heavy; torch and transformers are imported when the
-command runs.
+command runs. Every mistake in the options is a one-line error found before anything is written;
+the shared parsing and checks come from :mod:`vitlens.cliargs` (this module imports no other CLI).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import io
 import json
 import sys
 from pathlib import Path
+
+from vitlens.cliargs import (check_count, check_out_dir, check_params_requested, check_target, parse_method_params,
+                             parse_target, select_device)
 
 DEFAULT_TEXT_MODEL = "vitlens:all-minilm-l6-v2"
 SINGLE_VIEWS = "all"
@@ -74,7 +78,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     """The implementation of ``vitlens text``; returns the exit code."""
-    from vitlens.errors import InputError
+    from vitlens.errors import InputError, MethodError
 
     if (args.text is None) == (args.file is None):
         raise InputError("give one text to explain, or --file FILE with many (not both)")
@@ -90,15 +94,20 @@ def run(args) -> int:
     from vitlens.text.api import parse_views
 
     views = parse_views(args.views or (SINGLE_VIEWS if args.text is not None else BATCH_VIEWS))
+    check_count(args.batch_size, "--batch-size")
+    select_device(args.device)
     rows = _read_file(args.file) if args.file is not None else None
-    from vitlens.cli import parse_params, parse_target
-    from vitlens.outputs import check_writable
-
-    params = parse_params(args.param)
-    out = check_writable(args.out)
+    params = parse_method_params(args.param)
+    out = check_out_dir(args.out)  # creates nothing: a mistake found below leaves no trace
     model = _load(args)
+    _check_layer(args.layer, model.num_layers)
     has_pairs = args.pair is not None or bool(rows and any(r["pair"] is not None for r in rows))
-    methods = _methods(args, model, views, has_pairs, params)
+    methods, note = _methods(args, model, views, has_pairs)
+    if params and not methods:
+        raise MethodError("--param sets parameters of token attributions, and none are computed here: "
+                          + ("a plain encoder needs --pair" if note else "add tokens to --views"))
+    check_params_requested(params, methods)
+    _check_params_for_model(methods, params, model)
     if "tokens" in views and not methods:
         views = [v for v in views if v != "tokens"]
     if not views:
@@ -110,8 +119,18 @@ def run(args) -> int:
                          f"{model.kind_name} takes --target")
     if causal and has_pairs:
         raise InputError("a causal decoder reads one text (the prompt): --pair and pairs are for encoders")
+    if target is not None:
+        if not model.is_classifier:
+            raise InputError(f"--target is for classifiers and causal decoders: a {model.kind_name} explains a "
+                             "scalar of two texts (--pair, --objective)")
+        check_target(model, target)
     if args.target_token is not None:
         target = model.token_id(args.target_token)
+    if rows is not None and has_pairs and not model.is_classifier and any(r["pair"] is None for r in rows):
+        missing = next(r for r in rows if r["pair"] is None)
+        raise InputError(f"line {missing['line']}: a plain encoder compares pairs; every line needs a second text")
+    if note and not args.quiet:  # printed after every check, so that an error stays the only line
+        print(note, file=sys.stderr)
     if rows is None:
         return _run_single(args, model, methods, params, target, views, formats, out)
     return _run_batch(args, model, methods, params, target, views, formats, out, rows)
@@ -128,36 +147,43 @@ def _formats(text: str) -> tuple:
 
 
 def _load(args):
-    import torch
-
-    from vitlens.errors import VitlensError
+    """The text model the options name (--model, --device, --pooling, --score)."""
     from vitlens.text.loading import load_text_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VitlensError(f"--device {device}: CUDA is not available on this machine")
-    return load_text_model(args.model, device=device, pooling=args.pooling, score=args.score)
+    return load_text_model(args.model, device=select_device(args.device), pooling=args.pooling, score=args.score)
 
 
-def _methods(args, model, views, has_pairs, params) -> list:
+def _check_layer(layer: int, num_layers: int) -> None:
+    """--layer (heads and head views) against the model's depth, before any view is written."""
+    from vitlens.errors import UsageError
+
+    if not -num_layers <= layer < num_layers:
+        raise UsageError(f"--layer {layer}: the model has {num_layers} layers (0 to {num_layers - 1}, "
+                         f"or -1 to -{num_layers} from the end)")
+
+
+def _check_params_for_model(methods, params, model) -> None:
+    """Method parameters that depend on the model (layer indices), with the text defaults applied."""
+    from vitlens.methods import check_params_for_model
+    from vitlens.text.task import text_params
+
+    check_params_for_model({name: text_params(name, params.get(name)) for name in methods}, model.num_layers)
+
+
+def _methods(args, model, views, has_pairs) -> tuple:
+    """(method names, a note for stderr or None)."""
     from vitlens.errors import MethodError
     from vitlens.text.task import parse_text_methods
 
     if "tokens" not in views:
-        return []
+        return [], None
     if not model.is_classifier and not has_pairs:
         if args.methods is not None or (args.views and "tokens" in args.views):
             raise MethodError("a plain encoder explains a scalar of two texts: give --pair SENTENCE2 (or pairs in the "
                               "file) for token attributions of their similarity")
-        if not args.quiet:
-            print("vitlens text: plain encoder without --pair: attention views only (give --pair for token "
-                  "attributions of the similarity)", file=sys.stderr)
-        return []
-    methods = parse_text_methods(args.methods or "all")
-    for name in params:
-        if name not in methods:
-            raise MethodError(f"--param for '{name}', which is not among --methods")
-    return methods
+        return [], ("vitlens text: plain encoder without --pair: attention views only (give --pair for token "
+                    "attributions of the similarity)")
+    return parse_text_methods(args.methods or "all"), None
 
 
 def _read_file(path) -> list:
@@ -230,9 +256,6 @@ def _run_batch(args, model, methods, params, target, views, formats, out, rows) 
     sections, summary, records, failed, all_sequences = [], [], [], [], []
     objective = args.objective if not model.is_classifier else None
     has_pairs = any(r["pair"] is not None for r in rows)
-    if has_pairs and not model.is_classifier and any(r["pair"] is None for r in rows):
-        missing = next(r for r in rows if r["pair"] is None)
-        raise InputError(f"line {missing['line']}: a plain encoder compares pairs; every line needs a second text")
 
     def explain(chunk):
         texts = [r["text"] for r in chunk]

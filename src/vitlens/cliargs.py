@@ -1,0 +1,203 @@
+"""What a user typed, parsed and checked: one copy for ``vitlens``, ``vitlens text`` and the Python API.
+
+Every check here raises a :class:`~vitlens.errors.VitlensError` subclass with a one-line message
+naming the problem, and writes nothing, so a command can run all of them before it creates its
+output directory. This module imports neither command-line module (``vitlens.cli`` imports
+``vitlens.text.cli``, which needs only this module) nor the ``vitlens`` package itself (the API
+imports this module); torch and matplotlib are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from vitlens.errors import MethodError, OutputError, TargetError, UsageError
+
+#: target words every model understands (see ``vitlens.engine.resolve_targets``)
+PREDICTED = ("pred", "predicted", "top1")
+
+
+# ------------------------------------------------------------------------------ method parameters
+def parse_value(text: str):
+    """A --param value: JSON when it parses (numbers, lists, true/false), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_params(items, option: str = "--param", form: str = "METHOD.NAME=VALUE",
+                 example: str = "rollout.discard_ratio=0.9") -> dict:
+    """``['rollout.discard_ratio=0.9', 'legrad.layers=last2']`` -> ``{'rollout': {'discard_ratio': 0.9}, ...}``.
+
+    Only the form is checked here (``--metric-param`` uses it too); see :func:`parse_method_params`.
+    """
+    params: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.rpartition(".")
+        if not sep or not dot or not method or not name:
+            raise MethodError(f"{option} '{item}' must look like {form} (e.g. {example})")
+        params.setdefault(method, {})[name] = parse_value(value)
+    return params
+
+
+def parse_method_params(items, option: str = "--param") -> dict:
+    """:func:`parse_params` for explanation methods, every value checked against its method's declaration.
+
+    An unknown method, an unknown parameter or a value out of range is an error here, before any
+    model is loaded; the values come back as the methods take them (``2`` for a float becomes ``2.0``).
+    """
+    from vitlens.methods import get_method
+
+    return {method: get_method(method).check(values) for method, values in parse_params(items, option).items()}
+
+
+def check_params_requested(params, methods, option: str = "--param", among: str = "--methods") -> None:
+    """Parameters given for a method that will not run are a mistake (a typo in either list), not ignored."""
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise MethodError(f"{option} must be a dict of method -> {{parameter: value}}, got a {type(params).__name__}")
+    unknown = [name for name in params if name not in methods]
+    if unknown:
+        names = ", ".join(f"'{name}'" for name in unknown)
+        raise MethodError(f"{option} for {names}, which {'is' if len(unknown) == 1 else 'are'} not among {among} "
+                          f"({', '.join(methods) or 'none'})")
+
+
+# ------------------------------------------------------------------------------ targets
+def parse_target(text: str | None):
+    """CLI target: pred | INDEX | NAME | topK | label | comma-separated indices/names (several per image)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if "," in text and not text.lower().startswith("top"):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def class_indices(model, items) -> list[int]:
+    """Class indices or names -> indices checked against the model (TargetError otherwise)."""
+    return [model.check_class_index(int(t)) if str(t).lstrip("-").isdigit() else model.class_index(str(t))
+            for t in items]
+
+
+def check_target(model, target, allow_label: bool = False) -> None:
+    """A target request the model cannot satisfy is a one-line TargetError, found before any work.
+
+    ``target`` as :func:`parse_target` returns it (or as the API takes it): None, ``'pred'``, an
+    index, a class name, ``'topK'``, or a list of them; ``'label'`` (each image's ground truth) only
+    with ``allow_label``. The messages are the engine's, which resolves the same request later.
+    """
+    if target is None:
+        return
+    if isinstance(target, (list, tuple)):
+        for item in target:
+            check_target(model, item, allow_label)
+        return
+    if isinstance(target, bool):
+        raise TargetError(f"cannot use {target} as a target: give an index, a name, 'pred' or 'topK'")
+    if isinstance(target, int):
+        model.check_class_index(target)
+        return
+    if not isinstance(target, str):
+        return  # tensors and other per-image requests are checked when the batch is resolved
+    text = target.strip()
+    word = text.lower()
+    if word in PREDICTED or (allow_label and word == "label"):
+        return
+    if word.startswith("top") and text[3:].isdigit():
+        k = int(text[3:])
+        if not 1 <= k <= model.num_classes:
+            raise TargetError(f"target '{text}': k must be between 1 and {model.num_classes}")
+        return
+    class_indices(model, [text])
+
+
+# ------------------------------------------------------------------------------ options
+def check_count(value, option: str) -> int:
+    """A batch size, a limit...: a whole number of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{option} must be at least 1, got {value!r}")
+    return value
+
+
+def check_overlay(cmap, alpha, prefix: str = "--") -> None:
+    """Overlay colormap (a matplotlib name) and opacity (0..1), checked before any overlay is drawn."""
+    from vitlens.render.colors import ColormapError, get_cmap
+
+    try:
+        alpha_value = float(alpha)
+    except (TypeError, ValueError):
+        alpha_value = float("nan")
+    if not 0.0 <= alpha_value <= 1.0:  # also refuses nan
+        raise UsageError(f"{prefix}alpha must be between 0 and 1, got {alpha!r}")
+    try:
+        get_cmap(cmap)
+    except ColormapError as exc:
+        raise UsageError(f"{prefix}cmap: {exc}") from None
+
+
+def select_device(text=None, option: str = "--device"):
+    """The torch device to run on: ``text`` (``cpu``, ``cuda``, ``cuda:1``, ``mps`` or a ``torch.device``),
+    or None / ``auto`` for CUDA when there is one, else the CPU.
+
+    A device that is not a torch device, or that this machine does not have, is a one-line
+    UsageError here rather than a traceback from deep inside torch when the model moves.
+    """
+    import torch
+
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "auto")):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shown = str(text).strip()
+    try:
+        device = text if isinstance(text, torch.device) else torch.device(shown)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"{option} {shown}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option} {shown}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"{option} {shown}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                             f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"{option} {shown}: MPS (Apple GPU) is not available on this machine")
+        return device
+    raise UsageError(f"{option} {shown}: vitlens runs on cpu, cuda or mps")
+
+
+def check_out_dir(path) -> Path:
+    """Fail early, in one line, when ``path`` could not become an output directory, without creating it.
+
+    Unlike :func:`vitlens.outputs.check_writable` nothing is created: a mistake found later (a
+    target the model does not have...) leaves no empty directory behind. The probe file lives for
+    an instant in the nearest directory that exists.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output path '{path}' exists and is not a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create output directory '{path}': '{existing}' is not a directory")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".vitlens-write-test-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write into output directory '{path}': {exc.strerror or exc}") from None
+    return path
+
+
+__all__ = ["check_count", "check_out_dir", "check_overlay", "check_params_requested", "check_target",
+           "class_indices", "parse_method_params", "parse_params", "parse_target", "parse_value", "select_device"]
