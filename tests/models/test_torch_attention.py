@@ -354,6 +354,8 @@ def test_facts_found_by_the_dry_run(setup):
     assert model.preprocess.input_size == (32, 32)  # from the position embedding and the patch convolution
     norm_first = options.get("norm_first", True)
     assert model.block_norm_names() == [f"encoder.layers.{i}.norm{1 if norm_first else 2}" for i in range(3)]
+    # Grad-CAM reads what enters the last attention: norm1 of the last block, or the previous block's output
+    assert model.default_cam_layers() == ["encoder.layers.2.norm1" if norm_first else "encoder.layers.1.norm2"]
     n = prefix + 16
     np.testing.assert_array_equal(model.readout_weights(n, dtype=torch.float64).numpy(),
                                   readout_vector(options["pool"], prefix, n))
@@ -521,13 +523,30 @@ def test_lrp_matches_explicit_relevance_propagation(one_layer, variant, conv_gam
     assert relevance.shape == (2, 2, 16, 16)
     for b in range(2):
         for slot in range(2):
-            expected, logits = reference_relevance(one_layer, x[b], int(targets[b, slot]), variant,
-                                                   conv_gamma, lin_gamma)
-            scale = float(expected.detach().abs().max())
+            with torch.no_grad():
+                expected, logits = reference_relevance(one_layer, x[b], int(targets[b, slot]), variant,
+                                                       conv_gamma, lin_gamma)
+            scale = float(expected.abs().max())
             assert scale > 1e-6  # a real signal
             err = float((relevance[b, slot] - expected).abs().max())
             assert err <= 1e-7 * scale, (variant, b, slot, err, scale)
             assert torch.isclose(result.extras[variant]["target_logit"][b, slot], logits[targets[b, slot]])
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_sequence_first_layout_gives_the_same_maps(norm_first):
+    """batch_first only changes the layout: the same weights give the same maps for every method,
+    Grad-CAM included ((N, B, C) target-layer outputs are put on the grid like (B, N, C) ones)."""
+    final = "encoder" if norm_first else None
+    first = user_vit(seed=3, batch_first=True, norm_first=norm_first, final_norm=final)
+    second = user_vit(seed=3, batch_first=False, norm_first=norm_first, final_norm=final)
+    second.load_state_dict(first.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    methods = ["rollout", "gmar++", "legrad", "chefer", "gradcam", "gradcam++", "attnlrp"]
+    a = vitlens.explain(vitlens.load_model(first), x, methods=methods, target=TARGETS)
+    b = vitlens.explain(vitlens.load_model(second), x, methods=methods, target=TARGETS)
+    for name in methods:
+        assert_scaled_close(b.patch_maps[name].numpy(), a.patch_maps[name].numpy(), rel=1e-9)
 
 
 def test_lrp_gelu_gets_the_identity_rule():

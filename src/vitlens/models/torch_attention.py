@@ -84,6 +84,8 @@ class Survey:
         Module name -> True when its (token-shaped) output is (N, B, C).
     cam_layers : list of str or None
         Per call, the Grad-CAM target layer (pre-attention norm, else the block output).
+    cam_before_attention : list of bool
+        Per call, whether that layer runs before the attention (a pre-norm block's norm1).
     readout : str
     head : tuple or None
         ``(norm name or None, norm before pooling?, head name)`` reproducing the logits from the last
@@ -100,6 +102,7 @@ class Survey:
     blocks: list | None = None
     seq_first: dict = field(default_factory=dict)
     cam_layers: list | None = None
+    cam_before_attention: list = field(default_factory=list)
     readout: str = "cls"
     head: tuple | None = None
     head_problem: str = ""
@@ -203,6 +206,16 @@ class TorchAttentionModel(ImageModel):
             raise MethodError(f"Grad-CAM has no default target layer in {type(self.module).__name__}: vitlens found no "
                               "block around its attention layers; name one with the method's layers parameter")
         return list(dict.fromkeys(layers))
+
+    def default_cam_layers(self) -> list[str]:
+        """What enters the last attention layer: its block's pre-attention norm, or for a post-norm block the
+        previous block's output (the last block's own output would give an all-zero map under CLS readout:
+        only the CLS row of it reaches the logits)."""
+        names = self.block_norm_names()
+        s = self.survey
+        if not s.cam_before_attention[-1] and len(s.cam_layers) > 1:
+            return [s.cam_layers[-2]]
+        return names[-1:]
 
     def spatial_layer_names(self) -> list[str]:
         s = self.survey
@@ -525,6 +538,7 @@ def _conclude(model, selected, events, recorder, logits, modules) -> Survey:
     uncalled = [n for n in selected if n not in calls and model.named is not None]
     if uncalled:
         raise ModelError(f"attention layer '{uncalled[0]}' is not called by the forward of {type(module).__name__}")
+    selected = list(dict.fromkeys(calls))  # an MHA module the forward never calls is no layer
     shapes = {tuple(a.shape[-2:]) for a in recorder.attentions}
     if len(shapes) != 1:
         raise ModelError(f"the attention layers of {type(module).__name__} attend over different token counts "
@@ -616,6 +630,7 @@ def _find_cam_layers(survey, events, attn_positions, batch, n, modules):
                   if it[0] == "out" and _inside(it[1], block) and it[1] != block and _is_norm(modules[it[1]])
                   and _token_layout(it[2], batch, n) is not None]
         chosen = before[-1][1] if before else None
+        survey.cam_before_attention.append(chosen is not None)
         if chosen is None:
             after = items[attn_positions[call]:ends[call]]
             block_out = next(it[2] for it in after if it[0] == "out" and it[1] == block)
