@@ -126,7 +126,8 @@ def _build(spec, name, weights, num_classes, local_files_only):
 
     if weights is None:
         kwargs = {} if num_classes is None else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
-        return AutoModelForImageClassification.from_pretrained(name, local_files_only=local_files_only, **kwargs)
+        with hub.quiet_progress():
+            return AutoModelForImageClassification.from_pretrained(name, local_files_only=local_files_only, **kwargs)
     config = AutoConfig.from_pretrained(name, local_files_only=local_files_only,
                                         **({} if num_classes is None else {"num_labels": num_classes}))
     if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
@@ -137,7 +138,8 @@ def _build(spec, name, weights, num_classes, local_files_only):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        module, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
+        with hub.quiet_progress():
+            module, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     problems = [(label, sorted(info.get(key) or [])) for label, key in

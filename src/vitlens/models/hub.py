@@ -9,10 +9,12 @@ retries.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
 from pathlib import Path
+from typing import Iterator
 
 HF_HOST = "huggingface.co"
 TORCH_HOST = "download.pytorch.org"
@@ -69,3 +71,17 @@ def torch_hub_cached_file(url: str) -> str | None:
 
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     return str(path) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No "Loading weights" progress bar for a small local model; the user's setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

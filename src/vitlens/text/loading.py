@@ -8,11 +8,9 @@ predicate accepts it; importing this module registers the built-in families (enc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator
 
 from torch import nn
 
@@ -121,7 +119,7 @@ def _load_dir(where, spec, tokenizer, pooling, local_files_only=True, score="log
     else:
         cls = AutoModelForSequenceClassification if classifier else AutoModel
     try:
-        with _quiet_progress():
+        with hub.quiet_progress():
             module = cls.from_pretrained(str(where), local_files_only=local_files_only)
     except ValueError as exc:
         raise ModelError(f"'{spec}' is not a supported text model: {one_line(exc)}") from None
@@ -135,20 +133,6 @@ def _load_dir(where, spec, tokenizer, pooling, local_files_only=True, score="log
     if pooling is None:
         pooling = _sentence_transformers_pooling(where) or "mean"
     return EncoderModel(module, tokenizer, pooling, info=ModelInfo(spec=spec))
-
-
-@contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """No "Loading weights" progress bar for a small local model; the user's setting is restored."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _sentence_transformers_pooling(where) -> str | None:
