@@ -215,8 +215,10 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
     names = parse_methods(methods, model)
     check_params_requested(params, names, option="params", among="the methods")
     resolved = {name: get_method(name).params((params or {}).get(name)) for name in names}
-    # layer indices and Grad-CAM layer names depend on the model: refused here, before the first batch
-    check_params_for_model(resolved, model.num_layers if model.has_attention else None, model)
+    # layer indices depend on the model: refused here, before the first batch. Grad-CAM layers are left
+    # to the engine, which names the batch's own shapes (this writes nothing; run_explain and the CLI,
+    # which do, check them against the adapter's dry run first)
+    check_params_for_model(resolved, model.num_layers if model.has_attention else None)
     check_target(model, target)
     if device is not None:
         model.to(select_device(device, option="device"))

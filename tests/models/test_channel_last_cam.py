@@ -363,6 +363,8 @@ def test_cli_unmappable_target_layer_is_one_line_exit_2(tmp_path, capsys, hf_swi
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert f"target layer '{layer}' gives shape (16, 16, 24)" in lines[0]
+    # refused after loading, before anything is written: the adapter's dry run (2 images, 32 windows)
+    assert f"method 'gradcam': target layer '{layer}' gives shape (32, 16, 24)" in lines[0]
+    assert not (tmp_path / "bad").exists()
     assert "its first dimension is not the batch" in lines[0]
     assert "choose one of swin.layernorm" in lines[0]

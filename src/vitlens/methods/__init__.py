@@ -334,14 +334,23 @@ def check_params_for_model(methods: Mapping, num_layers: int | None, model=None)
                 except MethodError as exc:
                     raise MethodError(f"method '{name}': {exc}") from None
             if param.kind == "module_names" and model is not None and module_names(value):
-                from vitlens.models.layers import find_module
-
-                valid = model.spatial_layer_names()
                 for layer in module_names(value):
                     try:
-                        find_module(model.module, layer, valid)
+                        _check_cam_layer(model, layer)
                     except MethodError as exc:
                         raise MethodError(f"method '{name}': {exc}") from None
+
+
+def _check_cam_layer(model, layer: str) -> None:
+    """A Grad-CAM target layer the model has: the adapter's own check where it has one (CNNs also
+    know from a dry run whether the layer's output maps onto the image), else the name alone."""
+    check = getattr(model, "check_cam_layer", None)
+    if check is not None:
+        check(layer)
+        return
+    from vitlens.models.layers import find_module
+
+    find_module(model.module, layer, model.spatial_layer_names())
 
 
 def parse_methods(methods, model=None) -> list[str]:
