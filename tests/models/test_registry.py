@@ -85,3 +85,31 @@ def test_unknown_spec_prefix_lists_the_registered_ones():
     assert "\n" not in message
     for prefix in ("timm:NAME", "hf:NAME", "torchvision:NAME", "vitlens:NAME"):
         assert prefix in message
+
+
+class _AttentionPoolingCNN(nn.Module):
+    """A CNN whose only nn.MultiheadAttention pools its features by cross-attention from a learned query."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.query = nn.Parameter(torch.randn(1, 1, 8))
+        self.pool = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        features = self.conv(x).flatten(2).transpose(1, 2)  # (B, HW, 8)
+        pooled, _ = self.pool(self.query.expand(x.shape[0], -1, -1), features, features)
+        return self.fc(pooled[:, 0])
+
+
+def test_a_cnn_with_cross_attention_pooling_falls_back_to_the_cnn_family():
+    torch.manual_seed(0)
+    module = _AttentionPoolingCNN().eval()
+    # the generic attention family's predicate accepts it (it has an nn.MultiheadAttention) ...
+    assert registry.find_family(module, "image").name == "torch-attention"
+    # ... but its dry run finds no self-attention, so the next family (the CNN adapter) reads it
+    model = load_model(module, input_size=16)
+    assert model.family == "cnn" and model.preprocess.input_size == (16, 16)
+    result = vitlens.explain(model, torch.randn(2, 3, 16, 16), methods=["gradcam"], target=0)
+    assert result["gradcam"].shape == (2, 16, 16) and result["gradcam"].amax() > 0

@@ -129,6 +129,17 @@ class ExplainableModel:
         """Layers whose output maps onto the input grid (Grad-CAM target layers); none by default."""
         return []
 
+    def prepare(self) -> None:
+        """Learn now what the adapter needs to know about the model (a dry run), so that its errors
+        surface when the model is loaded; a no-op for adapters that read everything from the module."""
+
+    def unsupported_methods(self) -> dict:
+        """Methods this model cannot run although it has attention: ``{name: one-line reason}``.
+
+        ``all`` leaves them out and asking for one by name is a one-line error before anything runs.
+        """
+        return {}
+
     # --- running it ------------------------------------------------------------------------
     @contextlib.contextmanager
     def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:

@@ -22,7 +22,7 @@ from vitlens.models import cnn, hf_vit, packaged, timm_vit, torch_attention, tor
 from vitlens.errors import ModelError
 from vitlens.models.base import ImageModel, ModelInfo
 from vitlens.models.preprocess import Preprocess
-from vitlens.models.registry import descriptions, find_family, spec_loader, spec_prefixes
+from vitlens.models.registry import NotThisFamily, candidates, descriptions, spec_loader, spec_prefixes
 from vitlens.models.weights import (default_class_names, file_sha256, imagenet_class_names,  # noqa: F401
                                     load_state_dict_checked, read_weights)
 
@@ -68,54 +68,62 @@ def load_model(spec, weights: str | os.PathLike | None = None, num_classes: int 
         The adapter, in eval mode.
     """
     options = {k: v for k, v in (("attention_layers", attention_layers), ("readout", readout)) if v is not None}
+    overrides = {k: v for k, v in (("input_size", input_size), ("mean", mean), ("std", std),
+                                   ("interpolation", interpolation)) if v is not None}
     if isinstance(spec, ImageModel):
         model = spec
+        if options or overrides:
+            model = wrap_module(model.module, preprocess=model.preprocess, class_names=model.class_names,
+                                info=model.info, overrides=overrides, **options)
     elif isinstance(spec, nn.Module):
         if weights is not None:
             load_state_dict_checked(spec, read_weights(weights), weights, f"module:{type(spec).__name__}")
-        model = wrap_module(spec, info=ModelInfo(spec=f"module:{type(spec).__name__}"), **options)
+        model = wrap_module(spec, info=ModelInfo(spec=f"module:{type(spec).__name__}"), overrides=overrides,
+                            **options)
     elif isinstance(spec, (str, os.PathLike)):
-        model = _load_from_spec(str(spec), weights, num_classes)
+        model = _load_from_spec(str(spec), weights, num_classes, overrides, options)
     else:
         raise ModelError(f"cannot load a model from {type(spec).__name__}: give a spec string or an nn.Module")
-    if options and not isinstance(spec, nn.Module):
-        # named attention layers or a readout: the generic attention adapter reads the loaded module
-        model = wrap_module(model.module, preprocess=model.preprocess, class_names=model.class_names, info=model.info,
-                            **options)
-    overrides = {"input_size": input_size, "mean": mean, "std": std, "interpolation": interpolation}
-    if any(v is not None for v in overrides.values()):
-        model.preprocess = model.preprocess.with_overrides(**overrides)
-        fixed = model.fixed_input_size()
-        if fixed is not None and tuple(model.preprocess.input_size) != tuple(fixed):
-            h, w = model.preprocess.input_size
-            raise ModelError(f"input_size {h}x{w} does not fit the model, which takes {fixed[0]}x{fixed[1]}")
     if weights is not None:
         model.info.weights = str(Path(weights).resolve())
         model.info.weights_sha256 = file_sha256(weights)
     model.module.eval()
     if device is not None:
         model.to(device)
-    if model.has_attention:
-        model.num_layers  # noqa: B018  (adapters that find their layers with a dry run do it now: errors at load)
     return model
 
 
 def wrap_module(module: nn.Module, preprocess: Preprocess | None = None, class_names=None,
-                info: ModelInfo | None = None, **options) -> ImageModel:
+                info: ModelInfo | None = None, overrides: dict | None = None, **options) -> ImageModel:
     """The adapter of the first registered image family that reads ``module``.
 
-    ``options`` (``attention_layers``, ``readout``) are read by the generic attention adapter only, so
-    giving any selects it.
+    ``overrides`` (``input_size``, ``mean``, ``std``, ``interpolation``) replace parts of the family's
+    preprocessing before the adapter looks at the model. ``options`` (``attention_layers``,
+    ``readout``) are read by the families that declare them, so giving any selects such a family.
     """
-    family = torch_attention.FAMILY if options else find_family(module, "image")
-    if family is None:
-        raise ModelError(f"{type(module).__name__} is not a supported model: vitlens reads {descriptions('image')}")
     if class_names is None:
         class_names = default_class_names(module)
-    return family.wrap(module, preprocess=preprocess, class_names=class_names, info=info, **options)
+    not_ours = None
+    for family in candidates(module, "image", options):
+        model = family.wrap(module, preprocess=preprocess, class_names=class_names, info=info, **options)
+        if overrides:
+            model.preprocess = model.preprocess.with_overrides(**overrides)
+            fixed = model.fixed_input_size()
+            if fixed is not None and tuple(model.preprocess.input_size) != tuple(fixed):
+                h, w = model.preprocess.input_size
+                raise ModelError(f"input_size {h}x{w} does not fit the model, which takes {fixed[0]}x{fixed[1]}")
+        try:
+            model.prepare()  # a dry run, for adapters that need one: at the final input size, errors now
+        except NotThisFamily as exc:
+            not_ours = not_ours or exc
+            continue
+        return model
+    if not_ours is not None:
+        raise not_ours
+    raise ModelError(f"{type(module).__name__} is not a supported model: vitlens reads {descriptions('image')}")
 
 
-def _load_from_spec(spec: str, weights, num_classes) -> ImageModel:
+def _load_from_spec(spec: str, weights, num_classes, overrides=None, options=None) -> ImageModel:
     kind, _, name = spec.partition(":")
     loader = spec_loader("image", kind) if name else None
     if loader is None and Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
@@ -128,7 +136,8 @@ def _load_from_spec(spec: str, weights, num_classes) -> ImageModel:
         raise ModelError(f"unknown model spec '{spec}': use {prefixes} or a local HF directory")
     loaded = loader(spec, name, weights, num_classes)
     info = ModelInfo(spec=spec, weights=loaded.weights)
-    return wrap_module(loaded.module, preprocess=loaded.preprocess, class_names=loaded.class_names, info=info)
+    return wrap_module(loaded.module, preprocess=loaded.preprocess, class_names=loaded.class_names, info=info,
+                       overrides=overrides, **(options or {}))
 
 
 def describe(model: ImageModel) -> dict:

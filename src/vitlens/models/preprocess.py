@@ -124,7 +124,8 @@ class Preprocess:
         return x * std + mean
 
     def with_input_size(self, height: int, width: int) -> "Preprocess":
-        return Preprocess((height, width), self.mean, self.std, self.interpolation, self.crop_pct, self.resize_mode, self.extra)
+        return Preprocess((height, width), self.mean, self.std, self.interpolation, self.crop_pct, self.resize_mode,
+                          self.extra)
 
     def with_overrides(self, input_size=None, mean=None, std=None, interpolation=None) -> "Preprocess":
         """This preprocessing with the given fields replaced (None keeps a field); values are checked.

@@ -17,6 +17,8 @@ from typing import Callable
 
 from torch import nn
 
+from vitlens.errors import ModelError
+
 #: the kinds of input a family explains
 KINDS = ("image", "text")
 
@@ -39,6 +41,9 @@ class Family:
         Lower is tried first.
     description : str
         What users read in "unsupported model" messages.
+    options : frozenset of str
+        Keyword options only this family's ``wrap`` reads (``attention_layers``...): giving one of them
+        selects the family whatever its predicate says.
     """
 
     name: str
@@ -47,6 +52,12 @@ class Family:
     wrap: Callable
     priority: int = 50
     description: str = ""
+    options: frozenset = frozenset()
+
+
+class NotThisFamily(ModelError):
+    """Raised by an adapter's :meth:`~vitlens.models.base.ExplainableModel.prepare` when a closer look
+    shows that its family does not read the module after all (the next matching family is tried)."""
 
 
 @dataclass
@@ -78,10 +89,16 @@ def families(kind: str) -> list[Family]:
 
 def find_family(module: nn.Module, kind: str) -> Family | None:
     """The first family of ``kind`` whose predicate accepts ``module``."""
-    for family in families(kind):
-        if family.matches(module):
-            return family
-    return None
+    matching = candidates(module, kind)
+    return matching[0] if matching else None
+
+
+def candidates(module: nn.Module, kind: str, options=()) -> list[Family]:
+    """The families that may read ``module``, in the order to try them: those accepting every option
+    given, else those whose predicate accepts the module."""
+    if options:
+        return [f for f in families(kind) if set(options) <= f.options]
+    return [f for f in families(kind) if f.matches(module)]
 
 
 def register_spec(kind: str, prefix: str, loader: Callable) -> None:
@@ -106,5 +123,5 @@ def descriptions(kind: str) -> str:
     return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + (names[-1] if names else "")
 
 
-__all__ = ["Family", "KINDS", "LoadedModule", "descriptions", "families", "find_family", "register_family",
-           "register_spec", "spec_loader", "spec_prefixes"]
+__all__ = ["Family", "KINDS", "LoadedModule", "NotThisFamily", "candidates", "descriptions", "families", "find_family",
+           "register_family", "register_spec", "spec_loader", "spec_prefixes"]

@@ -50,7 +50,7 @@ from vitlens.models.base import ImageModel, ModelInfo
 from vitlens.models.capture import AttentionRecorder, attribute_set, swapped_forward
 from vitlens.models.mha import check_capturable, is_self_attention, mha_capturing_forward
 from vitlens.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from vitlens.models.registry import Family, register_family
+from vitlens.models.registry import Family, NotThisFamily, register_family
 
 #: readouts: the CLS token (token 0); the mean of the patch tokens (prefix tokens left out, timm's
 #: ``global_pool='avg'``); the mean of all tokens
@@ -151,9 +151,26 @@ class TorchAttentionModel(ImageModel):
 
     @property
     def survey(self) -> Survey:
+        return self.prepare()
+
+    def prepare(self) -> Survey:
+        """The dry run (once per preprocessing): what the adapter knows about the model."""
         if self._survey is None:
             self._survey = _run_survey(self)
         return self._survey
+
+    def unsupported_methods(self) -> dict:
+        s = self.survey
+        refused = {}
+        if s.head is None:
+            refused["legrad"] = f"LeGrad cannot score the blocks of {type(self.module).__name__}: {s.head_problem}"
+        modules = dict(self.module.named_modules())
+        hooked = [name for name in dict.fromkeys(s.calls) if not isinstance(modules[name], nn.MultiheadAttention)]
+        if hooked:
+            for name in ("attnlrp", "cp-lrp"):
+                refused[name] = (f"AttnLRP / CP-LRP need the attention computed by vitlens, but '{hooked[0]}' is a "
+                                 "hooked module: use nn.MultiheadAttention, or the other methods")
+        return refused
 
     # --- facts ----------------------------------------------------------------------------------
     @property
@@ -532,9 +549,12 @@ def _conclude(model, selected, events, recorder, logits, modules) -> Survey:
     module = model.module
     calls = events.calls
     if not calls:
-        what = "the named attention layers" if model.named is not None else "nn.MultiheadAttention as self-attention"
-        raise ModelError(f"the forward of {type(module).__name__} never calls {what}: name its attention layers "
-                         "with attention_layers=['PATTERN', ...]")
+        if model.named is not None:
+            raise ModelError(f"the forward of {type(module).__name__} never calls the named attention layers: "
+                             "name the modules that output the attention probabilities")
+        # e.g. a CNN whose only nn.MultiheadAttention pools features by cross-attention: not a ViT
+        raise NotThisFamily(f"the forward of {type(module).__name__} never calls nn.MultiheadAttention as "
+                            "self-attention: name its attention layers with attention_layers=['PATTERN', ...]")
     uncalled = [n for n in selected if n not in calls and model.named is not None]
     if uncalled:
         raise ModelError(f"attention layer '{uncalled[0]}' is not called by the forward of {type(module).__name__}")
@@ -739,7 +759,8 @@ def wrap(module, preprocess=None, class_names=None, info=None, attention_layers=
 #: tried after the specific ViT families (their own attention modules first) and before the CNN catch-all:
 #: a model with attention is an attention model even with a convolutional patch embedding
 FAMILY = register_family(Family("torch-attention", "image", is_torch_attention_model, wrap, priority=80,
-                                description="any model with torch.nn.MultiheadAttention self-attention"))
+                                description="any model with torch.nn.MultiheadAttention self-attention",
+                                options=frozenset({"attention_layers", "readout"})))
 
 __all__ = ["FAMILY", "READOUTS", "Survey", "TorchAttentionModel", "default_input_size", "default_preprocess",
            "disable_fast_paths", "is_torch_attention_model", "wrap"]

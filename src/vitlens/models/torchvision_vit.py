@@ -19,7 +19,8 @@ from vitlens.models.capture import AttentionRecorder, swapped_forward
 from vitlens.models.mha import mha_capturing_forward
 from vitlens.models.preprocess import Preprocess, interpolation_name, torchvision_default_preprocess
 from vitlens.models.registry import Family, LoadedModule, register_family, register_spec
-from vitlens.models.weights import HUB_HINT, infer_num_classes, load_state_dict_checked, looks_like_hub_error, read_weights
+from vitlens.models.weights import (HUB_HINT, infer_num_classes, load_state_dict_checked, looks_like_hub_error,
+                                    read_weights)
 
 
 def is_torchvision_vit(module: nn.Module) -> bool:
@@ -102,7 +103,8 @@ def load_torchvision_spec(spec, name, weights, num_classes):
             module = builder(weights=enum, **kwargs)
         except Exception as exc:
             if looks_like_hub_error(exc):
-                raise ModelError(f"cannot fetch pretrained weights for '{spec}' (download unreachable?): {HUB_HINT}") from None
+                raise ModelError(f"cannot fetch pretrained weights for '{spec}' (download unreachable?): "
+                                 f"{HUB_HINT}") from None
             raise ModelError(f"cannot build torchvision model '{name}': {one_line(exc)}") from None
         t = enum.transforms()
         preprocess = Preprocess(
