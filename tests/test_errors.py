@@ -137,6 +137,7 @@ CLI_CASES = {
     "not a number": {},
     "not a whole number": {},
     "not one of the choices": {},
+    "not a layer index": {},
     "ill-formed layer selection": {},
     "ill-formed Grad-CAM layers": {},
     "more layers than the model has": {},
@@ -268,6 +269,7 @@ API_CASES = {
         ctx["model"], "cat.png", methods="rollout", params={"gmar-l1": {"norm": "l1"}}),
     "api: more layers than the model has": lambda ctx: vitlens.explain(
         ctx["model"], "cat.png", methods="legrad", params={"legrad": {"layers": 99}}),
+    "api: methods of the wrong type": lambda ctx: vitlens.explain(ctx["model"], "cat.png", methods=5),
     "api: device that is not a device": lambda ctx: vitlens.explain(ctx["model"], "cat.png", device="tpu"),
     "api: unknown target name": lambda ctx: vitlens.explain(ctx["model"], "cat.png", methods="rollout",
                                                             target="kitten9"),

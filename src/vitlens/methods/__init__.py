@@ -296,6 +296,13 @@ def expand_methods(methods, everything, check=None) -> list[str]:
         methods = "all"
     if isinstance(methods, str):
         methods = methods.split(",")
+    try:
+        methods = list(methods)
+    except TypeError:
+        methods = [methods]
+    if not all(isinstance(m, str) for m in methods):
+        shown = methods[0] if len(methods) == 1 else methods
+        raise MethodError(f"methods must be 'all', a comma-separated string or a list of names, got {shown!r}")
     names = []
     for raw in methods:
         name = raw.strip()
