@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import vitlens
+from vitlens.errors import MethodError
 from tests.conftest import SHARED_DATA, requires_shared, tiny_hf_vit, tiny_timm_vit, tiny_torchvision_vit
 from vitlens.engine import run_batch
 
@@ -98,7 +99,7 @@ def test_gamma_changes_the_relevance_and_zero_gamma_is_lrp0():
     plain = vitlens.explain(model, x, methods="cp-lrp", params={"cp-lrp": {"conv_gamma": 0.0, "lin_gamma": 0.0}})
     gamma = vitlens.explain(model, x, methods="cp-lrp", params={"cp-lrp": {"conv_gamma": 1.0, "lin_gamma": 0.5}})
     assert not torch.allclose(plain.patch_maps["cp-lrp"], gamma.patch_maps["cp-lrp"], atol=1e-6)
-    with pytest.raises(ValueError, match="lin_gamma must be >= 0"):
+    with pytest.raises(MethodError, match="method 'cp-lrp': lin_gamma must be a number >= 0, got -1.0"):
         vitlens.explain(model, x, methods="cp-lrp", params={"cp-lrp": {"lin_gamma": -1.0}})
 
 

@@ -740,6 +740,9 @@ def test_named_custom_attention_captures_the_softmax_output(pattern):
         vitlens.explain(model, x, methods=["attnlrp"])
     assert "\n" not in str(info.value)
     assert not module.blocks[0].attn.attn_drop._forward_hooks  # hooks gone
+    # 'all' means what this model can run: everything but the LRP methods
+    everything = vitlens.explain(model, x, methods="all")
+    assert "attnlrp" not in everything.methods and {"rollout", "legrad", "gradcam"} <= set(everything.methods)
 
 
 def test_named_mha_and_comma_separated_patterns():
@@ -777,6 +780,7 @@ def test_legrad_refused_when_the_head_cannot_be_traced():
     assert vitlens.explain(model, x, methods=["rollout", "chefer"]).patch_maps["rollout"].shape == (1, 1, 4, 4)
     with pytest.raises(MethodError, match="LeGrad cannot score the blocks of Squashed.*reproduces the logits"):
         vitlens.explain(model, x, methods=["legrad"])
+    assert "legrad" not in vitlens.explain(model, x, methods="all").methods  # 'all' leaves it out
 
 
 def test_readout_given_explicitly():

@@ -363,10 +363,12 @@ def _check_cam_layer(model, layer: str) -> None:
 def parse_methods(methods, model=None) -> list[str]:
     """Method names for an image model: see :func:`expand_methods`.
 
-    With a ``model``, ``all`` means the methods that apply to it and a method that needs attention
-    is refused for a model without any (a CNN).
+    With a ``model``, ``all`` means the methods that apply to it: a method that needs attention is
+    refused for a model without any (a CNN), and so is one the model's adapter cannot run
+    (``model.unsupported_methods()``, e.g. LeGrad on a model whose head vitlens cannot trace).
     """
     has_attention = getattr(model, "has_attention", True)
+    refused = model.unsupported_methods() if model is not None and has_attention else {}
 
     def check(name, spec):
         if not has_attention and (ATTENTIONS in spec.needs or LAYER_GRADIENTS in spec.needs or LRP in spec.needs):
@@ -374,8 +376,11 @@ def parse_methods(methods, model=None) -> list[str]:
                 f"method '{name}' needs attention maps, which this {type(model.module).__name__} does not "
                 f"have: use {', '.join(CNN_METHODS)}"
             )
+        if name in refused:
+            raise MethodError(f"method '{name}': {refused[name]}")
 
-    return expand_methods(methods, DEFAULT_METHODS if has_attention else CNN_METHODS, check)
+    everything = [name for name in (DEFAULT_METHODS if has_attention else CNN_METHODS) if name not in refused]
+    return expand_methods(methods, everything, check)
 
 
 __all__ = [

@@ -95,7 +95,7 @@ class CNNModel(ImageModel):
         error with the batch's shape, for callers that do not check first.
         """
         scan = self.layer_scan
-        key = canonical_name(self.module, layer)  # an unknown name is find_module's one-line error
+        key = canonical_name(self.module, layer, scan.names)  # an unknown name: one line with choices
         if key in scan.layouts:
             return
         shape = scan.shapes.get(key)
@@ -107,7 +107,7 @@ class CNNModel(ImageModel):
     def cam_spatial(self, activation: torch.Tensor, grid, layer: str) -> torch.Tensor:
         # ``grid`` is the engine's 16-pixel stand-in for models without patches; the real grid is the
         # layer's own, and token outputs are laid on the one that fits the batch's input size
-        key = canonical_name(self.module, layer)
+        key = canonical_name(self.module, layer, self.layer_scan.names)
         return to_spatial(activation, layer, self.layer_scan, self._input_size, key=key)
 
     def logits(self, x):

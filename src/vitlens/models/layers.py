@@ -287,7 +287,7 @@ def suggest(valid: list[str] | None, count: int = 10) -> str:
     """A short list of layer names for error messages: shallow names first, the last ones kept."""
     valid = valid or []
     shallow = [name for name in valid if name.count(".") <= 1] or valid
-    return ", ".join(shallow[-count:]) or "see model.named_modules()"
+    return ", ".join(shallow[-count:]) or "none: the model has no layer whose output maps onto the input grid"
 
 
 def find_module(module: nn.Module, name: str, valid: list[str] | None = None) -> nn.Module:
@@ -315,9 +315,10 @@ def unmappable(layer: str, shape: tuple, reason: str | None, valid: list | None)
                        f"({reason or 'it did not run in the dry run'}): choose one of {suggest(valid)}")
 
 
-def canonical_name(module: nn.Module, name: str) -> str:
-    """The ``named_modules`` name of the module a user's name points at (``layers.-1`` -> ``layers.1``)."""
-    target = find_module(module, name)
+def canonical_name(module: nn.Module, name: str, valid: list[str] | None = None) -> str:
+    """The ``named_modules`` name of the module a user's name points at (``layers.-1`` -> ``layers.1``);
+    ``valid`` are the names an unknown one's error suggests."""
+    target = find_module(module, name, valid)
     for candidate, sub in module.named_modules():
         if sub is target:
             return candidate

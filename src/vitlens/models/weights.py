@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,12 +30,13 @@ def read_weights(path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:
             raise ModelError(f"cannot read weights '{path}': {one_line(exc)}") from None
+    prefix = f"cannot read weights '{path}' as a plain tensor checkpoint (weights_only=True)"
+    if not _is_torch_save_file(path):
+        raise ModelError(f"{prefix}: the file is not a torch.save checkpoint (nor .safetensors)")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(
-            f"cannot read weights '{path}' as a plain tensor checkpoint (weights_only=True): {one_line(exc)}"
-        ) from None
+        raise ModelError(f"{prefix}: {one_line(exc)}") from None
     # common wrappers: {"state_dict": ...}, {"model": ...}
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -42,6 +44,15 @@ def read_weights(path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"weights '{path}' are not a state dict of tensors")
     return state
+
+
+def _is_torch_save_file(path: Path) -> bool:
+    """torch.save writes a zip archive (a pickle stream, starting with the PROTO opcode, before torch 1.6):
+    anything else would only give the unpickler's meaningless errors ('pop from empty list', '101')."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(1) == b"\x80"
 
 
 def load_state_dict_checked(module: nn.Module, state: dict, path, spec: str) -> None:
