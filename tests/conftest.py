@@ -65,3 +65,32 @@ def real_vit():
     import vitlens
 
     return vitlens.load_model(VIT_TINY_SPEC, weights=VIT_TINY_WEIGHTS)
+
+
+# --- the CLI's tiny model (shared by the CLI, runner and error tests) --------------------------------
+TINY_SPEC = "timm:test_vit"
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """timm ``test_vit`` (random init, 1000 classes) as a plain state-dict checkpoint."""
+    import timm
+
+    torch.manual_seed(0)
+    module = timm.create_model("test_vit", pretrained=False).eval()
+    path = tmp_path_factory.mktemp("weights") / "test_vit.pth"
+    torch.save(module.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def tiny(tiny_weights) -> list[str]:
+    """CLI model options of the tiny timm ViT."""
+    return ["--model", TINY_SPEC, "--weights", str(tiny_weights)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_weights):
+    import vitlens
+
+    return vitlens.load_model(TINY_SPEC, weights=tiny_weights)

@@ -30,9 +30,9 @@ import vitlens
 from vitlens import cli
 from vitlens.methods import DEFAULT_METHODS, REGISTRY, parse_methods
 
-from .conftest import SHARED_DATA, VIT_TINY_SPEC, VIT_TINY_WEIGHTS, requires_shared, tiny_hf_vit, tiny_timm_vit
+from .conftest import (SHARED_DATA, TINY_SPEC, VIT_TINY_SPEC, VIT_TINY_WEIGHTS, requires_shared, tiny_hf_vit,
+                       tiny_timm_vit)
 
-TINY_SPEC = "timm:test_vit"
 FAST = "rollout,chefer"  # one class-agnostic and one gradient method: the two code paths
 TINYIMAGENET = SHARED_DATA / "tinyimagenet_val"
 TIN_FT = SHARED_DATA / "vit_tiny_tinyimagenet_ft"
@@ -122,29 +122,6 @@ def assert_explained(out: Path, image: dict, methods, original_size=None, target
                 assert im.size == tuple(original_size)
         array = np.load(raw)
         assert array.dtype == np.float32 and array.ndim == 2 and np.isfinite(array).all()
-
-
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory) -> Path:
-    """timm ``test_vit`` (random init, 1000 classes) as a plain state-dict checkpoint."""
-    import timm
-
-    torch.manual_seed(0)
-    module = timm.create_model("test_vit", pretrained=False).eval()
-    path = tmp_path_factory.mktemp("weights") / "test_vit.pth"
-    torch.save(module.state_dict(), path)
-    return path
-
-
-@pytest.fixture
-def tiny(tiny_weights) -> list[str]:
-    """CLI model options of the tiny timm ViT."""
-    return ["--model", TINY_SPEC, "--weights", str(tiny_weights)]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_weights):
-    return vitlens.load_model(TINY_SPEC, weights=tiny_weights)
 
 
 REAL = ["--model", VIT_TINY_SPEC, "--weights", str(VIT_TINY_WEIGHTS)]

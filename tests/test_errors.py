@@ -27,9 +27,9 @@ from vitlens import cli
 from vitlens.cliargs import check_out_dir, parse_method_params, select_device
 from vitlens.errors import MethodError, OutputError, TargetError, UsageError, VitlensError
 from vitlens.methods import REGISTRY, Param, check_params_for_model, get_method, resolve_layers
+from tests.conftest import TINY_SPEC
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-TINY_SPEC = "timm:test_vit"
 
 
 # ------------------------------------------------------------------------------------ the document
@@ -71,17 +71,6 @@ def message_pattern(message: str) -> re.Pattern:
 
 
 # ------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    import timm
-
-    torch.manual_seed(0)
-    module = timm.create_model("test_vit", pretrained=False).eval()
-    path = tmp_path_factory.mktemp("weights") / "test_vit.pth"
-    torch.save(module.state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tiny_weights):
     return vitlens.load_model(TINY_SPEC, weights=tiny_weights)

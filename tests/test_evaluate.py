@@ -9,32 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import vitlens
 from vitlens import cli
 from vitlens.data import resolve_inputs
 from vitlens.evaluate import aggregate, run_evaluate, wide_table
-
-TINY_SPEC = "timm:test_vit"
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    import timm
-
-    torch.manual_seed(0)
-    module = timm.create_model("test_vit", pretrained=False).eval()
-    path = tmp_path_factory.mktemp("weights") / "test_vit.pth"
-    torch.save(module.state_dict(), path)
-    return path
-
-
-@pytest.fixture
-def tiny(tiny_weights) -> list[str]:
-    return ["--model", TINY_SPEC, "--weights", str(tiny_weights)]
-
+from tests.conftest import TINY_SPEC
 
 def picture(path: Path, seed: int, size=(64, 64)) -> None:
     rng = np.random.default_rng(seed)

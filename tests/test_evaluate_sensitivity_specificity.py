@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from .test_evaluate import EVAL, one_line, picture, read_csv, run_cli, tin, tiny, tiny_weights  # noqa: F401
+from .test_evaluate import EVAL, one_line, picture, read_csv, run_cli, tin  # noqa: F401  (tin: a fixture)
 
 
 def test_evaluate_sensitivity_specificity_tables_plots_report(tmp_path, capsys, tiny, tin):  # noqa: F811

@@ -27,8 +27,7 @@ from vitlens.runner import run_explain
 
 from .conftest import VIT_TINY_SPEC, VIT_TINY_WEIGHTS, requires_shared
 # helpers and the tiny-checkpoint fixtures shared with the CLI tests (tests/ has no helper module)
-from .test_cli import (assert_one_line_error, manifest_of, run_cli, tiny, tiny_model, tiny_weights,  # noqa: F401
-                       write_image, write_truncated_jpeg)
+from .test_cli import assert_one_line_error, manifest_of, run_cli, write_image, write_truncated_jpeg
 
 FAST = "rollout,chefer"
 

@@ -178,8 +178,8 @@ def select_device(text=None, option: str = "--device"):
 def check_out_dir(path) -> Path:
     """Fail early, in one line, when ``path`` could not become an output directory, without creating it.
 
-    Unlike :func:`vitlens.outputs.check_writable` nothing is created: a mistake found later (a
-    target the model does not have...) leaves no empty directory behind. The probe file lives for
+    Nothing is created: a mistake found later (a target the model does not have...) leaves no empty
+    directory behind. The probe file lives for
     an instant in the nearest directory that exists.
     """
     path = Path(path)

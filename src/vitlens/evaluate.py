@@ -27,9 +27,9 @@ import torch
 
 from vitlens.cliargs import check_count
 from vitlens.errors import InputError, TargetError
-from vitlens.metrics import (BOXES, MASKS, MODEL, OBJECTS, RANDOMIZE, REEXPLAIN, MetricError, boxes_to_input, cascading_randomization,
-                             energy_in_box, get_metric, mask_to_input, mean_ci, parse_metrics, perturbation_metrics,
-                             pointing_game, segmentation_scores)
+from vitlens.metrics import (BOXES, MASKS, MODEL, OBJECTS, RANDOMIZE, REEXPLAIN, MetricError, boxes_to_input,
+                             cascading_randomization, energy_in_box, get_metric, mask_to_input, mean_ci, parse_metrics,
+                             perturbation_metrics, pointing_game, segmentation_scores)
 from vitlens.render.atomic import write_atomic, write_text_atomic
 
 CI_METHOD = "t"
@@ -165,7 +165,8 @@ class BatchScorer:
             opt = self.options["sensitivity"]
             chosen = self._first(samples, opt["limit"])
             if chosen:
-                out = sensitivity(x[chosen], targets[chosen], explainer, maps={m: maps[m][chosen] for m in self.methods},
+                chosen_maps = {m: maps[m][chosen] for m in self.methods}
+                out = sensitivity(x[chosen], targets[chosen], explainer, maps=chosen_maps,
                                   radius=float(opt["radius"]), samples=int(opt["samples"]), norm=opt["norm"],
                                   seed=self.seed, batch_size=self.batch_size, stats=stats)
                 for m in self.methods:
@@ -274,7 +275,8 @@ class BatchScorer:
                 for m in self.methods:
                     for j, b in enumerate(chosen):
                         rho, sim = sanity.spearman[m][:, j], sanity.ssim[m][:, j]
-                        values[b][m].update({"sanity_spearman_head": float(rho[0]), "sanity_spearman_all": float(rho[-1]),
+                        values[b][m].update({"sanity_spearman_head": float(rho[0]),
+                                             "sanity_spearman_all": float(rho[-1]),
                                              "sanity_ssim_head": float(sim[0]), "sanity_ssim_all": float(sim[-1])})
                         curves[b][m]["sanity_spearman"] = _round(rho.tolist())
                         curves[b][m]["sanity_ssim"] = _round(sim.tolist())
@@ -327,7 +329,8 @@ def aggregate(images: list, methods: list, metrics: list, ci_method: str = CI_ME
                 values = [math.nan if v is None else float(v) for v in curve]
                 curves.setdefault(cname, {}).setdefault(method, []).append(values)
                 if cname in ("deletion", "insertion"):
-                    curves.setdefault(f"{cname}_norm", {}).setdefault(method, []).append(normalized_curve(cname, values))
+                    normalized = normalized_curve(cname, values)
+                    curves.setdefault(f"{cname}_norm", {}).setdefault(method, []).append(normalized)
             stages = (im.get("curves") or {}).get(method, {}).get("sanity_stages")
             if stages:
                 curves.setdefault("_stages", stages)
@@ -460,7 +463,8 @@ def plot_curves(folder: Path, curves: dict) -> dict:
         "deletion": ("fraction of most relevant pixels removed", "score of the explained class"),
         "insertion": ("fraction of most relevant pixels revealed", "score of the explained class"),
         "deletion_norm": ("fraction of most relevant pixels removed", "normalised score (1 = original, 0 = baseline)"),
-        "insertion_norm": ("fraction of most relevant pixels revealed", "normalised score (1 = original, 0 = baseline)"),
+        "insertion_norm": ("fraction of most relevant pixels revealed",
+                           "normalised score (1 = original, 0 = baseline)"),
         "pos_perturbation": ("fraction of most relevant pixels removed", "top-1 accuracy (%)"),
         "neg_perturbation": ("fraction of least relevant pixels removed", "top-1 accuracy (%)"),
         "sanity_spearman": ("layers randomised (cascading, top first)", "Spearman rank correlation"),
@@ -507,7 +511,8 @@ def _add_plots_to_report(report: Path, plots: dict, out: Path) -> None:
     from vitlens.render.report import esc, file_url
 
     figures = "".join(
-        f'<figure style="display:inline-block;margin:0 12px 12px 0"><img src="{esc(file_url(str(p.relative_to(out))))}" '
+        f'<figure style="display:inline-block;margin:0 12px 12px 0">'
+        f'<img src="{esc(file_url(str(p.relative_to(out))))}" '
         f'alt="{esc(name)}" style="max-width:640px;width:100%"><figcaption>{esc(name.replace("_", " "))}</figcaption>'
         "</figure>"
         for name, p in plots.items()
@@ -515,7 +520,10 @@ def _add_plots_to_report(report: Path, plots: dict, out: Path) -> None:
     html = report.read_text(encoding="utf-8")
     section = f'<section id="metric-curves"><h2>Metric curves</h2>{figures}</section>'
     marker = '<div id="lightbox"'
-    html = html.replace(marker, section + marker, 1) if marker in html else html.replace("</body>", section + "</body>", 1)
+    if marker in html:
+        html = html.replace(marker, section + marker, 1)
+    else:
+        html = html.replace("</body>", section + "</body>", 1)
     write_text_atomic(report, html)
 
 
@@ -579,8 +587,8 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
     out = Path(out_dir)
     manifest = json.loads((out / "manifest.json").read_text())
     rows, curves = aggregate(manifest.get("images", []), methods, metric_names, seed=seed)
-    all_settings = {"model": manifest.get("model"), "methods": manifest.get("methods"), "target": manifest.get("target"),
-                    **settings}
+    all_settings = {"model": manifest.get("model"), "methods": manifest.get("methods"),
+                    "target": manifest.get("target"), **settings}
     files = write_tables(out, rows, curves, methods, metric_names, all_settings)
     manifest["metrics"] = wide_table(rows, methods, metric_names)
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")

@@ -17,7 +17,6 @@ and started again redoes exactly the unfinished images and ends with the same fi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -251,15 +250,3 @@ def result_input(result, index: int) -> torch.Tensor:
     if tensor is None:
         raise OutputError("this result has no image to draw overlays on")
     return tensor[index]
-
-
-def check_writable(out_dir) -> Path:
-    """Fail early with a one-line error when ``out_dir`` cannot be written."""
-    path = ensure_dir(out_dir)
-    probe = path / f".vitlens-write-test-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"cannot write into output directory '{path}': {exc.strerror or exc}") from None
-    return path

@@ -55,7 +55,8 @@ def test_equals_pytorch_grad_cam_on_timm_vit(method):
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     targets = [0, 3, 3, 9]
     reshape = functools.partial(vit_reshape_transform, height=4, width=4)
-    with OURS_TO_THEIRS[method](model=module, target_layers=[module.blocks[-1].norm1], reshape_transform=reshape) as cam:
+    cam_class = OURS_TO_THEIRS[method]
+    with cam_class(model=module, target_layers=[module.blocks[-1].norm1], reshape_transform=reshape) as cam:
         theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
     model = vitlens.load_model(module)
     assert model.default_cam_layers() == ["blocks.2.norm1"]

@@ -127,7 +127,8 @@ def test_hf_capture_matches_eager_output_attentions():
         assert torch.allclose(mine, ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["timm", "timm-deit-distilled", "timm-avg-pool", "hf-vit", "hf-deit-teacher", "torchvision"])
+@pytest.mark.parametrize("case", ["timm", "timm-deit-distilled", "timm-avg-pool", "hf-vit", "hf-deit-teacher",
+                                  "torchvision"])
 def test_last_layer_readout_is_the_model_logit(case):
     build, (height, width), _ = CASES[case]
     model = load_model(build())
