@@ -335,12 +335,19 @@ def _describe(output) -> str:
     return type(output).__name__
 
 
+def _probabilities_of(name: str, output):
+    """The (B, heads, N, N) probabilities in a named layer's output and how to rebuild the output around
+    a replacement; a one-line error when there are none."""
+    probs, rebuild = _find_probabilities(output)
+    if probs is None:
+        raise ModelError(f"attention layer '{name}' outputs {_describe(output)}, not the attention "
+                         "probabilities (B, heads, N, N)")
+    return probs, rebuild
+
+
 def _probability_hook(name, next_layer, recorder):
     def hook(module, inputs, output):
-        probs, rebuild = _find_probabilities(output)
-        if probs is None:
-            raise ModelError(f"attention layer '{name}' outputs {_describe(output)}, not the attention "
-                             "probabilities (B, heads, N, N)")
+        probs, rebuild = _probabilities_of(name, output)
         # what the recorder returns continues downstream: gradients are those of this tensor
         return rebuild(recorder.on_probabilities(next_layer(), probs))
 
@@ -499,10 +506,7 @@ def _probe_forward(mha, name, events, recorder, crossed, strict):
 
 def _probe_hook(name, events, recorder):
     def hook(module, inputs, output):
-        probs, _ = _find_probabilities(output)
-        if probs is None:
-            raise ModelError(f"attention layer '{name}' outputs {_describe(output)}, not the attention "
-                             "probabilities (B, heads, N, N)")
+        probs, _ = _probabilities_of(name, output)
         rows = probs.sum(dim=-1)
         if float(probs.min()) < -1e-6 or not torch.allclose(rows, torch.ones_like(rows), atol=1e-3):
             raise ModelError(f"attention layer '{name}' outputs a (B, heads, N, N) tensor whose rows are not "
