@@ -31,7 +31,7 @@ from torch import nn
 
 from vitlens.lrp.rules import (gamma_conv2d, gamma_linear, identity_rule, layer_norm_std_detached,
                                rms_norm_std_detached, uniform_matmul, uniform_mul)
-from vitlens.models.capture import AttentionRecorder, _masked, attribute_set, swapped_forward
+from vitlens.models.capture import AttentionRecorder, attribute_set, masked_scores, swapped_forward
 
 ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Softplus, nn.ELU, nn.LeakyReLU, nn.Hardswish)
 #: Hugging Face RMSNorm classes of the form ``weight * x * rsqrt(mean(x^2) + variance_epsilon)``
@@ -66,11 +66,11 @@ class LRPRecorder(AttentionRecorder):
         if self.config.variant == "cp-lrp":
             # queries and keys as constants: the attention weights only route relevance through V
             scores = (q.detach() * scale) @ k.detach().transpose(-2, -1)
-            probs = _masked(scores, mask).softmax(dim=-1)
+            probs = masked_scores(scores, mask).softmax(dim=-1)
             self.on_probabilities(layer, probs)
             return probs @ v
         scores = uniform_matmul(q * scale, k.transpose(-2, -1))
-        probs = _masked(scores, mask).softmax(dim=-1)  # softmax rule = its gradient x input
+        probs = masked_scores(scores, mask).softmax(dim=-1)  # softmax rule = its gradient x input
         self.on_probabilities(layer, probs)
         return uniform_matmul(probs, v)
 

@@ -51,7 +51,7 @@ class AttentionRecorder:
     # projection that is not called as a module (MultiheadAttention's packed in_proj) is applied.
     def attend(self, q, k, v, scale, layer, mask=None):
         scores = (q * scale) @ k.transpose(-2, -1)
-        probs = _masked(scores, mask).softmax(dim=-1)
+        probs = masked_scores(scores, mask).softmax(dim=-1)
         probs = self.on_probabilities(layer, probs)
         return probs @ v
 
@@ -59,7 +59,9 @@ class AttentionRecorder:
         return torch.nn.functional.linear(x, weight, bias)
 
 
-def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention scores with a mask applied: a boolean keep-mask (False -> the dtype's minimum, so the
+    softmax gives exactly 0 there) or an additive float mask."""
     if mask is None:
         return scores
     if mask.dtype == torch.bool:
