@@ -918,3 +918,18 @@ def test_no_command_prints_help_and_exits_2(capsys):
     assert code == 2
     for command in ("explain", "compare", "report", "demo", "methods", "cache-weights"):
         assert command in stdout
+
+
+def test_a_closed_pipe_is_not_an_error():
+    """`vitlens methods | head -1`: the reader goes away; no traceback, exit 0.
+
+    The child's stdout is a pipe whose reading end is already closed, so every write fails with
+    EPIPE (Python ignores SIGPIPE): the path is taken whatever the pipe buffer's size.
+    """
+    child = ("import os, sys\n"
+             "from vitlens import cli\n"
+             "r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"
+             "sys.exit(cli.main(['methods']))\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

@@ -10,6 +10,7 @@ table of them: docs/errors.md). What both this module and ``vitlens text`` parse
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -184,6 +185,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("vitlens: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`vitlens methods | head`): not an error; stdout is pointed
+        # at devnull so that Python's flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _load(args):
