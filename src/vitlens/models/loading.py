@@ -19,6 +19,7 @@ from torch import nn
 
 # the built-in image families register themselves on import (order does not matter: priorities do)
 from vitlens.models import cnn, hf_vit, packaged, timm_vit, torch_attention, torchvision_vit  # noqa: F401
+from vitlens.devices import select_device
 from vitlens.errors import ModelError
 from vitlens.models.base import ImageModel, ModelInfo
 from vitlens.models.preprocess import Preprocess
@@ -89,7 +90,7 @@ def load_model(spec, weights: str | os.PathLike | None = None, num_classes: int 
         model.info.weights_sha256 = file_sha256(weights)
     model.module.eval()
     if device is not None:
-        model.to(device)
+        model.to(select_device(device, option="device"))
     return model
 
 

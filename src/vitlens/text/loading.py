@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from vitlens.devices import select_device
 from vitlens.errors import ModelError, one_line
 from vitlens.models import hub
 from vitlens.models.base import ModelInfo
@@ -60,7 +61,7 @@ def load_text_model(spec, tokenizer=None, device=None, pooling: str | None = Non
         raise ModelError(f"cannot load a text model from a {type(spec).__name__}")
     model.module.eval()
     if device is not None:
-        model.to(device)
+        model.to(select_device(device, option="device"))
     return model
 
 
