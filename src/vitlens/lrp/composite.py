@@ -18,6 +18,10 @@ group, also plain gradient. RoBERTa-style classification heads call ``torch.tanh
 their forward gets the identity rule on it. ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
 keep their activation as a plain function (``F.relu``, ``F.gelu``) in the instance attribute
 ``activation``: that attribute is swapped for the identity rule on the same function.
+
+timm's gated MLPs (``SwiGLU``: ``fc2(norm(act(fc1_g(x)) * fc1_x(x)))``, ``GluMlp``: one packed ``fc1``
+whose halves are the gate and the value; EVA-02, BEiT with ``swiglu_mlp``) get the same uniform rule on their
+gate product; their activation module gets the identity rule like any other.
 """
 
 from __future__ import annotations
@@ -107,6 +111,36 @@ def _is_gated_mlp(module: nn.Module) -> bool:
         isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
+#: timm's gated MLPs (``timm.layers.mlp``), read by their attribute names
+TIMM_GLU_PARTS = {"SwiGLU": ("fc1_g", "fc1_x", "act", "drop1", "norm", "fc2", "drop2"),
+                  "GluMlp": ("fc1", "act", "drop1", "norm", "fc2", "drop2")}
+
+
+def _is_timm_glu(module: nn.Module) -> bool:
+    """timm's ``SwiGLU`` or ``GluMlp`` (not a subclass: its forward is the one restated below)."""
+    parts = TIMM_GLU_PARTS.get(type(module).__name__)
+    return (parts is not None and type(module).__module__.startswith("timm.")
+            and all(isinstance(getattr(module, name, None), nn.Module) for name in parts))
+
+
+def _timm_glu_forward(module: nn.Module):
+    """The module's own forward with the gate product under the uniform rule (same modules, same order)."""
+    if type(module).__name__ == "SwiGLU":
+        def forward(x):
+            hidden = uniform_mul(module.act(module.fc1_g(x)), module.fc1_x(x))
+            return module.drop2(module.fc2(module.norm(module.drop1(hidden))))
+    else:
+        def forward(x):
+            x1, x2 = module.fc1(x).chunk(2, dim=getattr(module, "chunk_dim", -1))
+            # gate_last: x1 * act(x2); otherwise act(x1) * x2 (SwiGLU packed, as EVA-02 builds it)
+            if getattr(module, "gate_last", True):
+                hidden = uniform_mul(x1, module.act(x2))
+            else:
+                hidden = uniform_mul(module.act(x1), x2)
+            return module.drop2(module.fc2(module.norm(module.drop1(hidden))))
+    return forward
+
+
 #: heads that apply tanh as a function (not a module): same forward with the identity rule on it
 TANH_HEADS = ("RobertaClassificationHead", "XLMRobertaClassificationHead", "CamembertClassificationHead")
 
@@ -191,6 +225,8 @@ def lrp_rules(model: nn.Module, config: LRPConfig) -> Iterator[None]:
                 stack.enter_context(swapped_forward(module, _rms_norm_forward(module, _rms_norm_eps(module))))
             elif _is_gated_mlp(module):
                 stack.enter_context(swapped_forward(module, _gated_mlp_forward(module)))
+            elif _is_timm_glu(module):
+                stack.enter_context(swapped_forward(module, _timm_glu_forward(module)))
             elif _is_tanh_head(module):
                 stack.enter_context(swapped_forward(module, _tanh_head_forward(module)))
             elif _is_activation(module):
