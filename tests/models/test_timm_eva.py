@@ -435,7 +435,7 @@ def test_cp_lrp_conserves_the_target_logit(name):
     assert torch.isfinite(attn.extras["attnlrp"]["relevance_sum"]).all()
 
 
-def test_lrp_gate_product_gets_the_uniform_rule():
+def test_lrp_gate_product_gets_the_uniform_rule(monkeypatch):
     """Without the rule for timm's SwiGLU the gate product would pass the plain gradient (both factors
     get the full relevance), and CP-LRP would no longer conserve the logit."""
     from vitlens.lrp import composite
@@ -446,12 +446,8 @@ def test_lrp_gate_product_gets_the_uniform_rule():
     with_rule = run_batch(vitlens.load_model(module), x, params, target=TARGETS).extras["cp-lrp"]
     assert torch.allclose(with_rule["relevance_sum"], with_rule["target_logit"], rtol=1e-6, atol=0)
     assert composite._is_timm_glu(module.blocks[0].mlp)
-    saved = composite._is_timm_glu
-    composite._is_timm_glu = lambda m: False
-    try:
-        without = run_batch(vitlens.load_model(module), x, params, target=TARGETS).extras["cp-lrp"]
-    finally:
-        composite._is_timm_glu = saved
+    monkeypatch.setattr(composite, "_is_timm_glu", lambda m: False)
+    without = run_batch(vitlens.load_model(module), x, params, target=TARGETS).extras["cp-lrp"]
     assert not torch.allclose(without["relevance_sum"], without["target_logit"], rtol=1e-3, atol=0)
 
 
