@@ -24,6 +24,8 @@ CASES = {
     "hf-deit": (lambda: tiny_hf_vit(kind="deit"), (32, 32), 2),
     "hf-deit-teacher": (lambda: tiny_hf_vit(kind="deit-teacher"), (32, 32), 2),
     "torchvision": (lambda: tiny_torchvision_vit(), (32, 32), 1),
+    "timm-eva02": (lambda: tiny_timm_vit(name="eva02_base_patch14_224", embed_dim=32, num_heads=4), (32, 32), 1),
+    "timm-beit": (lambda: tiny_timm_vit(name="beit_base_patch16_224"), (32, 32), 1),
 }
 
 
