@@ -1,0 +1,96 @@
+"""The README's family x method table is what the code does: every cell is run on a small model.
+
+"yes" cells: every method of the column explains a batch. "no" cells: every method of the column is
+refused with a one-line MethodError before anything runs. A row without a model here, or a model
+without a row, fails the test, so the table cannot drift from the families vitlens registers.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitlens
+from tests.conftest import tiny_hf_vit, tiny_timm_vit, tiny_torchvision_vit
+from vitlens.errors import MethodError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TITLE = "### Which model family gets which methods"
+
+COLUMNS = {
+    "rollout family": ["attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "chefer"],
+    "`legrad`": ["legrad"],
+    "Grad-CAM family": ["gradcam", "gradcam++", "xgradcam", "layercam"],
+    "`attnlrp`, `cp-lrp`": ["attnlrp", "cp-lrp"],
+    "`random`, `center`": ["random", "center"],
+}
+
+
+def _own_vit():
+    from tests.models.test_torch_attention import user_vit
+
+    return vitlens.load_model(user_vit())
+
+
+def _swin():
+    import timm
+
+    torch.manual_seed(0)
+    return vitlens.load_model(timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, window_size=4, embed_dim=16,
+        depths=(1, 1), num_heads=(1, 2), num_classes=10).eval())
+
+
+MODELS = {
+    "timm `VisionTransformer`": lambda: vitlens.load_model(tiny_timm_vit()),
+    "timm EVA / EVA-02": lambda: vitlens.load_model(
+        tiny_timm_vit(name="eva02_base_patch14_224", embed_dim=32, num_heads=4)),
+    "timm BEiT": lambda: vitlens.load_model(tiny_timm_vit(name="beit_base_patch16_224")),
+    "Hugging Face ViT / DeiT": lambda: vitlens.load_model(tiny_hf_vit()),
+    "torchvision `VisionTransformer`": lambda: vitlens.load_model(tiny_torchvision_vit()),
+    "your own ViT with `nn.MultiheadAttention`": _own_vit,
+    "Swin, Swin-V2, ConvNeXt, MaxViT, CNNs": _swin,
+}
+
+
+def read_table() -> tuple[list, dict]:
+    """(column titles, {family: [cell, ...]}) of the README table under TITLE."""
+    lines = README.read_text().split(TITLE, 1)[1].strip().splitlines()
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines
+            if line.startswith("|")]
+    header, body = rows[0], rows[2:]
+    return header[1:], {re.sub(r"\s*\(.*\)$", "", row[0]): row[1:] for row in body}
+
+
+def column_methods(title: str) -> list:
+    for key, methods in COLUMNS.items():
+        if title.startswith(key):
+            return methods
+    raise AssertionError(f"no methods known for column {title!r}")
+
+
+def test_every_row_has_a_model_and_every_model_a_row():
+    _, rows = read_table()
+    assert set(rows) == set(MODELS)
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_the_row_is_what_the_code_does(family):
+    titles, rows = read_table()
+    model = MODELS[family]()
+    h, w = model.preprocess.input_size
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, h, w, dtype=model.dtype)
+    for title, cell in zip(titles, rows[family]):
+        for method in column_methods(title):
+            if cell.startswith("yes"):
+                result = vitlens.explain(model, x, methods=[method])
+                assert result[method].shape == (2, h, w), (family, method)
+            else:
+                assert cell.startswith("no"), cell
+                with pytest.raises(MethodError) as info:
+                    vitlens.explain(model, x, methods=[method])
+                assert "\n" not in str(info.value), (family, method)
