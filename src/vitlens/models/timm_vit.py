@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 from torch import nn
 
 from vitlens.errors import ModelError, one_line
-from vitlens.models.base import ImageModel
-from vitlens.models.capture import AttentionRecorder, attribute_set, explicit_attention, swapped_forward
+from vitlens.models.capture import AttentionRecorder, explicit_attention
 from vitlens.models.preprocess import Preprocess, interpolation_name
 from vitlens.models.registry import Family, LoadedModule, register_family, register_spec
+from vitlens.models.timm_blocks import TimmBlocksModel
 from vitlens.models.weights import (HUB_HINT, infer_num_classes, load_state_dict_checked, looks_like_hub_error,
                                     read_weights)
 
@@ -37,7 +34,7 @@ def _check_attention(block_index: int, attn: nn.Module) -> None:
         )
 
 
-class TimmViT(ImageModel):
+class TimmViT(TimmBlocksModel):
     """timm ``VisionTransformer`` (``vit_*``, ``deit_*``, ``*_reg*``, distilled DeiT)."""
 
     family = "timm"
@@ -54,79 +51,18 @@ class TimmViT(ImageModel):
         for i, block in enumerate(module.blocks):
             _check_attention(i, block.attn)
 
-    @property
-    def num_classes(self) -> int:
-        return int(self.module.num_classes)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.module.blocks)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.module.num_prefix_tokens)
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        p = self.module.patch_embed.patch_size
-        return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+    def attention_forward(self, attn, layer, recorder):
+        return _capturing_forward(attn, layer, recorder)
 
     @property
     def distilled(self) -> bool:
         return getattr(self.module, "dist_token", None) is not None
 
-    def grid(self, input_hw):
-        patch_embed = self.module.patch_embed
-        if hasattr(patch_embed, "dynamic_feat_size") and getattr(self.module, "dynamic_img_size", False):
-            return tuple(int(v) for v in patch_embed.dynamic_feat_size(input_hw))
-        return super().grid(input_hw)
-
-    def block_norm_names(self):
-        return [f"blocks.{i}.norm1" for i in range(self.num_layers)]
-
-    def fixed_input_size(self):
-        if getattr(self.module, "dynamic_img_size", False):
-            return None
-        size = getattr(self.module.patch_embed, "img_size", None)
-        return None if size is None else (int(size[0]), int(size[1]))
-
-    def readout_weights(self, num_tokens, device=None, dtype=torch.float32):
-        weights = torch.zeros(num_tokens, device=device, dtype=dtype)
-        if self.module.global_pool == "avg":
-            prefix = self.num_prefix_tokens
-            weights[prefix:] = 1.0 / (num_tokens - prefix)
-        elif self.distilled:
+    def _token_readout(self, weights):
+        if self.distilled:  # the head averages the class and distillation heads
             weights[0] = weights[1] = 0.5
         else:
             weights[0] = 1.0
-        return weights
-
-    def logits(self, x):
-        return self.module(x)
-
-    def _head(self, hidden):
-        return self.module.forward_head(self.module.norm(hidden))
-
-    @contextlib.contextmanager
-    def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
-        with contextlib.ExitStack() as stack:
-            for i, block in enumerate(self.module.blocks):
-                attn = block.attn
-                stack.enter_context(swapped_forward(attn, _capturing_forward(attn, i, recorder)))
-                if recorder.keep_block_outputs:
-                    handle = block.register_forward_hook(_block_hook(i, recorder))
-                    stack.callback(handle.remove)
-            # checkpoint_seq would re-run blocks during backward and record twice
-            if getattr(self.module, "grad_checkpointing", False):
-                stack.enter_context(attribute_set(self.module, "grad_checkpointing", False))
-            yield recorder
-
-
-def _block_hook(index: int, recorder: AttentionRecorder):
-    def hook(module, inputs, output):
-        recorder.on_block_output(index, output)
-
-    return hook
 
 
 def _capturing_forward(attn: nn.Module, layer: int, recorder: AttentionRecorder):
@@ -155,6 +91,8 @@ def _capturing_forward(attn: nn.Module, layer: int, recorder: AttentionRecorder)
 
 
 # --- loading --------------------------------------------------------------------------------
+
+
 def load_timm_spec(spec, name, weights, num_classes):
     import timm
 
