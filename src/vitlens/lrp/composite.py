@@ -22,6 +22,9 @@ keep their activation as a plain function (``F.relu``, ``F.gelu``) in the instan
 timm's gated MLPs (``SwiGLU``: ``fc2(norm(act(fc1_g(x)) * fc1_x(x)))``, ``GluMlp``: one packed ``fc1``
 whose halves are the gate and the value; EVA-02, BEiT with ``swiglu_mlp``) get the same uniform rule on their
 gate product; their activation module gets the identity rule like any other.
+
+Hugging Face DINOv2's SwiGLU MLP (``use_swiglu_ffn``: ``Dinov2SwiGLUFFN``, ``down_proj(act_fn(gate_proj(x))
+* up_proj(x))``, the same product as the gated MLP above under another name) gets the same rule.
 """
 
 from __future__ import annotations
@@ -109,6 +112,17 @@ def _is_gated_mlp(module: nn.Module) -> bool:
     """``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: Llama, Mistral, Qwen2/3 MLPs."""
     return type(module).__name__.endswith("MLP") and all(
         isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+#: Hugging Face gated MLPs not named ``*MLP`` whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+HF_GATED_FFNS = ("Dinov2SwiGLUFFN", "Dinov2WithRegistersSwiGLUFFN")
+
+
+def _is_hf_gated_ffn(module: nn.Module) -> bool:
+    """DINOv2's SwiGLU FFN (exactly these transformers classes: a subclass may compute something else)."""
+    return (type(module).__name__ in HF_GATED_FFNS and type(module).__module__.startswith("transformers.")
+            and all(isinstance(getattr(module, name, None), nn.Module)
+                    for name in ("gate_proj", "up_proj", "down_proj", "act_fn")))
 
 
 #: timm's gated MLPs (``timm.layers.mlp``), read by their attribute names
@@ -224,6 +238,8 @@ def lrp_rules(model: nn.Module, config: LRPConfig) -> Iterator[None]:
             elif _rms_norm_eps(module) is not None:
                 stack.enter_context(swapped_forward(module, _rms_norm_forward(module, _rms_norm_eps(module))))
             elif _is_gated_mlp(module):
+                stack.enter_context(swapped_forward(module, _gated_mlp_forward(module)))
+            elif _is_hf_gated_ffn(module):
                 stack.enter_context(swapped_forward(module, _gated_mlp_forward(module)))
             elif _is_timm_glu(module):
                 stack.enter_context(swapped_forward(module, _timm_glu_forward(module)))
