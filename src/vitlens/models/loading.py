@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 # the built-in image families register themselves on import (order does not matter: priorities do)
-from vitlens.models import (cnn, hf_image, hf_vit, packaged, timm_beit, timm_eva, timm_vit,  # noqa: F401
+from vitlens.models import (cnn, hf_image, hf_vit, packaged, timm_beit, timm_cait, timm_eva, timm_vit,  # noqa: F401
                             torch_attention, torchvision_vit)
 from vitlens.devices import select_device
 from vitlens.errors import ModelError
