@@ -49,6 +49,7 @@ MODELS = {
     "timm EVA / EVA-02": lambda: vitlens.load_model(
         tiny_timm_vit(name="eva02_base_patch14_224", embed_dim=32, num_heads=4)),
     "timm BEiT": lambda: vitlens.load_model(tiny_timm_vit(name="beit_base_patch16_224")),
+    "timm CaiT": lambda: vitlens.load_model(tiny_timm_vit(name="cait_xxs24_224", depth=2, depth_token_only=1)),
     "Hugging Face ViT / DeiT": lambda: vitlens.load_model(tiny_hf_vit()),
     "torchvision `VisionTransformer`": lambda: vitlens.load_model(tiny_torchvision_vit()),
     "your own ViT with `nn.MultiheadAttention`": _own_vit,
