@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_hf_vit, tiny_timm_vit, tiny_torchvision_vit
+from tests.models.test_hf_image import tiny_hf_beit, tiny_hf_dinov2
 from vitlens.errors import ModelError
 from vitlens.models import AttentionRecorder, load_model
 
@@ -26,6 +27,12 @@ CASES = {
     "torchvision": (lambda: tiny_torchvision_vit(), (32, 32), 1),
     "timm-eva02": (lambda: tiny_timm_vit(name="eva02_base_patch14_224", embed_dim=32, num_heads=4), (32, 32), 1),
     "timm-beit": (lambda: tiny_timm_vit(name="beit_base_patch16_224"), (32, 32), 1),
+    "hf-dinov2": (lambda: tiny_hf_dinov2(dtype=torch.float32), (32, 32), 1),
+    "hf-dinov2-registers-swiglu-non-square": (
+        lambda: tiny_hf_dinov2(dtype=torch.float32, registers=4, use_swiglu_ffn=True), (32, 48), 5),
+    "hf-beit": (lambda: tiny_hf_beit(dtype=torch.float32, use_shared_relative_position_bias=True), (32, 32), 1),
+    "hf-beit-interpolated": (
+        lambda: tiny_hf_beit(dtype=torch.float32, use_absolute_position_embeddings=True), (32, 48), 1),
 }
 
 
@@ -130,7 +137,7 @@ def test_hf_capture_matches_eager_output_attentions():
 
 
 @pytest.mark.parametrize("case", ["timm", "timm-deit-distilled", "timm-avg-pool", "hf-vit", "hf-deit-teacher",
-                                  "torchvision"])
+                                  "torchvision", "hf-dinov2", "hf-beit"])
 def test_last_layer_readout_is_the_model_logit(case):
     build, (height, width), _ = CASES[case]
     model = load_model(build())
