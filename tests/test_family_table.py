@@ -15,6 +15,7 @@ import torch
 
 import vitlens
 from tests.conftest import tiny_hf_vit, tiny_timm_vit, tiny_torchvision_vit
+from tests.models.test_hf_image import tiny_hf_beit, tiny_hf_dinov2
 from vitlens.errors import MethodError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -51,6 +52,9 @@ MODELS = {
     "timm BEiT": lambda: vitlens.load_model(tiny_timm_vit(name="beit_base_patch16_224")),
     "timm CaiT": lambda: vitlens.load_model(tiny_timm_vit(name="cait_xxs24_224", depth=2, depth_token_only=1)),
     "Hugging Face ViT / DeiT": lambda: vitlens.load_model(tiny_hf_vit()),
+    "Hugging Face DINOv2": lambda: vitlens.load_model(
+        tiny_hf_dinov2(dtype=torch.float32, registers=2, use_swiglu_ffn=True)),
+    "Hugging Face BEiT": lambda: vitlens.load_model(tiny_hf_beit(dtype=torch.float32)),
     "torchvision `VisionTransformer`": lambda: vitlens.load_model(tiny_torchvision_vit()),
     "your own ViT with `nn.MultiheadAttention`": _own_vit,
     "Swin, Swin-V2, ConvNeXt, MaxViT, CNNs": _swin,
