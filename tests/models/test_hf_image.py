@@ -6,10 +6,10 @@ every part really shapes the attention and the logits. The references are comput
 without the models' forwards: :func:`explicit_forward` restates each model from its parameters (patch
 embedding, tokens, attention with the relative position biases, layer scale, GELU or SwiGLU MLP, the
 classifier's own pooling) and must reproduce its logits to 1e-10; attention probabilities and their
-gradients come from it with plain autograd. The method formulas are those of
-tests/methods/test_methods_reference.py restated for any readout and any number of prefix tokens (DINOv2
-reads 0.5 CLS + 0.5 mean of the patch rows, registers excluded; BEiT the mean of the patch rows or the CLS
-row), checked equal to the imported ones on a CLS readout. AttnLRP / CP-LRP are checked against an explicit
+gradients come from it with plain autograd. The method formulas are tests/methods/general_reference.py's
+(test_methods_reference.py's for any readout and any number of prefix tokens: DINOv2 reads 0.5 CLS + 0.5
+mean of the patch rows, registers excluded; BEiT the mean of the patch rows or the CLS row), checked equal
+to test_methods_reference.py's own on a CLS readout. AttnLRP / CP-LRP are checked against an explicit
 relevance propagation through one layer written with tests/lrp/test_lrp_reference.py's ``lrp_linear`` /
 ``lrp_layer_norm``, and CP-LRP's conservation on bias-free models.
 """
@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 import vitlens
 from tests.lrp.test_lrp_reference import lrp_layer_norm, lrp_linear
-from tests.methods.test_methods_reference import (EPS, _head_scores, _rownorm, assert_scaled_close, ref_attention,
-                                                  ref_chefer, ref_gmar, ref_gmar_pp, ref_legrad, ref_rollout)
+from tests.methods.general_reference import (CASES, batched_and_alone, general_reference, module_snapshot,
+                                             readout_vector, reference_params)
+from tests.methods.test_methods_reference import assert_scaled_close, reference
 from vitlens.engine import run_batch
 from vitlens.errors import ModelError
 from vitlens.methods import REGISTRY
@@ -239,109 +240,10 @@ def reference_capture(m, x, targets):
             "LG": layer_grads, "logits": logits.detach(), "cam": (normed[-1].detach(), grads[-1])}
 
 
-# --------------------------------------------------------------------------------------------------
-# the formulas of test_methods_reference.py with any readout w and any number of prefix tokens
-# --------------------------------------------------------------------------------------------------
-
-def _fuse(a, how):
-    return {"mean": np.mean, "max": np.max, "min": np.min}[how](a, axis=0)
-
-
-def token_matrix(method, params, A, G, b, prefix):
-    """The (N, N) token-to-token matrix whose readout rows give the map of image b."""
-    K, n = A[0].shape[1], A[0].shape[-1]
-    if method == "attention":
-        return sum(A[params.get("layer", -1)][b, h] for h in range(K)) / K
-    if method == "chefer":
-        R = np.eye(n)
-        for layer in range(params.get("start_layer", 0), len(A)):
-            R = R + sum(np.maximum(G[layer][b, h] * A[layer][b, h], 0.0) for h in range(K)) / K @ R
-        return R
-    R = None
-    for layer in range(params.get("start_layer", 0), len(A)):
-        if method == "rollout":
-            fused = _fuse(A[layer][b], params.get("head_fusion", "mean"))
-            if params.get("discard_ratio", 0.0) > 0:  # lowest patch-to-patch entries; prefix rows/columns kept
-                entries = sorted((fused[i, j], i, j) for i in range(prefix, n) for j in range(prefix, n))
-                for _, i, j in entries[:int(params["discard_ratio"] * (n - prefix) ** 2)]:
-                    fused[i, j] = 0.0
-        elif method in ("gmar-l1", "gmar-l2"):
-            scores = _head_scores([G[layer][b, h] for h in range(K)], method[-2:])
-            fused = sum(scores[h] / (sum(scores) + EPS) * A[layer][b, h] for h in range(K))
-        else:  # gmar++
-            positive = [np.maximum(G[layer][b, h], 0.0) for h in range(K)]
-            scores = _head_scores(positive, params.get("norm", "l2"))
-            fused = sum(scores[h] / (sum(scores) + EPS) * positive[h] * A[layer][b, h] for h in range(K))
-            if params.get("normalize", "none") == "layer":
-                fused = fused / (np.mean([fused[i].sum() for i in range(n)]) + EPS)
-        step = _rownorm(fused + params.get("residual", 1.0) * np.eye(n))
-        R = step if R is None else step @ R  # left multiplication
-    return R
-
-
-def legrad_reference(LG, num_layers, prefix, layers="all", pool="model", grid=GRID):
-    """ref_legrad with the prefix key columns (CLS and registers) dropped."""
-    chosen = list(range(num_layers)) if layers == "all" else (
-        list(range(num_layers - layers, num_layers)) if isinstance(layers, int) else list(layers))
-    B, K, n, _ = LG[(pool, chosen[0])].shape
-    out = []
-    for b in range(B):
-        total = np.zeros(n - prefix)
-        for layer in chosen:
-            per_key = sum(np.maximum(LG[(pool, layer)][b, h, i], 0.0) for h in range(K) for i in range(n)) / (K * n)
-            total += per_key[prefix:]
-        out.append((total / len(chosen)).reshape(grid))
-    return np.stack(out)
-
-
-def general_reference(method, params, cap, w, prefix, grid=GRID):
-    if method == "legrad":  # reads every query row: no readout
-        return legrad_reference(cap["LG"], len(cap["A"]), prefix, grid=grid, **params)
-    B = cap["A"][0].shape[0]
-    return np.stack([(w @ token_matrix(method, params, cap["A"], cap["G"], b, prefix))[prefix:].reshape(grid)
-                     for b in range(B)])
-
-
-def cls_reference(method, params, cap, grid=GRID):
-    """test_methods_reference.py's own functions (CLS readout, one prefix token)."""
-    A, G = cap["A"], cap["G"]
-    if method == "attention":
-        return ref_attention(A, grid=grid, **params)
-    if method == "rollout":
-        return ref_rollout(A, grid=grid, **params)
-    if method in ("gmar-l1", "gmar-l2"):
-        return ref_gmar(A, G, norm=method[-2:], grid=grid, **params)
-    if method == "gmar++":
-        return ref_gmar_pp(A, G, grid=grid, **params)
-    if method == "legrad":
-        return ref_legrad(cap["LG"], len(A), grid=grid, **params)
-    return ref_chefer(A, G, grid=grid, **params)
-
-
-def readout_vector(m, n):
+def model_readout(m, n):
     """The token weights the classifier's pooling is read with (the documented choice for DINOv2)."""
-    w, prefix = np.zeros(n), _prefix(m)
-    if _is_dinov2(m):
-        w[0] = 0.5
-        w[prefix:] = 0.5 / (n - prefix)
-    elif m.config.use_mean_pooling:
-        w[1:] = 1.0 / (n - 1)
-    else:
-        w[0] = 1.0
-    return w
-
-
-def cls_vector(n):
-    w = np.zeros(n)
-    w[0] = 1.0
-    return w
-
-
-def _resolved(method, params):
-    full = REGISTRY[method].params(params)
-    if method in ("gmar-l1", "gmar-l2"):
-        full.pop("norm")
-    return full
+    pool = "cls+mean" if _is_dinov2(m) else ("mean" if m.config.use_mean_pooling else "cls")
+    return readout_vector(pool, _prefix(m), n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,7 +275,7 @@ def test_family_and_facts(setup):
     assert model.block_norm_names() == [f"{layers}.{i}.{norm}" for i in range(3)]
     assert model.default_cam_layers() == [f"{layers}.2.{norm}"]
     w = model.readout_weights(setup["n"], dtype=torch.float64).numpy()
-    np.testing.assert_array_equal(w, readout_vector(module, setup["n"]))
+    np.testing.assert_array_equal(w, model_readout(module, setup["n"]))
     assert w.sum() == pytest.approx(1.0, abs=1e-15)
     if prefix > 1:
         assert (w[1:prefix] == 0).all()  # the registers are read by neither half of the head
@@ -448,15 +350,6 @@ def test_captured_attention_equals_eager_output_attentions(setup, size):
 # 2. every attention method == the independent float64 computation
 # --------------------------------------------------------------------------------------------------
 
-CASES = [("attention", {}), ("attention", {"layer": 0})]
-CASES += [("rollout", {"head_fusion": f, "discard_ratio": d}) for f in ("mean", "max", "min") for d in (0.0, 0.5)]
-CASES += [("rollout", {"start_layer": 1, "residual": 0.5})]
-CASES += [("gmar-l1", {}), ("gmar-l2", {}), ("gmar-l2", {"residual": 0.5, "start_layer": 1})]
-CASES += [("gmar++", {"norm": n, "normalize": z}) for n in ("l1", "l2") for z in ("none", "layer")]
-CASES += [("legrad", {"layers": la, "pool": p}) for la in ("all", 1, [0, 2]) for p in ("model", "mean")]
-CASES += [("chefer", {}), ("chefer", {"start_layer": 1})]
-
-
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_matches_independent_float64_reference(setup, method, params):
     cap, module, prefix, n = setup["cap"], setup["module"], setup["prefix"], setup["n"]
@@ -464,17 +357,17 @@ def test_matches_independent_float64_reference(setup, method, params):
                              params={method: params} if params else None)
     actual = result.patch_maps[method][:, 0]
     assert actual.dtype == torch.float64 and actual.shape == (2, *GRID)
-    full = _resolved(method, params)
-    expected = general_reference(method, full, cap, readout_vector(module, n), prefix)
+    full = reference_params(method, REGISTRY[method].params(params))
+    expected = general_reference(method, full, cap, model_readout(module, n), prefix)
     assert_scaled_close(actual.numpy(), expected)
     assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()  # two images, two maps
     if prefix == 1:
         # the restatement is test_methods_reference.py's own formula on a CLS readout (same captures)
-        assert_scaled_close(general_reference(method, full, cap, cls_vector(n), prefix),
-                            cls_reference(method, full, cap), rel=1e-12)
-    if method != "legrad" and readout_vector(module, n)[0] != 1.0:
+        assert_scaled_close(general_reference(method, full, cap, readout_vector("cls", prefix, n), prefix),
+                            reference(method, full, cap), rel=1e-12)
+    if method != "legrad" and model_readout(module, n)[0] != 1.0:
         # and the readout matters: the CLS row alone would give another map
-        other = general_reference(method, full, cap, cls_vector(n), prefix)
+        other = general_reference(method, full, cap, readout_vector("cls", prefix, n), prefix)
         assert np.abs(other - expected).max() > 1e-3 * np.abs(expected).max()
 
 
@@ -509,25 +402,13 @@ ALL = ["attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer
 
 
 def test_batched_equals_one_at_a_time(setup):
-    x = torch.cat([setup["x"], torch.randn(1, 3, 32, 32, dtype=torch.float64,
-                                           generator=torch.Generator().manual_seed(8))])
-    targets = [1, 4, 7]
-    params = {"legrad": {"pool": "mean"}, "rollout": {"discard_ratio": 0.5}}
-    batch = vitlens.explain(setup["model"], x, methods=ALL, target=targets, params=params)
-    for i, t in enumerate(targets):
-        single = vitlens.explain(setup["model"], x[i:i + 1], methods=ALL, target=t, params=params)
-        for name in ALL:
-            assert_scaled_close(batch.patch_maps[name][i].numpy(), single.patch_maps[name][0].numpy(), rel=1e-9)
+    for batched, alone in batched_and_alone(vitlens.explain, setup["model"], setup["x"], ALL):
+        assert_scaled_close(batched, alone, rel=1e-9)
 
 
 def _snapshot(module):
-    state = {}
-    for name, m in module.named_modules():
-        config = getattr(m, "config", None)
-        state[name] = (sorted(m.__dict__), m.training, dict(m._forward_hooks), dict(m._forward_pre_hooks),
-                       dict(m._backward_hooks), "forward" in m.__dict__,
-                       getattr(config, "_attn_implementation", None), getattr(m, "gradient_checkpointing", None))
-    return state
+    return module_snapshot(module, lambda m: getattr(getattr(m, "config", None), "_attn_implementation", None),
+                           lambda m: getattr(m, "gradient_checkpointing", None))
 
 
 @pytest.mark.parametrize("name", ["dinov2-registers-swiglu", "beit-cls-shared"])

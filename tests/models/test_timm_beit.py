@@ -4,11 +4,11 @@ Tiny random-init ``beit_*`` / ``beitv2_*`` models (32x32 input, 8x8 patches) wit
 position bias tables, q/v biases and layer-scale gammas, so that the bias really shapes the attention.
 Attention probabilities and their gradients are captured as tests/methods/test_methods_reference.py does
 for timm ViTs: a deep copy with ``fused_attn = False``, forward hooks on each block's ``attn.attn_drop``
-(the tensor that multiplies the values), plain autograd. The method formulas are those of
-test_methods_reference.py restated with a general readout (BEiT pools the mean of the patch tokens by
-default), checked equal to the imported ones on a CLS readout. AttnLRP / CP-LRP are checked against an
-explicit relevance propagation written with tests/lrp/test_lrp_reference.py's ``lrp_linear`` /
-``lrp_layer_norm``.
+(the tensor that multiplies the values), plain autograd. The method formulas are
+tests/methods/general_reference.py's (test_methods_reference.py's with a general readout: BEiT pools the
+mean of the patch tokens by default), checked equal to test_methods_reference.py's own on a CLS readout.
+AttnLRP / CP-LRP are checked against an explicit relevance propagation written with
+tests/lrp/test_lrp_reference.py's ``lrp_linear`` / ``lrp_layer_norm``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 import vitlens
 from tests.lrp.test_lrp_reference import lrp_layer_norm, lrp_linear
-from tests.methods.test_methods_reference import (EPS, _head_scores, _rownorm, assert_scaled_close, ref_attention,
-                                                  ref_chefer, ref_gmar, ref_gmar_pp, ref_legrad, ref_rollout)
+from tests.methods.general_reference import (CASES, batched_and_alone, general_reference, module_snapshot,
+                                             readout_vector, reference_params)
+from tests.methods.test_methods_reference import assert_scaled_close, reference
 from vitlens.engine import run_batch
 from vitlens.errors import ModelError
 from vitlens.methods import REGISTRY
@@ -130,85 +131,6 @@ def reference_capture(module, x, targets, cam_layer=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# the formulas of test_methods_reference.py with any readout w (one prefix token here)
-# --------------------------------------------------------------------------------------------------
-
-def _fuse(A_layer_b, how):
-    return {"mean": np.mean, "max": np.max, "min": np.min}[how](A_layer_b, axis=0)
-
-
-def token_matrix(method, params, A, G, b):
-    """The (N, N) token-to-token matrix whose readout rows give the map of image b."""
-    K, n = A[0].shape[1], A[0].shape[-1]
-    if method == "attention":
-        return sum(A[params.get("layer", -1)][b, h] for h in range(K)) / K
-    if method == "chefer":
-        R = np.eye(n)
-        for layer in range(params.get("start_layer", 0), len(A)):
-            R = R + sum(np.maximum(G[layer][b, h] * A[layer][b, h], 0.0) for h in range(K)) / K @ R
-        return R
-    R = None
-    for layer in range(params.get("start_layer", 0), len(A)):
-        if method == "rollout":
-            fused = _fuse(A[layer][b], params.get("head_fusion", "mean"))
-            if params.get("discard_ratio", 0.0) > 0:  # lowest patch-to-patch entries, prefix never touched
-                entries = sorted((fused[i, j], i, j) for i in range(1, n) for j in range(1, n))
-                for _, i, j in entries[:int(params["discard_ratio"] * (n - 1) ** 2)]:
-                    fused[i, j] = 0.0
-        elif method in ("gmar-l1", "gmar-l2"):
-            scores = _head_scores([G[layer][b, h] for h in range(K)], method[-2:])
-            fused = sum(scores[h] / (sum(scores) + EPS) * A[layer][b, h] for h in range(K))
-        else:  # gmar++
-            positive = [np.maximum(G[layer][b, h], 0.0) for h in range(K)]
-            scores = _head_scores(positive, params.get("norm", "l2"))
-            fused = sum(scores[h] / (sum(scores) + EPS) * positive[h] * A[layer][b, h] for h in range(K))
-            if params.get("normalize", "none") == "layer":
-                fused = fused / (np.mean([fused[i].sum() for i in range(n)]) + EPS)
-        step = _rownorm(fused + params.get("residual", 1.0) * np.eye(n))
-        R = step if R is None else step @ R  # left multiplication
-    return R
-
-
-def general_reference(method, params, cap, w, grid=GRID):
-    if method == "legrad":  # reads every query row: no readout
-        return ref_legrad(cap["LG"], len(cap["A"]), grid=grid, **params)
-    B = cap["A"][0].shape[0]
-    return np.stack([(w @ token_matrix(method, params, cap["A"], cap["G"], b))[1:].reshape(grid) for b in range(B)])
-
-
-def cls_reference(method, params, cap, grid=GRID):
-    """test_methods_reference.py's own functions (CLS readout)."""
-    A, G = cap["A"], cap["G"]
-    if method == "attention":
-        return ref_attention(A, grid=grid, **params)
-    if method == "rollout":
-        return ref_rollout(A, grid=grid, **params)
-    if method in ("gmar-l1", "gmar-l2"):
-        return ref_gmar(A, G, norm=method[-2:], grid=grid, **params)
-    if method == "gmar++":
-        return ref_gmar_pp(A, G, grid=grid, **params)
-    if method == "legrad":
-        return ref_legrad(cap["LG"], len(A), grid=grid, **params)
-    return ref_chefer(A, G, grid=grid, **params)
-
-
-def readout_vector(pool, n=N):
-    w = np.zeros(n)
-    if pool == "avg":
-        w[1:] = 1.0 / (n - 1)
-    else:
-        w[0] = 1.0
-    return w
-
-
-def _resolved(method, params):
-    full = REGISTRY[method].params(params)
-    if method in ("gmar-l1", "gmar-l2"):
-        full.pop("norm")
-    return full
-
-
-# --------------------------------------------------------------------------------------------------
 # 1. the family, its facts, capture
 # --------------------------------------------------------------------------------------------------
 
@@ -232,7 +154,7 @@ def test_family_and_facts(setup):
     assert model.block_norm_names() == ["blocks.0.norm1", "blocks.1.norm1", "blocks.2.norm1"]
     assert model.default_cam_layers() == ["blocks.2.norm1"]
     np.testing.assert_array_equal(model.readout_weights(N, dtype=torch.float64).numpy(),
-                                  readout_vector(setup["pool"]))
+                                  readout_vector(setup["pool"], 1, N))
     # timm's preprocessing: the pretrained config's statistics (v1: 0.5, v2: ImageNet), the model's own size
     expected_mean = (0.485, 0.456, 0.406) if "v2" in module.pretrained_cfg["architecture"] else (0.5, 0.5, 0.5)
     assert model.preprocess.input_size == (32, 32) and model.preprocess.mean == expected_mean
@@ -274,15 +196,6 @@ def test_the_relative_position_bias_shapes_the_attention(setup):
 # 2. every attention method == the independent float64 computation
 # --------------------------------------------------------------------------------------------------
 
-CASES = [("attention", {}), ("attention", {"layer": 0})]
-CASES += [("rollout", {"head_fusion": f, "discard_ratio": d}) for f in ("mean", "max", "min") for d in (0.0, 0.5)]
-CASES += [("rollout", {"start_layer": 1, "residual": 0.5})]
-CASES += [("gmar-l1", {}), ("gmar-l2", {}), ("gmar-l2", {"residual": 0.5, "start_layer": 1})]
-CASES += [("gmar++", {"norm": n, "normalize": z}) for n in ("l1", "l2") for z in ("none", "layer")]
-CASES += [("legrad", {"layers": la, "pool": p}) for la in ("all", 1, [0, 2]) for p in ("model", "mean")]
-CASES += [("chefer", {}), ("chefer", {"start_layer": 1})]
-
-
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_matches_independent_float64_reference(setup, method, params):
     cap = setup["cap"]
@@ -290,16 +203,16 @@ def test_matches_independent_float64_reference(setup, method, params):
                              params={method: params} if params else None)
     actual = result.patch_maps[method][:, 0]
     assert actual.dtype == torch.float64 and actual.shape == (2, *GRID)
-    full = _resolved(method, params)
-    expected = general_reference(method, full, cap, readout_vector(setup["pool"]))
+    full = reference_params(method, REGISTRY[method].params(params))
+    expected = general_reference(method, full, cap, readout_vector(setup["pool"], 1, N))
     assert_scaled_close(actual.numpy(), expected)
     assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()  # two images, two maps
     if setup["pool"] == "token":
         # the restatement is test_methods_reference.py's own formula on a CLS readout
-        assert_scaled_close(expected, cls_reference(method, full, cap), rel=1e-12)
+        assert_scaled_close(expected, reference(method, full, cap), rel=1e-12)
     elif method not in ("legrad", "attention"):
         # and the readout matters: the CLS row would give another map
-        other = general_reference(method, full, cap, readout_vector("token"))
+        other = general_reference(method, full, cap, readout_vector("cls", 1, N))
         assert np.abs(other - expected).max() > 1e-3 * np.abs(expected).max()
 
 
@@ -332,22 +245,13 @@ ALL = ["attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer
 
 
 def test_batched_equals_one_at_a_time(setup):
-    x = torch.cat([setup["x"], torch.randn(1, 3, 32, 32, dtype=torch.float64,
-                                           generator=torch.Generator().manual_seed(8))])
-    targets = [1, 4, 7]
-    params = {"legrad": {"pool": "mean"}, "rollout": {"discard_ratio": 0.5}}
-    batch = vitlens.explain(setup["model"], x, methods=ALL, target=targets, params=params)
-    for i, t in enumerate(targets):
-        single = vitlens.explain(setup["model"], x[i:i + 1], methods=ALL, target=t, params=params)
-        for name in ALL:
-            assert_scaled_close(batch.patch_maps[name][i].numpy(), single.patch_maps[name][0].numpy(), rel=1e-9)
+    for batched, alone in batched_and_alone(vitlens.explain, setup["model"], setup["x"], ALL):
+        assert_scaled_close(batched, alone, rel=1e-9)
 
 
 def _snapshot(module):
-    return {name: (sorted(m.__dict__), m.training, dict(m._forward_hooks), dict(m._forward_pre_hooks),
-                   dict(m._backward_hooks), "forward" in m.__dict__, getattr(m, "fused_attn", None),
-                   getattr(m, "grad_checkpointing", None))
-            for name, m in module.named_modules()}
+    return module_snapshot(module, lambda m: getattr(m, "fused_attn", None),
+                           lambda m: getattr(m, "grad_checkpointing", None))
 
 
 def test_model_returned_exactly_as_given():

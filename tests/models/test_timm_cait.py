@@ -9,8 +9,8 @@ values, (B, K, P, P)) and each ``ClassAttn.attn_drop`` output (unfused: the clas
 gradients by plain autograd. The documented reading (docs/methods.md, "timm CaiT") is restated here in
 numpy: the patch-stage layers embedded as ``[[1, 0], [0, A]]``, the class-attention layers as the
 identity with the class row replaced, gradients zero outside; the method formulas are
-tests/models/test_timm_beit.py's (test_methods_reference.py's with a general readout), and rollout and
-Chefer are also stated in block form (``rho[1:] R_P``) without any (N, N) embedding.
+tests/methods/general_reference.py's (test_methods_reference.py's with a general readout), and rollout
+and Chefer are also stated in block form (``rho[1:] R_P``) without any (N, N) embedding.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import pytest
 import torch
 
 import vitlens
+from tests.methods.general_reference import (batched_and_alone, general_reference, module_snapshot, readout_vector,
+                                             reference_params, rownorm)
 from tests.methods.test_methods_reference import assert_scaled_close
-from tests.models.test_timm_beit import _resolved, general_reference, readout_vector
 from vitlens.errors import MethodError, ModelError
+from vitlens.methods import REGISTRY
 from vitlens.models import AttentionRecorder
 from vitlens.models.cnn import is_cnn
 from vitlens.models.registry import find_family
@@ -204,7 +206,7 @@ def test_family_and_facts(setup):
     assert model.default_cam_layers() == ["blocks.1.norm1"]
     assert model.spatial_layer_names()[-2:] == ["blocks_token_only.0.norm1", "blocks_token_only.1.norm1"]
     np.testing.assert_array_equal(model.readout_weights(N, dtype=torch.float64).numpy(),
-                                  readout_vector(setup["pool"], N))
+                                  readout_vector(setup["pool"], 1, N))
     assert model.preprocess.input_size == (32, 32) and model.preprocess.crop_pct == 1.0
 
 
@@ -288,7 +290,8 @@ def test_matches_independent_float64_reference(setup, method, params):
                              params={method: params} if params else None)
     actual = result.patch_maps[method][:, 0]
     assert actual.dtype == torch.float64 and actual.shape == (2, *GRID)
-    expected = general_reference(method, _resolved(method, params), cap, readout_vector(setup["pool"], N))
+    full = reference_params(method, REGISTRY[method].params(params))
+    expected = general_reference(method, full, cap, readout_vector(setup["pool"], 1, N))
     assert_close_or_zero(actual.numpy(), expected)
     # with average pooling a read of the class-attention layers alone is constant: the patch rows of class
     # attention are the identity's, and the logit does not depend on the class token (zero gradients)
@@ -296,10 +299,6 @@ def test_matches_independent_float64_reference(setup, method, params):
                                                                      and params["pool"] == "model"))
     if not constant:
         assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()
-
-
-def _rownorm(m):
-    return m / m.sum(axis=-1, keepdims=True)
 
 
 def block_reading(cap, b, pool, patch_step, class_row):
@@ -322,7 +321,7 @@ def test_rollout_and_chefer_equal_the_block_reading(setup):
     chefer: R_P = prod (I + mean_h relu(G * A)), class row e_0 + mean_h relu(g * a)."""
     cap, pool = setup["cap"], setup["pool"]
     readings = {
-        "rollout": (lambda a, g: _rownorm(a.mean(0) + np.eye(P)),
+        "rollout": (lambda a, g: rownorm(a.mean(0) + np.eye(P)),
                     lambda a, g: (a.mean(0) + np.eye(N)[0]) / 2.0),
         "chefer": (lambda a, g: np.eye(P) + np.maximum(g * a, 0.0).mean(0),
                    lambda a, g: np.eye(N)[0] + np.maximum(g * a, 0.0).mean(0)),
@@ -416,22 +415,13 @@ ALL = ["attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer
 
 
 def test_batched_equals_one_at_a_time(setup):
-    x = torch.cat([setup["x"], torch.randn(1, 3, 32, 32, dtype=torch.float64,
-                                           generator=torch.Generator().manual_seed(8))])
-    targets = [1, 4, 7]
-    params = {"legrad": {"pool": "mean"}, "rollout": {"discard_ratio": 0.5}}
-    batch = vitlens.explain(setup["model"], x, methods=ALL, target=targets, params=params)
-    for i, t in enumerate(targets):
-        single = vitlens.explain(setup["model"], x[i:i + 1], methods=ALL, target=t, params=params)
-        for name in ALL:
-            assert_scaled_close(batch.patch_maps[name][i].numpy(), single.patch_maps[name][0].numpy(), rel=1e-9)
+    for batched, alone in batched_and_alone(vitlens.explain, setup["model"], setup["x"], ALL):
+        assert_scaled_close(batched, alone, rel=1e-9)
 
 
 def _snapshot(module):
-    return {name: (sorted(m.__dict__), m.training, dict(m._forward_hooks), dict(m._forward_pre_hooks),
-                   dict(m._backward_hooks), "forward" in m.__dict__, getattr(m, "fused_attn", None),
-                   getattr(m, "grad_checkpointing", None))
-            for name, m in module.named_modules()}
+    return module_snapshot(module, lambda m: getattr(m, "fused_attn", None),
+                           lambda m: getattr(m, "grad_checkpointing", None))
 
 
 def test_model_returned_exactly_as_given():

@@ -4,10 +4,10 @@ Every attention method is checked in float64 against an independent computation:
 probabilities are read without any vitlens code, from timm's own unfused path (``fused_attn = False``
 on a deep copy, a forward hook on ``attn.attn_drop``, which receives the softmax output), gradients
 come from plain autograd, and the method formulas are those of tests/methods/test_methods_reference.py
-(restated for any readout in tests/models/test_torch_attention.py). AttnLRP / CP-LRP are checked
-against an explicit relevance propagation through one EVA block whose forward (rotary embedding
-included) is written out here and checked against the model's logits; CP-LRP conserves the target
-logit of a model without additive constants.
+restated for any readout and any number of prefix tokens (tests/methods/general_reference.py). AttnLRP /
+CP-LRP are checked against an explicit relevance propagation through one EVA block whose forward (rotary
+embedding included) is written out here and checked against the model's logits; CP-LRP conserves the
+target logit of a model without additive constants.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 import vitlens
 from tests.lrp.test_lrp_reference import lrp_layer_norm, lrp_linear
-from tests.methods.test_methods_reference import assert_scaled_close
-from tests.models.test_torch_attention import _attention_relevance, cls_reference, general_reference, readout_vector
+from tests.methods.general_reference import CASES, general_reference, readout_vector, reference_params
+from tests.methods.test_methods_reference import assert_scaled_close, reference
+from tests.models.test_torch_attention import _attention_relevance
 from vitlens.engine import run_batch
 from vitlens.errors import ModelError
 from vitlens.methods import REGISTRY
@@ -165,22 +166,6 @@ def test_capture_keeps_the_logits_and_records_timms_own_probabilities(setup):
     assert (model.layer_logits(recorder.block_outputs[-1], pool="mean") - plain).abs().max() > 1e-3
 
 
-CASES = [("attention", {}), ("attention", {"layer": 0})]
-CASES += [("rollout", {"head_fusion": f, "discard_ratio": d}) for f in ("mean", "max", "min") for d in (0.0, 0.5)]
-CASES += [("rollout", {"start_layer": 1, "residual": 0.5})]
-CASES += [("gmar-l1", {}), ("gmar-l2", {}), ("gmar-l2", {"residual": 0.5, "start_layer": 1})]
-CASES += [("gmar++", {"norm": n, "normalize": z}) for n in ("l1", "l2") for z in ("none", "layer")]
-CASES += [("legrad", {"layers": la, "pool": p}) for la in ("all", 1, [0, 2]) for p in ("model", "mean")]
-CASES += [("chefer", {}), ("chefer", {"start_layer": 1})]
-
-
-def _resolved(method, params):
-    full = REGISTRY[method].params(params)
-    if method in ("gmar-l1", "gmar-l2"):
-        full.pop("norm")
-    return full
-
-
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_matches_independent_float64_reference(setup, method, params):
     cap, prefix, grid, pool = setup["cap"], setup["prefix"], setup["grid"], setup["pool"]
@@ -188,13 +173,13 @@ def test_matches_independent_float64_reference(setup, method, params):
                              params={method: params} if params else None)
     actual = result.patch_maps[method][:, 0]
     assert actual.dtype == torch.float64 and actual.shape == (2, *grid)
-    full = _resolved(method, params)
+    full = reference_params(method, REGISTRY[method].params(params))
     n = prefix + grid[0] * grid[1]
     expected = general_reference(method, full, cap, readout_vector(pool, prefix, n), prefix, grid)
     assert_scaled_close(actual.numpy(), expected)
     assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()  # not degenerate
     if pool == "cls":  # one class token: test_methods_reference.py's own formulas apply as they are
-        assert_scaled_close(expected, cls_reference(method, full, cap, grid), rel=1e-12)
+        assert_scaled_close(expected, reference(method, dict(full, grid=grid), cap), rel=1e-12)
 
 
 def test_reference_capture_is_not_degenerate(setup):

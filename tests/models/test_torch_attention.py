@@ -6,9 +6,10 @@ pre-norm and post-norm), takes the attention probabilities from calling each lay
 ``self_attn(x, x, x, need_weights=True, average_attn_weights=False)``, and the gradients with plain
 autograd: the probabilities enter the attention output as ``A + delta`` with a zero leaf ``delta``, so
 ``d score / d delta`` is the gradient with respect to A along every path (later layers included). The
-method formulas are those of tests/methods/test_methods_reference.py, imported for the CLS readout and
-restated with a general readout (mean of the patch tokens, of all tokens) below; AttnLRP / CP-LRP are
-checked against an explicit relevance propagation that mirrors tests/lrp/test_lrp_reference.py.
+method formulas are tests/methods/general_reference.py's (tests/methods/test_methods_reference.py's with a
+general readout: mean of the patch tokens, of all tokens), checked equal to test_methods_reference.py's own
+on a CLS readout; AttnLRP / CP-LRP are checked against an explicit relevance propagation that mirrors
+tests/lrp/test_lrp_reference.py.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from torch import nn
 
 import vitlens
 from tests.lrp.test_lrp_reference import lrp_layer_norm, lrp_linear
-from tests.methods.test_methods_reference import (EPS, _head_scores, _rownorm, assert_scaled_close, ref_attention,
-                                                  ref_chefer, ref_gmar, ref_gmar_pp, ref_legrad, ref_rollout)
+from tests.methods.general_reference import general_reference, readout_vector, reference_params
+from tests.methods.test_methods_reference import assert_scaled_close, ref_attention, ref_rollout, reference
 from vitlens.engine import run_batch
 from vitlens.errors import MethodError, ModelError
 from vitlens.methods import REGISTRY
@@ -166,144 +167,6 @@ def reference_capture(model, x, targets):
 
 
 # --------------------------------------------------------------------------------------------------
-# the method formulas of test_methods_reference.py with any readout: w = weights of the token rows the
-# classifier reads, p = prefix tokens (the patch columns are p:)
-# --------------------------------------------------------------------------------------------------
-
-def _read(R, w, p, grid):
-    return (w @ R)[p:].reshape(grid)
-
-
-def gen_attention(A, w, p, grid, layer=-1):
-    a = A[layer]
-    B, K = a.shape[:2]
-    return np.stack([_read(sum(a[b, h] for h in range(K)) / K, w, p, grid) for b in range(B)])
-
-
-def gen_rollout(A, w, p, grid, head_fusion="mean", discard_ratio=0.0, start_layer=0, residual=1.0):
-    B, K, N, _ = A[0].shape
-    P = N - p
-    out = []
-    for b in range(B):
-        R = None
-        for layer in range(start_layer, len(A)):
-            fused = np.zeros((N, N))
-            for i in range(N):
-                for j in range(N):
-                    fused[i, j] = {"mean": np.mean, "max": np.max, "min": np.min}[head_fusion](
-                        [A[layer][b, h, i, j] for h in range(K)])
-            if discard_ratio > 0:
-                entries = sorted((fused[i, j], i, j) for i in range(p, N) for j in range(p, N))
-                for _, i, j in entries[:int(discard_ratio * P * P)]:
-                    fused[i, j] = 0.0
-            step = _rownorm(fused + residual * np.eye(N))
-            R = step if R is None else step @ R
-        out.append(_read(R, w, p, grid))
-    return np.stack(out)
-
-
-def gen_gmar(A, G, w, p, grid, norm="l2", residual=1.0, start_layer=0):
-    B, K, N, _ = A[0].shape
-    out = []
-    for b in range(B):
-        R = None
-        for layer in range(start_layer, len(A)):
-            scores = _head_scores([G[layer][b, h] for h in range(K)], norm)
-            fused = sum(scores[h] / (sum(scores) + EPS) * A[layer][b, h] for h in range(K))
-            step = _rownorm(fused + residual * np.eye(N))
-            R = step if R is None else step @ R
-        out.append(_read(R, w, p, grid))
-    return np.stack(out)
-
-
-def gen_gmar_pp(A, G, w, p, grid, norm="l2", residual=1.0, normalize="none", start_layer=0):
-    B, K, N, _ = A[0].shape
-    out = []
-    for b in range(B):
-        R = None
-        for layer in range(start_layer, len(A)):
-            positive = [np.maximum(G[layer][b, h], 0.0) for h in range(K)]
-            scores = _head_scores(positive, norm)
-            W = sum(scores[h] / (sum(scores) + EPS) * positive[h] * A[layer][b, h] for h in range(K))
-            if normalize == "layer":
-                W = W / (np.mean([W[i].sum() for i in range(N)]) + EPS)
-            step = _rownorm(W + residual * np.eye(N))
-            R = step if R is None else step @ R
-        out.append(_read(R, w, p, grid))
-    return np.stack(out)
-
-
-def gen_legrad(LG, num_layers, p, grid, layers="all", pool="model"):
-    chosen = list(range(num_layers)) if layers == "all" else (
-        list(range(num_layers - layers, num_layers)) if isinstance(layers, int) else list(layers))
-    B, K, N, _ = LG[(pool, chosen[0])].shape
-    out = []
-    for b in range(B):
-        total = np.zeros(N - p)
-        for layer in chosen:
-            per_key = sum(np.maximum(LG[(pool, layer)][b, h, i], 0.0) for h in range(K) for i in range(N)) / (K * N)
-            total += per_key[p:]
-        out.append((total / len(chosen)).reshape(grid))
-    return np.stack(out)
-
-
-def gen_chefer(A, G, w, p, grid, start_layer=0):
-    B, K, N, _ = A[0].shape
-    out = []
-    for b in range(B):
-        R = np.eye(N)
-        for layer in range(start_layer, len(A)):
-            bar = sum(np.maximum(G[layer][b, h] * A[layer][b, h], 0.0) for h in range(K)) / K
-            R = R + bar @ R
-        out.append(_read(R, w, p, grid))
-    return np.stack(out)
-
-
-def general_reference(method, params, cap, w, p, grid):
-    A, G = cap["A"], cap["G"]
-    if method == "attention":
-        return gen_attention(A, w, p, grid, **params)
-    if method == "rollout":
-        return gen_rollout(A, w, p, grid, **params)
-    if method in ("gmar-l1", "gmar-l2"):
-        return gen_gmar(A, G, w, p, grid, norm=method[-2:], **params)
-    if method == "gmar++":
-        return gen_gmar_pp(A, G, w, p, grid, **params)
-    if method == "legrad":
-        return gen_legrad(cap["LG"], len(A), p, grid, **params)
-    if method == "chefer":
-        return gen_chefer(A, G, w, p, grid, **params)
-    raise AssertionError(method)
-
-
-def cls_reference(method, params, cap, grid):
-    """test_methods_reference.py's own functions (CLS readout, one prefix token), on this grid."""
-    A, G = cap["A"], cap["G"]
-    if method == "attention":
-        return ref_attention(A, grid=grid, **params)
-    if method == "rollout":
-        return ref_rollout(A, grid=grid, **params)
-    if method in ("gmar-l1", "gmar-l2"):
-        return ref_gmar(A, G, norm=method[-2:], grid=grid, **params)
-    if method == "gmar++":
-        return ref_gmar_pp(A, G, grid=grid, **params)
-    if method == "legrad":
-        return ref_legrad(cap["LG"], len(A), grid=grid, **params)
-    return ref_chefer(A, G, grid=grid, **params)
-
-
-def readout_vector(pool, prefix, n):
-    w = np.zeros(n)
-    if pool == "cls":
-        w[0] = 1.0
-    elif pool == "mean":
-        w[prefix:] = 1.0 / (n - prefix)
-    else:
-        w[:] = 1.0 / n
-    return w
-
-
-# --------------------------------------------------------------------------------------------------
 # 1. every attention method == the independent float64 computation
 # --------------------------------------------------------------------------------------------------
 
@@ -338,13 +201,6 @@ def setup(request):
     return {"module": module, "model": model, "x": x, "cap": cap, "options": options}
 
 
-def _resolved(method, params):
-    full = REGISTRY[method].params(params)
-    if method in ("gmar-l1", "gmar-l2"):
-        full.pop("norm")
-    return full
-
-
 def test_facts_found_by_the_dry_run(setup):
     model, options = setup["model"], setup["options"]
     prefix = int(options.get("cls_token", True))
@@ -370,13 +226,13 @@ def test_matches_independent_float64_reference(setup, method, params):
     actual = result.patch_maps[method][:, 0]
     assert actual.dtype == torch.float64 and actual.shape == (2, *GRID)
     torch.testing.assert_close(result.probabilities, cap["logits"].float().softmax(-1), rtol=0, atol=1e-6)
-    full = _resolved(method, params)
+    full = reference_params(method, REGISTRY[method].params(params))
     expected = general_reference(method, full, cap, readout_vector(options["pool"], prefix, prefix + 16), prefix, GRID)
     assert_scaled_close(actual.numpy(), expected)
     assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()  # not degenerate
     if options["pool"] == "cls":
         # the general restatement is test_methods_reference.py's own formula for a CLS readout
-        assert_scaled_close(expected, cls_reference(method, full, cap, GRID), rel=1e-12)
+        assert_scaled_close(expected, reference(method, dict(full, grid=GRID), cap), rel=1e-12)
 
 
 def test_reference_capture_is_not_degenerate(setup):
@@ -844,8 +700,10 @@ def test_input_size_that_a_fixed_size_model_cannot_take():
 
 
 def test_readout_math_helpers_agree():
-    # the CLS restatement above is not vacuous: a mean readout gives another map
+    # the readout of the general restatement is not vacuous: a mean readout gives another map
     A = [np.random.default_rng(0).dirichlet(np.ones(17), size=(1, 2, 17))]
     w_cls, w_mean = readout_vector("cls", 1, 17), readout_vector("mean", 1, 17)
-    assert np.abs(gen_rollout(A, w_cls, 1, GRID) - gen_rollout(A, w_mean, 1, GRID)).max() > 1e-3
+    cap = {"A": A, "G": None}
+    assert np.abs(general_reference("rollout", {}, cap, w_cls, 1, GRID)
+                  - general_reference("rollout", {}, cap, w_mean, 1, GRID)).max() > 1e-3
     assert math.isclose(w_mean.sum(), 1.0)
