@@ -132,3 +132,22 @@ def test_minilm_cli_attnlrp_gives_signed_token_scores(capsys, tmp_path, minilm):
     assert values.min() < 0 < values.max() and np.abs(values).max() <= 1 + 1e-9
     blue, red = token_colours([-1.0, 1.0], signed=True)
     assert blue[2] > blue[0] and red[0] > red[2]
+
+
+def test_lrp_only_without_attention_views_runs_one_forward():
+    """Without attention views to draw, an LRP-only request needs only its rule-modified pass, and gives
+    the same relevance and targets as with the views."""
+    model = load_text_model(tiny_text_model("bert"))
+    ids, mask = random_batch()
+    calls = []
+    handle = model.module.register_forward_hook(lambda *args: calls.append(1))
+    methods = {"attnlrp": text_params("attnlrp")}
+    lean = run_text_batch(model, TextBatch.from_ids(ids, mask), methods, "top2", keep_attentions=False)
+    assert len(calls) == 1 and lean.attentions is None
+    full = run_text_batch(model, TextBatch.from_ids(ids, mask), methods, "top2")
+    assert len(calls) == 3  # the views' capture pass + the LRP pass
+    handle.remove()
+    assert torch.equal(lean.targets, full.targets)
+    assert torch.allclose(lean.values, full.values, atol=1e-6)
+    for a, b in zip(lean.token_maps["attnlrp"], full.token_maps["attnlrp"]):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -163,10 +163,12 @@ class TextBatchResult:
 class TextTask(ExplainTask):
     """A batch of token sequences: the leaf is the word embeddings, one view per sequence (real tokens only)."""
 
-    keep_attentions = True  # the attention views are drawn from the same capture
-
-    def __init__(self, model: TextModel, batch: TextBatch, target=None, objective: Objective | None = None):
+    def __init__(self, model: TextModel, batch: TextBatch, target=None, objective: Objective | None = None,
+                 keep_attentions: bool = True):
         self.model, self.batch, self.target, self.objective = model, batch, target, objective
+        # the attention views are drawn from the same capture (without them, an LRP-only request
+        # needs no plain forward at all)
+        self.keep_attentions = keep_attentions
         self.num_views = len(batch)
         self.targets = None
 
@@ -229,7 +231,7 @@ def run_text_batch(model: TextModel, batch: TextBatch, methods: dict, target=Non
                           "(--pair / pairs=) or an objective")
     if objective is not None and objective.pairwise and len(batch) % 2:
         raise MethodError("a pairwise objective needs the texts followed by their pairs (an even number of sequences)")
-    task = TextTask(model, batch, target, objective)
+    task = TextTask(model, batch, target, objective, keep_attentions)
     result = run_task(task, methods)
     attentions = None
     if keep_attentions:
