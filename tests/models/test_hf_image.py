@@ -28,6 +28,7 @@ from tests.lrp.test_lrp_reference import lrp_layer_norm, lrp_linear
 from tests.methods.general_reference import (CASES, batched_and_alone, general_reference, module_snapshot,
                                              readout_vector, reference_params)
 from tests.methods.test_methods_reference import assert_scaled_close, reference
+from tests.models.family_checks import check_bystander_untouched, check_lrp_against_reference
 from vitlens.engine import run_batch
 from vitlens.errors import ModelError
 from vitlens.methods import REGISTRY
@@ -430,14 +431,8 @@ def test_model_returned_exactly_as_given(name):
 
 
 def test_another_model_inside_the_capture_is_untouched():
-    explained, bystander = vitlens.load_model(tiny_hf_dinov2(seed=0)), tiny_hf_dinov2(seed=1)
-    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    with torch.no_grad():
-        expected = bystander(pixel_values=x).logits
-        recorder = AttentionRecorder()
-        with explained.capture(recorder):
-            assert torch.equal(bystander(pixel_values=x).logits, expected)
-    assert recorder.attentions == []
+    check_bystander_untouched(vitlens.load_model(tiny_hf_dinov2(seed=0)), tiny_hf_dinov2(seed=1),
+                              call=lambda module, x: module(pixel_values=x).logits)
 
 
 def test_gradient_checkpointing_is_a_one_line_error():
@@ -639,23 +634,7 @@ def one_layer(request):
 @pytest.mark.parametrize("variant", ["attnlrp", "cp-lrp"])
 @pytest.mark.parametrize("conv_gamma, lin_gamma", [(0.0, 0.0), (1.0, 0.5)])
 def test_lrp_matches_explicit_relevance_propagation(one_layer, variant, conv_gamma, lin_gamma):
-    model = vitlens.load_model(copy.deepcopy(one_layer))
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    targets = torch.tensor([[1, 4], [0, 2]])
-    result = run_batch(model, x, {variant: {"conv_gamma": conv_gamma, "lin_gamma": lin_gamma}}, targets)
-    relevance = result.patch_maps[variant]
-    assert relevance.shape == (2, 2, 16, 16)
-    for b in range(2):
-        for slot in range(2):
-            with torch.no_grad():
-                expected, logits = reference_relevance(one_layer, x[b], int(targets[b, slot]), variant,
-                                                       conv_gamma, lin_gamma)
-            scale = float(expected.abs().max())
-            assert scale > 1e-4  # a real signal
-            err = float((relevance[b, slot] - expected).abs().max())
-            assert err <= 1e-7 * scale, (variant, b, slot, err, scale)
-            assert torch.isclose(result.extras[variant]["target_logit"][b, slot], logits[targets[b, slot]])
-            assert torch.isclose(result.extras[variant]["relevance_sum"][b, slot], expected.sum())
+    check_lrp_against_reference(one_layer, reference_relevance, variant, conv_gamma, lin_gamma, min_scale=1e-4)
 
 
 def _without_additive_constants(module):

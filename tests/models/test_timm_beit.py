@@ -25,6 +25,8 @@ from tests.lrp.test_lrp_reference import lrp_layer_norm, lrp_linear
 from tests.methods.general_reference import (CASES, batched_and_alone, general_reference, module_snapshot,
                                              readout_vector, reference_params)
 from tests.methods.test_methods_reference import assert_scaled_close, reference
+from tests.models.family_checks import (check_bystander_untouched, check_gradient_checkpointing_restored,
+                                        check_lrp_against_reference)
 from vitlens.engine import run_batch
 from vitlens.errors import ModelError
 from vitlens.methods import REGISTRY
@@ -271,26 +273,11 @@ def test_model_returned_exactly_as_given():
 
 
 def test_gradient_checkpointing_is_off_only_during_the_call():
-    module = tiny_beit(seed=4)
-    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    methods = ["rollout", "chefer", "legrad", "attnlrp"]
-    plain = vitlens.explain(vitlens.load_model(copy.deepcopy(module)), x, methods=methods, target=2)
-    module.set_grad_checkpointing(True)
-    result = vitlens.explain(vitlens.load_model(module), x, methods=methods, target=2)
-    assert module.grad_checkpointing is True  # the user's setting is back
-    for name in methods:
-        assert_scaled_close(result.patch_maps[name].numpy(), plain.patch_maps[name].numpy(), rel=1e-12)
+    check_gradient_checkpointing_restored(tiny_beit(seed=4), ["rollout", "chefer", "legrad", "attnlrp"])
 
 
 def test_another_beit_inside_the_capture_is_untouched():
-    explained, bystander = vitlens.load_model(tiny_beit(seed=0)), tiny_beit(seed=1)
-    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    with torch.no_grad():
-        expected = bystander(x)
-        recorder = AttentionRecorder()
-        with explained.capture(recorder):
-            assert torch.equal(bystander(x), expected)
-    assert recorder.attentions == []
+    check_bystander_untouched(vitlens.load_model(tiny_beit(seed=0)), tiny_beit(seed=1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,23 +393,8 @@ def one_block(request):
 @pytest.mark.parametrize("variant", ["attnlrp", "cp-lrp"])
 @pytest.mark.parametrize("conv_gamma, lin_gamma", [(0.0, 0.0), (1.0, 0.5)])
 def test_lrp_matches_explicit_relevance_propagation(one_block, variant, conv_gamma, lin_gamma):
-    model = vitlens.load_model(copy.deepcopy(one_block))
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    targets = torch.tensor([[1, 4], [0, 2]])
-    result = run_batch(model, x, {variant: {"conv_gamma": conv_gamma, "lin_gamma": lin_gamma}}, targets)
-    relevance = result.patch_maps[variant]
-    assert relevance.shape == (2, 2, 16, 16)
-    for b in range(2):
-        for slot in range(2):
-            with torch.no_grad():
-                expected, logits = reference_relevance(one_block, x[b], int(targets[b, slot]), variant,
-                                                       conv_gamma, lin_gamma)
-            scale = float(expected.abs().max())
-            assert scale > 1e-4  # a real signal (the Gamma rules give maps of ~1e-3 here)
-            err = float((relevance[b, slot] - expected).abs().max())
-            assert err <= 1e-7 * scale, (variant, b, slot, err, scale)
-            assert torch.isclose(result.extras[variant]["target_logit"][b, slot], logits[targets[b, slot]])
-            assert torch.isclose(result.extras[variant]["relevance_sum"][b, slot], expected.sum())
+    # min_scale: the Gamma rules give maps of ~1e-3 here
+    check_lrp_against_reference(one_block, reference_relevance, variant, conv_gamma, lin_gamma, min_scale=1e-4)
 
 
 def _without_additive_constants(module):

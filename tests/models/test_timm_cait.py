@@ -25,6 +25,7 @@ import vitlens
 from tests.methods.general_reference import (batched_and_alone, general_reference, module_snapshot, readout_vector,
                                              reference_params, rownorm)
 from tests.methods.test_methods_reference import assert_scaled_close
+from tests.models.family_checks import check_bystander_untouched, check_gradient_checkpointing_restored
 from vitlens.errors import MethodError, ModelError
 from vitlens.methods import REGISTRY
 from vitlens.models import AttentionRecorder
@@ -440,26 +441,11 @@ def test_model_returned_exactly_as_given():
 
 
 def test_gradient_checkpointing_is_off_only_during_the_call():
-    module = tiny_cait(seed=4)
-    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    methods = ["rollout", "chefer", "legrad"]
-    plain = vitlens.explain(vitlens.load_model(copy.deepcopy(module)), x, methods=methods, target=2)
-    module.set_grad_checkpointing(True)
-    result = vitlens.explain(vitlens.load_model(module), x, methods=methods, target=2)
-    assert module.grad_checkpointing is True  # the user's setting is back
-    for name in methods:
-        assert_scaled_close(result.patch_maps[name].numpy(), plain.patch_maps[name].numpy(), rel=1e-12)
+    check_gradient_checkpointing_restored(tiny_cait(seed=4), ["rollout", "chefer", "legrad"])
 
 
 def test_another_cait_inside_the_capture_is_untouched():
-    explained, bystander = vitlens.load_model(tiny_cait(seed=0)), tiny_cait(seed=1)
-    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    with torch.no_grad():
-        expected = bystander(x)
-        recorder = AttentionRecorder()
-        with explained.capture(recorder):
-            assert torch.equal(bystander(x), expected)
-    assert recorder.attentions == []
+    check_bystander_untouched(vitlens.load_model(tiny_cait(seed=0)), tiny_cait(seed=1))
 
 
 def test_float32_model_matches_its_float64_copy():

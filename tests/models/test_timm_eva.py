@@ -24,6 +24,7 @@ from tests.lrp.test_lrp_reference import lrp_layer_norm, lrp_linear
 from tests.methods.general_reference import CASES, general_reference, readout_vector, reference_params
 from tests.methods.test_methods_reference import assert_scaled_close, reference
 from tests.models.test_torch_attention import _attention_relevance
+from tests.models.family_checks import check_lrp_against_reference
 from vitlens.engine import run_batch
 from vitlens.errors import ModelError
 from vitlens.methods import REGISTRY
@@ -368,25 +369,9 @@ def one_block(request):
 @pytest.mark.parametrize("variant", ["attnlrp", "cp-lrp"])
 @pytest.mark.parametrize("conv_gamma, lin_gamma", [(0.0, 0.0), (1.0, 0.5)])
 def test_lrp_matches_explicit_relevance_propagation(one_block, variant, conv_gamma, lin_gamma):
-    model = vitlens.load_model(copy.deepcopy(one_block))
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    targets = torch.tensor([[1, 4], [0, 2]])
-    result = run_batch(model, x, {variant: {"conv_gamma": conv_gamma, "lin_gamma": lin_gamma}}, targets)
-    relevance = result.patch_maps[variant]
-    assert relevance.shape == (2, 2, 16, 16)
-    with torch.no_grad():
-        logits = one_block(x)
-    for b in range(2):
-        for slot in range(2):
-            with torch.no_grad():
-                expected, ref_logits = reference_relevance(one_block, x[b], int(targets[b, slot]), variant,
-                                                           conv_gamma, lin_gamma)
-            assert torch.allclose(ref_logits, logits[b], rtol=0, atol=1e-12)  # the written-out forward is EVA's
-            scale = float(expected.abs().max())
-            assert scale > 1e-6  # a real signal
-            err = float((relevance[b, slot] - expected).abs().max())
-            assert err <= 1e-7 * scale, (variant, b, slot, err, scale)
-            assert torch.isclose(result.extras[variant]["target_logit"][b, slot], logits[b, targets[b, slot]])
+    # the written-out forward is EVA's own (logits_of)
+    check_lrp_against_reference(one_block, reference_relevance, variant, conv_gamma, lin_gamma, min_scale=1e-6,
+                                check_sum=False, logits_of=lambda module, x: module(x))
 
 
 def _without_additive_constants(module):
