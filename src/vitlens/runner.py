@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitlens.api import explain
-from vitlens.data import Sample, load_image
+from vitlens.data import Sample, load_sample
 from vitlens.errors import InputError, MethodError, TargetError, VitlensError
 from vitlens.cliargs import check_count, check_overlay, check_params_requested, check_target
 from vitlens.methods import check_params_for_model, get_method
@@ -50,7 +50,7 @@ class RunSummary:
 
 def _load(sample: Sample):
     try:
-        return load_image(sample.path), None
+        return load_sample(sample), None
     except InputError as exc:
         return None, str(exc)
 

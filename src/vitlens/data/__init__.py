@@ -9,5 +9,6 @@
 from vitlens.data.datasets import resolve_inputs
 from vitlens.data.images import IMAGE_EXTENSIONS, is_image_file, load_image
 from vitlens.data.samples import Sample
+from vitlens.data.sources import load_sample
 
-__all__ = ["IMAGE_EXTENSIONS", "Sample", "is_image_file", "load_image", "resolve_inputs"]
+__all__ = ["IMAGE_EXTENSIONS", "Sample", "is_image_file", "load_image", "load_sample", "resolve_inputs"]
