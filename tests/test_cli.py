@@ -29,6 +29,7 @@ from PIL import Image
 import vitlens
 from vitlens import cli
 from vitlens.methods import DEFAULT_METHODS, REGISTRY, parse_methods
+from vitlens.outputs import OVERLAY_MAX_SIDE, overlay_size
 
 from .conftest import (SHARED_DATA, TINY_SPEC, VIT_TINY_SPEC, VIT_TINY_WEIGHTS, requires_shared, tiny_hf_vit,
                        tiny_timm_vit)
@@ -104,8 +105,10 @@ def images_by_key(manifest: dict) -> dict:
     return {image["key"]: image for image in manifest["images"]}
 
 
-def assert_explained(out: Path, image: dict, methods, original_size=None, targets_per_method: int = 1) -> None:
-    """An ok image has, per method and target, an overlay at the original resolution and a raw map."""
+def assert_explained(out: Path, image: dict, methods, original_size=None, targets_per_method: int = 1,
+                     overlay_max_side=OVERLAY_MAX_SIDE) -> None:
+    """An ok image has, per method and target, an overlay at the original resolution (at most 1024 px, the
+    default --overlay-max-side) and a raw map."""
     assert image["status"] == "ok" and image["error"] is None
     assert (out / image["original"]).is_file()
     assert (out / "records" / f"{image['key']}.json").is_file()
@@ -117,9 +120,9 @@ def assert_explained(out: Path, image: dict, methods, original_size=None, target
         overlay, raw = out / o["overlay"], out / o["map"]
         with Image.open(overlay) as im:
             assert im.format == "PNG" and im.mode == "RGB"
-            assert list(im.size) == image["size"]
+            assert im.size == overlay_size(image["size"], overlay_max_side)
             if original_size is not None:
-                assert im.size == tuple(original_size)
+                assert im.size == overlay_size(original_size, overlay_max_side)
         array = np.load(raw)
         assert array.dtype == np.float32 and array.ndim == 2 and np.isfinite(array).all()
 
@@ -380,14 +383,15 @@ def _odd_images(folder: Path) -> dict:
 def test_explain_odd_images_in_one_folder(tmp_path, capsys, tiny):
     sizes = _odd_images(tmp_path / "odd")
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "explain", tmp_path / "odd", *tiny, "--methods", FAST, "--out", out, "--quiet")
+    code, _, err = run_cli(capsys, "explain", tmp_path / "odd", *tiny, "--methods", FAST, "--out", out, "--quiet",
+                           "--overlay-max-side", "full")
     assert code == 0, err
     images = images_by_key(manifest_of(out))
     assert set(images) == set(sizes)
     for key, size in sizes.items():
         assert images[key]["size"] == list(size)
-        assert_explained(out, images[key], ["rollout", "chefer"], original_size=size)
-    # the report copy of a large image is small; the overlay keeps the full resolution
+        assert_explained(out, images[key], ["rollout", "chefer"], original_size=size, overlay_max_side=None)
+    # the report copy of a large image is small; the overlay keeps the full resolution on request
     with Image.open(out / images["large"]["original"]) as thumb:
         assert max(thumb.size) <= 512
     # the centre crop of the 3000x2000 image: the model saw the middle, the margins stay original pixels
@@ -427,7 +431,8 @@ def test_manifest_contents(tmp_path, capsys, tiny, tiny_weights, tiny_model):
                                               "residual": 1.0}
     assert manifest["methods"]["legrad"] == {"layers": "last2", "pool": "model"}
     assert manifest["methods"]["chefer"] == REGISTRY["chefer"].defaults
-    assert manifest["overlay"] == {"cmap": "viridis", "alpha": 0.4}
+    assert manifest["overlay"] == {"cmap": "viridis", "alpha": 0.4, "max_side": 1024}
+    assert manifest["save"] == ["overlays", "maps", "originals"]
     assert manifest["target"] == "pred" and manifest["vitlens_version"] == vitlens.__version__
     run_json = json.loads((out / "run.json").read_text())
     assert {k: v for k, v in manifest.items() if k not in ("images", "summary")} == run_json

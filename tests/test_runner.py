@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vitlens.data import resolve_inputs
 from vitlens.errors import TargetError
@@ -412,3 +413,128 @@ def test_progress_bar_goes_to_stderr_unless_quiet(tmp_path, capsys, tiny):
     code, stdout, err = run_cli(capsys, "explain", folder, *tiny, "--methods", "rollout", "--out", tmp_path / "b",
                                 "--quiet")
     assert code == 0 and err == ""
+
+
+# --------------------------------------------------------------------------- what is written, the pipeline
+
+
+def test_save_maps_alone_writes_maps_and_records_and_resumes(tmp_path, capsys, tiny):
+    folder = photo_folder(tmp_path / "in", 3)
+    full, maps_only = tmp_path / "full", tmp_path / "maps"
+    assert explain(capsys, folder, tiny, full, "--methods", FAST)[0] == 0
+    code, _, err = explain(capsys, folder, tiny, maps_only, "--methods", FAST, "--save", "maps")
+    assert code == 0, err
+    assert sorted(p.name for p in maps_only.iterdir()) == ["manifest.json", "maps", "records", "run.json"]
+    for image in manifest_of(maps_only)["images"]:
+        assert image["original"] is None
+        assert all(set(o) == {"method", "target", "map"} for o in image["outputs"])
+    for path in (full / "maps").rglob("*.npy"):
+        assert (maps_only / path.relative_to(full)).read_bytes() == path.read_bytes()
+    code, stdout, _ = explain(capsys, folder, tiny, maps_only, "--methods", FAST, "--save", "maps")
+    assert code == 0 and stdout.startswith("explained 0 image(s), 3 already done")
+
+
+def test_overlays_are_capped_at_1024_pixels_unless_asked_otherwise(tmp_path, capsys, tiny):
+    from .test_cli import noise_image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    noise_image((3000, 2000), 4).save(folder / "large.jpg", quality=80)
+    sizes = {}
+    for name, option in (("default", []), ("small", ["--overlay-max-side", "300"]),
+                         ("full", ["--overlay-max-side", "full"])):
+        out = tmp_path / name
+        code, _, err = explain(capsys, folder, tiny, out, "--methods", "rollout,attnlrp", *option)
+        assert code == 0, err
+        image = manifest_of(out)["images"][0]
+        assert image["size"] == [3000, 2000]
+        for entry in image["outputs"]:
+            for kind in ("overlay", "signed_overlay"):
+                if kind in entry:
+                    with Image.open(out / entry[kind]) as overlay:
+                        sizes.setdefault(name, set()).add(overlay.size)
+        assert manifest_of(out)["overlay"]["max_side"] == {"default": 1024, "small": 300, "full": None}[name]
+    assert sizes == {"default": {(1024, 683)}, "small": {(300, 200)}, "full": {(3000, 2000)}}
+    # the maps keep the model's resolution whatever the overlays' size
+    for method in ("rollout", "attnlrp"):
+        maps = [np.load(next((tmp_path / name / "maps" / method).glob("*.npy"))) for name in sizes]
+        assert all(np.array_equal(maps[0], other) for other in maps[1:])
+
+
+def test_io_workers_do_not_change_a_single_byte(tmp_path, capsys, tiny):
+    folder = photo_folder(tmp_path / "in", 7)
+    write_truncated_jpeg(folder / "broken.jpg")
+    outs = {n: tmp_path / f"w{n}" for n in (1, 4)}
+    for workers, out in outs.items():
+        code, _, _ = explain(capsys, folder, tiny, out, "--methods", "rollout,gradcam,attnlrp", "--batch-size", "3",
+                             "--io-workers", str(workers))
+        assert code == 1  # the broken image
+    one, four = (sorted(p.relative_to(o) for p in o.rglob("*") if p.is_file()) for o in outs.values())
+    assert one == four and len(one) > 30
+    for relative in one:
+        assert (outs[1] / relative).read_bytes() == (outs[4] / relative).read_bytes(), relative
+
+
+def test_a_failed_write_stops_the_run_in_one_line_and_the_rerun_completes(tmp_path, capsys, tiny, monkeypatch):
+    """A write that fails in a background writer (disk full...) is raised in the model loop: exit 2, one line; every
+    record on disk has all its files, and the next run finishes the rest."""
+    import vitlens.outputs as outputs
+    from vitlens.errors import OutputError
+
+    folder = photo_folder(tmp_path / "in", 8)
+    out = tmp_path / "out"
+    real_save = outputs.save_png_atomic
+    calls = []
+
+    def failing(image, path):
+        calls.append(path)
+        if len(calls) == 5:
+            raise OutputError(f"cannot write '{path}': No space left on device")
+        return real_save(image, path)
+
+    monkeypatch.setattr(outputs, "save_png_atomic", failing)
+    code, _, err = explain(capsys, folder, tiny, out, "--methods", FAST, "--batch-size", "2")
+    assert code == 2
+    assert_one_line_error(err, "No space left on device")
+    records = sorted((out / "records").glob("*.json"))
+    assert len(records) < 8
+    for path in records:
+        record = json.loads(path.read_text())
+        for entry in record["outputs"]:
+            assert (out / entry["overlay"]).is_file() and (out / entry["map"]).is_file()
+    assert temp_files(out) == []
+    monkeypatch.setattr(outputs, "save_png_atomic", real_save)
+    code, stdout, err = explain(capsys, folder, tiny, out, "--methods", FAST, "--batch-size", "2")
+    assert code == 0, err
+    assert manifest_of(out)["summary"] == {"images": 8, "ok": 8, "failed": 0}
+
+
+def test_the_write_backlog_is_bounded():
+    """The model loop waits once `backlog` writes are pending: results never pile up in memory."""
+    import threading
+
+    from vitlens.runner import _Writes
+
+    release = threading.Event()
+    started = []
+    writes = _Writes(workers=2, backlog=3)
+
+    def slow(index):
+        started.append(index)
+        release.wait(5)
+
+    submitted = []
+
+    def producer():
+        for index in range(6):
+            writes.submit(slow, index)
+            submitted.append(index)
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    time.sleep(0.3)
+    assert submitted == [0, 1, 2] and sorted(started) == [0, 1]  # the 4th submit waits for the oldest write
+    release.set()
+    thread.join(5)
+    writes.close()
+    assert submitted == list(range(6)) and sorted(started) == list(range(6))

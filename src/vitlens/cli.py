@@ -14,8 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-from vitlens.cliargs import (check_count, check_out_dir, check_overlay, check_params_requested, check_target,
-                             class_indices, parse_method_params, parse_params, parse_target, select_device)
+from vitlens.cliargs import (OVERLAY_MAX_SIDE, check_count, check_out_dir, check_overlay, check_overlay_max_side,
+                             check_params_requested, check_target, class_indices, parse_method_params, parse_params,
+                             parse_save, parse_target, select_device)
 from vitlens.text import cli as text_cli
 
 DEFAULT_MODEL = "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -78,6 +79,16 @@ def _add_method_options(p, default="all"):
     p.add_argument("--lin-gamma", type=float, help="LRP Gamma of Linear layers (attnlrp, cp-lrp; default 0.5)")
 
 
+def _add_output_options(p):
+    p.add_argument("--save", default="all", metavar="KINDS",
+                   help="what to write besides the per-image records: comma-separated overlays, maps, originals, "
+                        "or all (default: %(default)s; 'maps' alone for large runs)")
+    p.add_argument("--overlay-max-side", default=str(OVERLAY_MAX_SIDE), metavar="PIXELS",
+                   help="longest side of the overlays, or 'full' for the original resolution (default: %(default)s)")
+    p.add_argument("--io-workers", type=int, metavar="N",
+                   help="threads that decode images and as many that write outputs (default: up to 4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vitlens",
                      description="Explain vision transformers: heatmaps, overlays, comparisons, reports.")
@@ -99,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmap", default="jet", help="overlay colormap (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity 0..1 (default: %(default)s)")
     p.add_argument("--format", choices=["files", "html"], default="files", help="html also writes report.html")
+    _add_output_options(p)
     p.add_argument("--resume", action="store_true",
                    help="continue a run in --out (also the default when settings match)")
     p.add_argument("--force", action="store_true", help="recompute everything even if --out holds finished work")
@@ -124,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="evaluation", help="output directory (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images explained per batch")
     p.add_argument("--perturb-batch-size", type=int, default=128, help="perturbed images per forward pass")
+    _add_output_options(p)
     p.add_argument("--labels", help="labels file for imagenet-val: or plain inputs")
     p.add_argument("--class-index", help="mapping from the model's output index to class ids")
     p.add_argument("--limit", type=int, help="evaluate only the first N inputs")
@@ -194,10 +207,11 @@ def main(argv=None) -> int:
 
 def _load(args):
     """The model the options name (--model, --weights, --num-classes, --device, preprocessing, attention layers): the
-    one place they become a model."""
+    one place they become a model. Under torchrun a plain ``cuda`` is this process's GPU (``LOCAL_RANK``)."""
     import vitlens
+    from vitlens.distributed import local_device
 
-    device = select_device(args.device)
+    device = local_device(select_device(args.device))
     return vitlens.load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=device,
                               input_size=args.input_size, mean=args.mean, std=args.std,
                               interpolation=args.interpolation, attention_layers=args.attention_layers)
@@ -211,7 +225,20 @@ def _check_options(args) -> None:
             check_count(value, "--" + option.replace("_", "-"))
     if hasattr(args, "alpha"):
         check_overlay(args.cmap, args.alpha)
+    if hasattr(args, "save"):
+        parse_save(args.save)
+        args.overlay_max_side = check_overlay_max_side(args.overlay_max_side)
+        if args.io_workers is not None:
+            check_count(args.io_workers, "--io-workers")
     select_device(getattr(args, "device", None))
+
+
+def _join_group(args):
+    """The torchrun process group of a distributed run (one process otherwise): joined after every check
+    that needs neither the model nor the group, so a usage mistake never waits for the other ranks."""
+    from vitlens.distributed import join, local_device
+
+    return join(local_device(select_device(args.device)))
 
 
 def _check_for_model(model, methods: list, params: dict, target, allow_label: bool = False) -> None:
@@ -236,19 +263,25 @@ def cmd_explain(args) -> int:
     _check_options(args)
     samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit)
     check_out_dir(args.out)
-    model = _load(args)
-    if args.class_index:
-        _name_classes_from_index(model, args.class_index)
-    methods = parse_methods(args.methods, model)
-    params = with_shared_options(params, methods, args)
-    target = parse_target(args.target)
-    _check_for_model(model, methods, params, target, allow_label=True)
-    if isinstance(target, list):  # several classes, each explained for every image
-        target = EveryImage(class_indices(model, target))
-    summary = run_explain(samples, model, methods, params, target, args.out, batch_size=args.batch_size,
-                          resume=not args.force, progress=not args.quiet, cmap=args.cmap, alpha=args.alpha,
-                          html=args.format == "html")
-    _print_summary(summary)
+    group = _join_group(args)
+    try:
+        model = _load(args)
+        if args.class_index:
+            _name_classes_from_index(model, args.class_index)
+        methods = parse_methods(args.methods, model)
+        params = with_shared_options(params, methods, args)
+        target = parse_target(args.target)
+        _check_for_model(model, methods, params, target, allow_label=True)
+        if isinstance(target, list):  # several classes, each explained for every image
+            target = EveryImage(class_indices(model, target))
+        summary = run_explain(samples, model, methods, params, target, args.out, batch_size=args.batch_size,
+                              resume=not args.force, progress=not args.quiet, cmap=args.cmap, alpha=args.alpha,
+                              html=args.format == "html", save=args.save, overlay_max_side=args.overlay_max_side,
+                              io_workers=args.io_workers, group=group)
+    finally:
+        _leave_group(group)
+    if group.is_main:
+        _print_summary(summary)
     return 1 if summary.failed else 0
 
 
@@ -267,18 +300,31 @@ def cmd_evaluate(args) -> int:
     _check_options(args)
     samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit)
     check_out_dir(args.out)
-    model = _load(args)
-    methods = parse_methods(args.methods, model)
-    params = with_shared_options(params, methods, args)
-    target = parse_target(args.target)
-    _check_for_model(model, methods, params, target, allow_label=True)
-    summary = run_evaluate(samples, model, methods, params, metrics, metric_params, target,
-                           args.out, batch_size=args.batch_size, perturb_batch_size=args.perturb_batch_size,
-                           granularity=args.granularity, resume=not args.force, progress=not args.quiet,
-                           seed=args.seed, masks_dir=args.masks, source=f"'{' '.join(args.inputs)}'")
-    _print_summary(summary.run)
-    print(f"tables: {summary.files['md']}  {summary.files['csv']}  {summary.files['json']}")
+    group = _join_group(args)
+    try:
+        model = _load(args)
+        methods = parse_methods(args.methods, model)
+        params = with_shared_options(params, methods, args)
+        target = parse_target(args.target)
+        _check_for_model(model, methods, params, target, allow_label=True)
+        summary = run_evaluate(samples, model, methods, params, metrics, metric_params, target,
+                               args.out, batch_size=args.batch_size, perturb_batch_size=args.perturb_batch_size,
+                               granularity=args.granularity, resume=not args.force, progress=not args.quiet,
+                               seed=args.seed, masks_dir=args.masks, source=f"'{' '.join(args.inputs)}'",
+                               save=args.save, overlay_max_side=args.overlay_max_side, io_workers=args.io_workers,
+                               group=group)
+    finally:
+        _leave_group(group)
+    if group.is_main:
+        _print_summary(summary.run)
+        print(f"tables: {summary.files['md']}  {summary.files['csv']}  {summary.files['json']}")
     return 1 if summary.run.failed else 0
+
+
+def _leave_group(group) -> None:
+    from vitlens.distributed import leave
+
+    leave(group)
 
 
 def _print_summary(summary) -> None:

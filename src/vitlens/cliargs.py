@@ -143,6 +143,42 @@ def check_overlay(cmap, alpha, prefix: str = "--") -> None:
         raise UsageError(f"{prefix}cmap: {exc}") from None
 
 
+# ------------------------------------------------------------------------------------ outputs
+#: Longest side of an overlay by default: a 12000 x 9000 photo gets a 1024 x 768 overlay, not 310 MB.
+OVERLAY_MAX_SIDE = 1024
+#: What a run can write besides its records, and the default: all of it.
+SAVE_KINDS = ("overlays", "maps", "originals")
+
+
+def parse_save(save) -> tuple:
+    """``'maps'``, ``'overlays,maps'``, ``'all'``, a list of kinds, or None (all) -> the kinds, in
+    :data:`SAVE_KINDS` order; ``'records'`` may be named (records are always written)."""
+    if save is None:
+        return SAVE_KINDS
+    items = save.split(",") if isinstance(save, str) else list(save)
+    kinds = {str(item).strip().lower() for item in items if str(item).strip()}
+    if "all" in kinds:
+        return SAVE_KINDS
+    unknown = sorted(kinds - set(SAVE_KINDS) - {"records"})
+    if unknown:
+        raise UsageError(f"--save: unknown output '{unknown[0]}' (choose from {', '.join(SAVE_KINDS)}, records, "
+                         "all)")
+    return tuple(kind for kind in SAVE_KINDS if kind in kinds)
+
+
+def check_overlay_max_side(value) -> int | None:
+    """``--overlay-max-side``: a positive number of pixels, or ``full`` / 0 / None for the original size."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("full", "0")):
+        return None
+    try:
+        side = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--overlay-max-side must be a number of pixels or 'full', got '{value}'") from None
+    if side < 0 or isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise UsageError(f"--overlay-max-side must be a number of pixels or 'full', got '{value}'")
+    return side or None
+
+
 def check_out_dir(path) -> Path:
     """Fail early, in one line, when ``path`` could not become an output directory, without creating it.
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitlens.cliargs import check_count
+from vitlens.cliargs import OVERLAY_MAX_SIDE, check_count, parse_save
+from vitlens.distributed import current
 from vitlens.errors import InputError, TargetError
 from vitlens.metrics import (BOXES, MASKS, MODEL, OBJECTS, RANDOMIZE, REEXPLAIN, MetricError, boxes_to_input,
                              cascading_randomization, energy_in_box, get_metric, mask_to_input, mean_ci, parse_metrics,
@@ -532,7 +533,8 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
                  metric_params: dict | None = None, target=None, out_dir="evaluation", batch_size: int = 16,
                  perturb_batch_size: int = 128, granularity: str = "pixel", resume: bool = True,
                  progress: bool = True, seed: int = 0, html: bool = True, masks_dir=None,
-                 source: str = "the inputs") -> EvalSummary:
+                 source: str = "the inputs", save=None, overlay_max_side: int | None = OVERLAY_MAX_SIDE,
+                 io_workers: int | None = None, group=None) -> EvalSummary:
     """Explain ``samples`` and score every method; write the run directory and the metric tables.
 
     Parameters
@@ -560,6 +562,10 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
         Tie-breaking in the rankings, the noise baseline, the randomisation of the sanity check.
     masks_dir : path, optional
         ``<key>.png`` or ``<image stem>.png`` foreground masks for ``segmentation``.
+    save, overlay_max_side, io_workers, group
+        As for :func:`vitlens.runner.run_explain`. In a distributed run every rank explains and
+        scores its share of the batches; the main rank computes the tables from every image's
+        record, so they are those of a one-process run.
     """
     from vitlens.render import write_report
     from vitlens.runner import run_explain
@@ -582,22 +588,31 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
     scorer = BatchScorer(model, methods, params, metric_names, metric_params, seed=seed,
                          batch_size=perturb_batch_size, granularity=granularity, masks_dir=masks_dir,
                          sample_index={s.key: i for i, s in enumerate(samples)})
+    group = group or current()
     run = run_explain(samples, model, methods, params, target, out_dir, batch_size=batch_size, resume=resume,
-                      progress=progress, html=False, settings=settings, record_extra=scorer)
+                      progress=progress, html=False, settings=settings, record_extra=scorer, save=save,
+                      overlay_max_side=overlay_max_side, io_workers=io_workers, group=group)
     out = Path(out_dir)
-    manifest = json.loads((out / "manifest.json").read_text())
-    rows, curves = aggregate(manifest.get("images", []), methods, metric_names, seed=seed)
-    all_settings = {"model": manifest.get("model"), "methods": manifest.get("methods"),
-                    "target": manifest.get("target"), **settings}
-    files = write_tables(out, rows, curves, methods, metric_names, all_settings)
-    manifest["metrics"] = wide_table(rows, methods, metric_names)
-    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
-    if html:
-        report = write_report(out)
-        _add_plots_to_report(report, {k: v for k, v in files.items() if k in PLOTTED or k in BARS}, out)
-        files["report"] = report
-        run.report = report
-    return EvalSummary(run=run, rows=rows, files=files, forwards=scorer.forwards, reexplained=scorer.reexplained)
+    report_wanted = html and {"overlays", "originals"} <= set(parse_save(save))
+
+    def tables():
+        manifest = json.loads((out / "manifest.json").read_text())
+        rows, curves = aggregate(manifest.get("images", []), methods, metric_names, seed=seed)
+        all_settings = {"model": manifest.get("model"), "methods": manifest.get("methods"),
+                        "target": manifest.get("target"), **settings}
+        files = write_tables(out, rows, curves, methods, metric_names, all_settings)
+        manifest["metrics"] = wide_table(rows, methods, metric_names)
+        write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        if report_wanted:
+            report = write_report(out)
+            _add_plots_to_report(report, {k: v for k, v in files.items() if k in PLOTTED or k in BARS}, out)
+            files["report"] = report
+        return rows, files
+
+    rows, files = group.run_on_main(tables)
+    run.report = files.get("report")
+    forwards, reexplained = (sum(v) for v in zip(*group.gather((scorer.forwards, scorer.reexplained))))
+    return EvalSummary(run=run, rows=rows, files=files, forwards=forwards, reexplained=reexplained)
 
 
 __all__ = ["BatchScorer", "EvalSummary", "aggregate", "check_requirements", "run_evaluate", "wide_table",

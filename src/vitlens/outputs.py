@@ -2,27 +2,35 @@
 
 Layout of a run directory::
 
-    run.json                          settings of the run (model, weights hash, methods, target)
+    run.json                          settings of the run (model, weights hash, methods, target, save)
     manifest.json                     everything, assembled from the records (see render.report)
     originals/<key>.jpg               a small copy of each input, for the report
-    overlays/<method>/<key>__<class>.png   overlay at the image's original resolution
+    overlays/<method>/<key>__<class>.png   overlay on the original image, at most OVERLAY_MAX_SIDE px
     maps/<method>/<key>__<class>.npy       the raw (h, w) patch map, float32, un-normalised
     records/<key>.json                one per finished image, written last
 
+``save`` chooses which of originals, overlays and maps are written (all three by default; maps
+alone for large runs). Records are always written: they are the unit of resume and what the
+manifest, the report and ``vitlens evaluate`` are assembled from.
+
 Every file is written atomically (temp file + rename). An image counts as done only when its
 record exists, and the record is written after all of its files, so a run killed at any moment
-and started again redoes exactly the unfinished images and ends with the same files.
+and started again redoes exactly the unfinished images and ends with the same files. Different
+images may be written by different threads (or ranks of a distributed run) at the same time: an
+image's files are written by one thread, in order, the record last.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vitlens.cliargs import OVERLAY_MAX_SIDE, parse_save
 from vitlens.errors import OutputError
 from vitlens.models import describe
 from vitlens.methods import get_method
@@ -58,6 +66,27 @@ def overlay_on_original(image: Image.Image, pixel_map: np.ndarray, crop_box, cma
     return canvas
 
 
+def overlay_size(size, max_side: int | None) -> tuple[int, int]:
+    """The size of an overlay of an image of ``size``: scaled down to a longest side of ``max_side``."""
+    width, height = size
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def fit_within(image: Image.Image, crop_box, max_side: int | None):
+    """``image`` scaled down so that its longest side is at most ``max_side``, and ``crop_box`` with it."""
+    size = overlay_size(image.size, max_side)
+    if size == image.size:
+        return image, crop_box
+    # reducing_gap: a fast integer box reduction first, then an antialiased resize (Pillow's advice)
+    small = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    sx, sy = size[0] / image.width, size[1] / image.height
+    x0, y0, x1, y1 = crop_box
+    return small, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+
+
 def tensor_to_image(x: torch.Tensor, preprocess) -> Image.Image:
     """A preprocessed (3, H, W) input back to a viewable RGB image."""
     pixels = preprocess.denormalize(x.unsqueeze(0).float())[0].clamp(0, 1)
@@ -79,24 +108,36 @@ class RunWriter:
     resume : bool
         Keep finished images of a previous run with the same settings (default).
     cmap, alpha : overlay colormap and opacity.
+    save : what to write besides the records (see :func:`parse_save`; default all).
+    overlay_max_side : int or None
+        Longest side of the overlays (None: the original resolution). Maps keep the model's resolution.
+    prepare : bool
+        Check and write ``run.json`` (and clear a replaced run). Ranks of a distributed run other
+        than the main one pass False: the main rank prepared the directory for all of them.
     """
 
     def __init__(self, out_dir, model, methods: dict, settings: dict | None = None, resume: bool = True,
-                 cmap: str = "jet", alpha: float = 0.5):
-        self.out = ensure_dir(out_dir)
+                 cmap: str = "jet", alpha: float = 0.5, save=None, overlay_max_side: int | None = OVERLAY_MAX_SIDE,
+                 prepare: bool = True):
         self.model = model
         self.methods = methods
         self.cmap, self.alpha = cmap, alpha
+        self.save = parse_save(save)
+        self.overlay_max_side = overlay_max_side
         self.settings = {
             "vitlens_version": __version__,
             "model": describe(model),
             "methods": methods,
-            "overlay": {"cmap": cmap, "alpha": alpha},
+            "overlay": {"cmap": cmap, "alpha": alpha, "max_side": overlay_max_side},
+            "save": list(self.save),
             **(settings or {}),
         }
+        self.out = ensure_dir(out_dir) if prepare else Path(out_dir)
         self.records_dir = self.out / "records"
-        self._prepare(resume)
+        if prepare:
+            self._prepare(resume)
         self.order: list[str] = []
+        self._order_lock = threading.Lock()
 
     # --- settings and resume -----------------------------------------------------------------
     def _prepare(self, resume: bool) -> None:
@@ -161,39 +202,59 @@ class RunWriter:
 
     # --- writing -------------------------------------------------------------------------------
     def write_image(self, key: str, path: str | None, image: Image.Image | None, crop_box, result, index: int,
-                    label: int | None = None, label_name: str | None = None, extra: dict | None = None) -> dict:
-        """Write overlays, maps and the record of image ``index`` of an ``ExplainResult``."""
+                    label: int | None = None, label_name: str | None = None, extra: dict | None = None,
+                    original_size=None) -> dict:
+        """Write overlays, maps and the record of image ``index`` of an ``ExplainResult``.
+
+        ``original_size`` is the size of the file when ``image`` was decoded smaller than it (its
+        ``crop_box`` is in ``image``'s pixels); the record states the file's size.
+        """
         if image is None:
             image = tensor_to_image(result_input(result, index), self.model.preprocess)
             crop_box = (0, 0, image.width, image.height)
-        original = f"originals/{key}.jpg"
-        thumb = image.copy()
-        thumb.thumbnail((ORIGINAL_MAX_SIDE, ORIGINAL_MAX_SIDE))
-        write_atomic(self.out / original, lambda fh: thumb.save(fh, format="JPEG", quality=90))
+        original = None
+        if "originals" in self.save:
+            original = f"originals/{key}.jpg"
+            thumb = image.copy()
+            thumb.thumbnail((ORIGINAL_MAX_SIDE, ORIGINAL_MAX_SIDE))
+            write_atomic(self.out / original, lambda fh: thumb.save(fh, format="JPEG", quality=90))
+        # one downscaled canvas for every overlay of the image, not a full-resolution copy per method
+        canvas, canvas_box = fit_within(image, crop_box, self.overlay_max_side) if "overlays" in self.save \
+            else (None, None)
         outputs = []
         for method in self.methods:
             for slot, target in enumerate(result.targets[index].tolist()):
                 stem = f"{key}__{target}"
+                entry = {"method": method, "target": int(target)}
                 raw = result.patch_maps[method][index, slot].numpy().astype(np.float32)
-                map_file = f"maps/{method}/{stem}.npy"
-                write_atomic(self.out / map_file, lambda fh, a=raw: np.save(fh, a))
-                pixel_map = result.maps[method][index, slot].numpy()
-                overlay_file = f"overlays/{method}/{stem}.png"
-                drawn = overlay_on_original(image, pixel_map, crop_box, cmap=self.cmap, alpha=self.alpha)
-                save_png_atomic(drawn, self.out / overlay_file)
-                entry = {"method": method, "target": int(target), "overlay": overlay_file, "map": map_file}
-                if get_method(method).signed:
+                if "overlays" in self.save:
+                    overlay_file = f"overlays/{method}/{stem}.png"
+                    pixel_map = result.maps[method][index, slot].numpy()
+                    drawn = overlay_on_original(canvas, pixel_map, canvas_box, cmap=self.cmap, alpha=self.alpha)
+                    save_png_atomic(drawn, self.out / overlay_file)
+                    entry["overlay"] = overlay_file
+                if "maps" in self.save:
+                    map_file = f"maps/{method}/{stem}.npy"
+                    write_atomic(self.out / map_file, lambda fh, a=raw: np.save(fh, a))
+                    entry["map"] = map_file
+                if "overlays" in self.save and get_method(method).signed:
                     # red positive, blue negative, zero transparent-ish white
                     signed_file = f"overlays/{method}/{stem}__signed.png"
-                    box = crop_box_pixels(crop_box, image.size)
-                    region = signed_overlay(image.crop(box), raw)
-                    canvas = image.convert("RGB").copy()
-                    canvas.paste(region, box[:2])
-                    save_png_atomic(canvas, self.out / signed_file)
+                    box = crop_box_pixels(canvas_box, canvas.size)
+                    region = signed_overlay(canvas.crop(box), raw)
+                    drawn = canvas.convert("RGB").copy()
+                    drawn.paste(region, box[:2])
+                    save_png_atomic(drawn, self.out / signed_file)
                     entry["signed_overlay"] = signed_file
                 for extra_name, values in result.extras.get(method, {}).items():
                     entry[extra_name] = round(float(values[index, slot]), 6)
                 outputs.append(entry)
+        if original_size is not None and tuple(original_size) != tuple(image.size):
+            sx, sy = original_size[0] / image.width, original_size[1] / image.height
+            crop_box = (crop_box[0] * sx, crop_box[1] * sy, crop_box[2] * sx, crop_box[3] * sy)
+            size = list(original_size)
+        else:
+            size = list(image.size)
         prediction = result.predictions[index]
         record = {
             "key": key,
@@ -202,7 +263,7 @@ class RunWriter:
             "label_name": label_name,
             "status": "ok",
             "error": None,
-            "size": list(image.size),
+            "size": size,
             "crop_box": [round(float(v), 3) for v in crop_box],
             "prediction": prediction.to_dict(),
             "targets": [p.to_dict() for p in result.target_predictions(index)],
@@ -221,14 +282,19 @@ class RunWriter:
 
     def _write_record(self, key: str, record: dict) -> None:
         write_text_atomic(self.records_dir / f"{key}.json", json.dumps(record, indent=1) + "\n")
-        if key not in self.order:
-            self.order.append(key)
+        with self._order_lock:
+            if key not in self.order:
+                self.order.append(key)
 
-    def finish(self, order: list[str] | None = None, metrics: dict | None = None) -> Path:
-        """Assemble ``manifest.json`` from the records, in ``order`` (default: writing order)."""
+    def finish(self, order: list[str] | None = None, metrics: dict | None = None, records: dict | None = None) -> Path:
+        """Assemble ``manifest.json`` from the records, in ``order`` (default: writing order).
+
+        ``records`` (key -> record) are used instead of reading ``records/`` where given: the
+        main rank of a distributed run writes the manifest from the records every rank sent it.
+        """
         images = []
         for key in order if order is not None else self.order:
-            record = self.read_record(key)
+            record = records.get(key) if records is not None else self.read_record(key)
             if record is not None:
                 images.append(record)
         manifest = {**self.settings, "images": images}
