@@ -439,7 +439,7 @@ def test_overlays_are_capped_at_1024_pixels_unless_asked_otherwise(tmp_path, cap
 
     folder = tmp_path / "in"
     folder.mkdir()
-    noise_image((3000, 2000), 4).save(folder / "large.jpg", quality=80)
+    noise_image((3000, 2000), 4).save(folder / "large.png")  # a PNG is always decoded whole: the same maps
     sizes = {}
     for name, option in (("default", []), ("small", ["--overlay-max-side", "300"]),
                          ("full", ["--overlay-max-side", "full"])):
@@ -486,11 +486,11 @@ def test_a_failed_write_stops_the_run_in_one_line_and_the_rerun_completes(tmp_pa
     real_save = outputs.save_png_atomic
     calls = []
 
-    def failing(image, path):
+    def failing(image, path, **options):
         calls.append(path)
         if len(calls) == 5:
             raise OutputError(f"cannot write '{path}': No space left on device")
-        return real_save(image, path)
+        return real_save(image, path, **options)
 
     monkeypatch.setattr(outputs, "save_png_atomic", failing)
     code, _, err = explain(capsys, folder, tiny, out, "--methods", FAST, "--batch-size", "2")
@@ -538,3 +538,27 @@ def test_the_write_backlog_is_bounded():
     thread.join(5)
     writes.close()
     assert submitted == list(range(6)) and sorted(started) == list(range(6))
+
+
+@requires_shared
+def test_a_huge_jpeg_is_decoded_small_and_recorded_at_its_own_size(tmp_path, capsys, tiny):
+    """Default overlays (1024 px): a 6000 x 4500 JPEG is decoded at 1/4 scale. The record still gives the file's
+    size and the crop box in its pixels, and the maps are those of the full decode up to resampling."""
+    from .data.test_images import _large_photo
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _large_photo(folder / "huge.jpg", size=(6000, 4500))
+    outs = {}
+    for name, option in (("reduced", []), ("full", ["--overlay-max-side", "full"])):
+        outs[name] = tmp_path / name
+        code, _, err = explain(capsys, folder, tiny, outs[name], "--methods", "rollout,gradcam", *option)
+        assert code == 0, err
+    reduced, full = (manifest_of(outs[n])["images"][0] for n in ("reduced", "full"))
+    assert reduced["size"] == full["size"] == [6000, 4500]
+    np.testing.assert_allclose(reduced["crop_box"], full["crop_box"], atol=2.0)
+    with Image.open(outs["reduced"] / reduced["outputs"][0]["overlay"]) as overlay:
+        assert overlay.size == (1024, 768)
+    for method in ("rollout", "gradcam"):
+        a, b = (np.load(next((outs[n] / "maps" / method).glob("*.npy"))).ravel() for n in ("reduced", "full"))
+        assert np.corrcoef(a, b)[0, 1] > 0.99, method

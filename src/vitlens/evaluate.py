@@ -591,7 +591,8 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
     group = group or current()
     run = run_explain(samples, model, methods, params, target, out_dir, batch_size=batch_size, resume=resume,
                       progress=progress, html=False, settings=settings, record_extra=scorer, save=save,
-                      overlay_max_side=overlay_max_side, io_workers=io_workers, group=group)
+                      overlay_max_side=overlay_max_side, io_workers=io_workers, group=group,
+                      reduced_decoding=False)  # boxes and masks are in the file's pixels
     out = Path(out_dir)
     report_wanted = html and {"overlays", "originals"} <= set(parse_save(save))
 

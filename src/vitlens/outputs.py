@@ -231,7 +231,7 @@ class RunWriter:
                     overlay_file = f"overlays/{method}/{stem}.png"
                     pixel_map = result.maps[method][index, slot].numpy()
                     drawn = overlay_on_original(canvas, pixel_map, canvas_box, cmap=self.cmap, alpha=self.alpha)
-                    save_png_atomic(drawn, self.out / overlay_file)
+                    save_png_atomic(drawn, self.out / overlay_file, photo=True)
                     entry["overlay"] = overlay_file
                 if "maps" in self.save:
                     map_file = f"maps/{method}/{stem}.npy"
@@ -244,7 +244,7 @@ class RunWriter:
                     region = signed_overlay(canvas.crop(box), raw)
                     drawn = canvas.convert("RGB").copy()
                     drawn.paste(region, box[:2])
-                    save_png_atomic(drawn, self.out / signed_file)
+                    save_png_atomic(drawn, self.out / signed_file, photo=True)
                     entry["signed_overlay"] = signed_file
                 for extra_name, values in result.extras.get(method, {}).items():
                     entry[extra_name] = round(float(values[index, slot]), 6)

@@ -27,12 +27,13 @@ from pathlib import Path
 
 from vitlens.api import explain
 from vitlens.data import Sample, load_sample
+from vitlens.data.images import ORIGINAL_SIZE
 from vitlens.distributed import Group, current
 from vitlens.errors import InputError, MethodError, TargetError, UsageError, VitlensError
 from vitlens.cliargs import (OVERLAY_MAX_SIDE, check_count, check_overlay, check_params_requested, check_target,
                              parse_save)
 from vitlens.methods import check_params_for_model, get_method
-from vitlens.outputs import RunWriter
+from vitlens.outputs import RunWriter, overlay_size
 
 #: batches decoded ahead of the model
 PREFETCH_BATCHES = 2
@@ -77,11 +78,28 @@ class RunSummary:
     world_size: int = 1
 
 
-def _load(sample: Sample):
+def _load(sample: Sample, reduce=None):
     try:
-        return load_sample(sample), None
+        return load_sample(sample, reduce=reduce), None
     except InputError as exc:
         return None, str(exc)
+
+
+def decoding_size(preprocess, overlay_max_side: int | None):
+    """The smallest decoded size a run needs from an image of a given size, for ``load_image(reduce=)``.
+
+    Twice what the model's resize keeps (so the resize still averages several decoded pixels into
+    each input pixel) and the overlay's size; None (decode everything) for full-size overlays.
+    """
+    if overlay_max_side is None:
+        return None
+
+    def needed(size):
+        (resized_w, resized_h), _ = preprocess.geometry(*size)
+        overlay_w, overlay_h = overlay_size(size, overlay_max_side)
+        return max(2 * resized_w, overlay_w), max(2 * resized_h, overlay_h)
+
+    return needed
 
 
 class _Writes:
@@ -115,7 +133,8 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
                 batch_size: int = 16, resume: bool = True, progress: bool = True, cmap: str = "jet",
                 alpha: float = 0.5, html: bool = False, settings: dict | None = None,
                 record_extra=None, save=None, overlay_max_side: int | None = OVERLAY_MAX_SIDE,
-                io_workers: int | None = None, group: Group | None = None) -> RunSummary:
+                io_workers: int | None = None, group: Group | None = None,
+                reduced_decoding: bool = True) -> RunSummary:
     """Explain every sample and write the run directory (see :mod:`vitlens.outputs`).
 
     ``target`` is what :func:`vitlens.explain` accepts for one image, or ``'label'`` to explain each
@@ -125,6 +144,9 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
     ``save`` chooses what is written besides the records (``'maps'``, ``'overlays,maps'``...; default
     all); ``overlay_max_side`` caps the overlays' longest side (None: the original resolution).
     ``io_workers`` threads decode and as many write (default :func:`default_io_workers`).
+    With ``reduced_decoding`` (and capped overlays) a JPEG far larger than the model and the overlay
+    need is decoded at 1/2, 1/4 or 1/8 scale (:func:`decoding_size`), which bounds the memory a
+    huge photo takes; records still give the file's size and the crop box in its pixels.
 
     ``record_extra(samples, result)``, when given, is called once per explained batch with the
     batch's good samples and their :class:`~vitlens.api.ExplainResult`; it returns one dict per
@@ -168,6 +190,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     mine = group.share(batches)
     workers = io_workers or default_io_workers()
+    reduce = decoding_size(model.preprocess, overlay_max_side) if reduced_decoding else None
     desc = "explaining" if not group.distributed else f"explaining (rank 0 of {group.world_size})"
     bar = tqdm(total=sum(len(b) for b in mine), unit="img", disable=not progress or not group.is_main, desc=desc,
                dynamic_ncols=True)
@@ -182,7 +205,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
                 batch = mine[upto]
                 todo = [s for s in batch if not writer.done(s.key, s.path)]
                 # a batch with nothing left is not decoded at all
-                ahead.append([decoding.submit(_load, s) for s in batch] if todo else None)
+                ahead.append([decoding.submit(_load, s, reduce) for s in batch] if todo else None)
                 upto += 1
 
         decode_ahead(0)
@@ -197,7 +220,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
                     if record is not None and record.get("status") != "ok":
                         summary.failed.append((sample.key, sample.path, record.get("error")))
             if todo:
-                loaded = [f.result() for f in futures] if futures is not None else [_load(s) for s in batch]
+                loaded = [f.result() for f in futures] if futures is not None else [_load(s, reduce) for s in batch]
                 _explain_batch(batch, loaded, writer, model, methods, params, target, summary, record_extra,
                                writes)
             bar.update(len(batch))
@@ -272,7 +295,7 @@ def _explain_batch(batch, loaded, writer, model, methods, params, target, summar
             extra = {**(extra or {}), **extras[index]}
         arguments = (sample.key, sample.path, images[index], result.inputs[index].crop_box, result, index)
         options = {"label": sample.label, "label_name": sample.label_name or _name(model, sample.label),
-                   "extra": extra}
+                   "extra": extra, "original_size": images[index].info.get(ORIGINAL_SIZE)}
         if writes is None:
             writer.write_image(*arguments, **options)
         else:

