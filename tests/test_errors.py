@@ -264,6 +264,7 @@ API_CASES = {
         ctx["model"], "cat.png", methods="legrad", params={"legrad": {"layers": 99}}),
     "api: methods of the wrong type": lambda ctx: vitlens.explain(ctx["model"], "cat.png", methods=5),
     "api: device that is not a device": lambda ctx: vitlens.explain(ctx["model"], "cat.png", device="tpu"),
+    "api: unknown precision": lambda ctx: vitlens.explain(ctx["model"], "cat.png", precision="fp8"),
     "api: loading onto a device that is not a device": lambda ctx: vitlens.load_model("vitlens:efficientnet_lite0",
                                                                                      device="tpu"),
     "api: unknown target name": lambda ctx: vitlens.explain(ctx["model"], "cat.png", methods="rollout",

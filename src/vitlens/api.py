@@ -12,7 +12,7 @@ from PIL import Image
 
 from vitlens.cliargs import (check_count, check_overlay, check_params_requested, check_target,
                              select_device)
-from vitlens.engine import run_batch
+from vitlens.engine import check_precision, precision_name, run_batch
 from vitlens.errors import InputError
 from vitlens.methods import check_params_for_model, get_method, parse_methods, to_pixels
 from vitlens.models import ImageModel, load_model
@@ -61,6 +61,9 @@ class ExplainResult:
         method -> the parameters used.
     extras : dict
         method -> per-target diagnostics, (B, K) tensors (LRP: ``relevance_sum``, ``target_logit``).
+    precision : str
+        The precision the model computed in: ``'fp32'``, ``'bf16'`` or ``'fp16'`` (maps are float32
+        either way).
 
     For signed methods (LRP) ``patch_maps`` holds the signed pixel relevance (B, K, H, W) and
     ``maps`` its positive part divided by its maximum.
@@ -77,6 +80,7 @@ class ExplainResult:
     params: dict = field(default_factory=dict)
     input_tensors: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+    precision: str = "fp32"
 
     def __getitem__(self, method: str) -> torch.Tensor:
         """(B, H, W) maps of a method when there is one target per image, else (B, K, H, W)."""
@@ -184,7 +188,7 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
 
 
 def explain(model, images, methods=None, target=None, batch_size: int = 16, device=None,
-            params: dict | None = None) -> ExplainResult:
+            params: dict | None = None, precision="fp32") -> ExplainResult:
     """Explain images with one or more methods, all from one pass per batch.
 
     Parameters
@@ -204,12 +208,25 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
         Defaults to the model's device.
     params : dict, optional
         Per-method parameter overrides, e.g. ``{'rollout': {'discard_ratio': 0.9}}``.
+    precision : str
+        What the model computes in: ``'fp32'`` (default, exactly as without the argument), ``'bf16'``
+        or ``'fp16'`` (torch's spellings ``'float32'``, ``'bfloat16'``, ``'float16'`` and the torch
+        dtypes are accepted too). With bf16 / fp16 the model's forward passes run under
+        ``torch.autocast(device_type=<the model's device type>, dtype=...)`` and the backward passes
+        follow autocast's dtypes; the captured attention, gradients and activations are cast up to
+        float32 before any method combines them, so only the model's own computation is in reduced
+        precision. The parameters are never cast and nothing is left on the model. AttnLRP and
+        CP-LRP always run in float32 (their maps are the fp32 maps): their Gamma rule's backward
+        cannot run on autocast's mixed dtypes. A dtype torch's autocast does not support on the model's
+        device type (bf16 on a GPU without bfloat16, fp16 where torch's CPU autocast lacks it) and an unknown name are
+        one-line ``UsageError``s, raised before any work.
 
     Returns
     -------
     ExplainResult
     """
     check_count(batch_size, "batch_size")
+    precision = precision_name(precision)
     if not isinstance(model, ImageModel):
         model = load_model(model)
     names = parse_methods(methods, model)
@@ -222,6 +239,7 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
     check_target(model, target)
     if device is not None:
         model.to(select_device(device, option="device"))
+    check_precision(precision, model.device)  # autocast supports the dtype on this device type
     batch, records = prepare_inputs(model, images)
     per_image_targets = isinstance(target, (list, tuple)) or (isinstance(target, torch.Tensor) and target.dim() >= 1)
     maps: dict = {n: [] for n in names}
@@ -231,7 +249,7 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
     for start in range(0, batch.shape[0], batch_size):
         chunk = batch[start:start + batch_size].to(device=model.device, dtype=model.dtype)
         chunk_target = target[start:start + chunk.shape[0]] if per_image_targets else target
-        result = run_batch(model, chunk, resolved, chunk_target)
+        result = run_batch(model, chunk, resolved, chunk_target, precision=precision)
         for name in names:
             raw = result.patch_maps[name]
             b, k, h, w = raw.shape
@@ -260,6 +278,7 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
         params=resolved,
         input_tensors=batch.cpu(),
         extras={n: {k: torch.cat(v) for k, v in d.items()} for n, d in extras.items()},
+        precision=precision,
     )
 
 

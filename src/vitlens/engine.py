@@ -15,6 +15,16 @@ per text sequence, padding removed). :func:`run_task` is the only loop:
 4. methods with a modified backward (AttnLRP / CP-LRP) get one more forward per distinct rule set,
    inside :func:`vitlens.lrp.lrp_rules`, and one backward per target slot to the leaf.
 
+``precision`` (``'fp32'``, ``'bf16'``, ``'fp16'``; see :func:`check_precision`) says how the *model*
+computes: with bf16 or fp16 the shared pass's forward and LeGrad's head readouts run under
+``torch.autocast`` on the model's device type, and the backward passes follow the dtypes autocast
+chose (they are taken outside the autocast region, as torch recommends). Everything captured
+(attention, its gradients, Grad-CAM activations and gradients, the logits) is cast up to float32
+before any method combines it, so the rollout products, GMAR, LeGrad, Chefer and Grad-CAM are
+computed in float32 whatever the precision. The LRP passes stay in float32 (see :func:`run_task`).
+``'fp32'`` (the default) enters no autocast region and casts nothing: results are bit-identical
+to a call without ``precision``.
+
 Gradients are taken with ``torch.autograd.grad`` with respect to the captured tensors (or the leaf)
 only, so no parameter gradient is computed and the model's ``.grad`` fields are never touched.
 """
@@ -22,16 +32,90 @@ only, so no parameter gradient is computed and the model's ``.grad`` fields are 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from vitlens.errors import MethodError, TargetError
+from vitlens.errors import MethodError, TargetError, UsageError, one_line
 from vitlens.lrp import LRPConfig, LRPRecorder, lrp_rules
 from vitlens.methods import ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, LRP, Captured, get_method, resolve_layers
 from vitlens.models.base import ExplainableModel, ImageModel
 from vitlens.models.capture import AttentionRecorder
 from vitlens.models.layers import find_module
+
+# ------------------------------------------------------------------------------------------ precision
+#: the precisions the engine runs a model in -> the autocast dtype (None: float32, no autocast)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: the same precisions as torch spells its dtypes (``torch.float32`` ... are accepted as well)
+PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+#: reduced-precision float dtypes that are cast up to float32 before the methods combine anything
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+def precision_name(precision="fp32", option: str = "precision") -> str:
+    """The canonical name (``'fp32'``, ``'bf16'`` or ``'fp16'``) of a precision request.
+
+    Accepts those names, torch's spellings ``'float32'``, ``'bfloat16'``, ``'float16'`` (any case,
+    surrounding spaces ignored), the dtypes ``torch.float32``, ``torch.bfloat16``, ``torch.float16``,
+    and None (fp32). Anything else is a one-line :class:`~vitlens.errors.UsageError` whose message
+    starts with ``option`` (``'--precision'`` on a command line).
+    """
+    if precision is None:
+        return "fp32"
+    if isinstance(precision, torch.dtype) and precision in _DTYPE_NAMES:
+        return _DTYPE_NAMES[precision]
+    if isinstance(precision, str):
+        text = precision.strip().lower()
+        text = PRECISION_ALIASES.get(text, text)
+        if text in PRECISIONS:
+            return text
+    raise UsageError(f"{option} must be fp32, bf16 or fp16, got {precision!r}")
+
+
+def check_precision(precision="fp32", device=None, option: str = "precision") -> torch.dtype | None:
+    """Check a precision request before any work; returns the autocast dtype, or None for fp32.
+
+    Parameters
+    ----------
+    precision : str, torch.dtype or None
+        See :func:`precision_name` for the accepted spellings.
+    device : str or torch.device, optional
+        With a device, also check that torch's autocast supports the dtype on that device type
+        (e.g. bf16 on a CUDA GPU without bfloat16); an unsupported combination is a one-line
+        :class:`~vitlens.errors.UsageError` too.
+    option : str
+        How the message names the setting (``'--precision'`` for a command line).
+    """
+    name = precision_name(precision, option)
+    dtype = PRECISIONS[name]
+    if dtype is not None and device is not None:
+        device_type = torch.device(device).type
+        if not torch.amp.is_autocast_available(device_type):
+            raise UsageError(f"{option} {name}: torch has no autocast on {device_type}")
+        with warnings.catch_warnings():
+            # torch only warns (and turns autocast off) for a dtype a device type does not support
+            warnings.simplefilter("error")
+            try:
+                torch.autocast(device_type=device_type, dtype=dtype)
+            except (RuntimeError, UserWarning, AssertionError) as exc:
+                raise UsageError(f"{option} {name} on {device_type}: {one_line(exc)}") from None
+    return dtype
+
+
+def _autocast(model: ExplainableModel, dtype: torch.dtype | None):
+    """The region the model computes in: autocast on the model's device type, or nothing for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=model.device.type, dtype=dtype)
+
+
+def _up(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A reduced-precision tensor as float32 (anything else as it is), before the methods combine it."""
+    if tensor is not None and tensor.dtype in _REDUCED:
+        return tensor.float()
+    return tensor
 
 
 class ExplainTask:
@@ -139,7 +223,7 @@ def plan(methods: dict, num_layers: int, default_cam_layers=()) -> tuple[set, se
     return needs, layer_requests, cam_layers
 
 
-def run_task(task: ExplainTask, methods: dict) -> PassResult:
+def run_task(task: ExplainTask, methods: dict, precision="fp32") -> PassResult:
     """Run every requested method on one batch: the shared pass, then one pass per LRP rule set.
 
     Parameters
@@ -147,12 +231,21 @@ def run_task(task: ExplainTask, methods: dict) -> PassResult:
     task : ExplainTask
     methods : dict
         method name -> resolved parameter dict.
+    precision : str
+        ``'fp32'`` (default), ``'bf16'`` or ``'fp16'`` (see :func:`check_precision`): the shared pass's
+        forwards run under ``torch.autocast`` with that dtype, the methods combine float32 copies of
+        what was captured, and the returned tensors (output, values, maps) are float32.
+        AttnLRP / CP-LRP always run their rule-modified pass in float32 (the model's own dtype),
+        whatever the precision: their Gamma rule's backward multiplies the tensors its forward saved,
+        which autocast leaves in mixed dtypes (bf16 activations, float32 weights), so it cannot run
+        under autocast as it is. Their maps are exactly the fp32 maps.
     """
+    dtype = check_precision(precision, task.model.device)
     lrp_methods = {n: p for n, p in methods.items() if LRP in get_method(n).needs}
     shared_methods = {n: p for n, p in methods.items() if n not in lrp_methods}
     result = PassResult(maps={name: [[] for _ in range(task.num_views)] for name in methods})
     if shared_methods or not lrp_methods or task.keep_attentions:
-        _shared_pass(task, shared_methods, result)
+        _shared_pass(task, shared_methods, result, dtype)
     # LRP changes the backward of the whole model: one extra pass per distinct rule set
     by_config: dict = {}
     for name, params in lrp_methods.items():
@@ -162,9 +255,14 @@ def run_task(task: ExplainTask, methods: dict) -> PassResult:
     return result
 
 
-def _shared_pass(task: ExplainTask, methods: dict, result: PassResult) -> None:
-    """One forward (+ one backward per target) shared by every method without a modified backward."""
+def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=None) -> None:
+    """One forward (+ one backward per target) shared by every method without a modified backward.
+
+    With an autocast ``dtype`` the forward and LeGrad's head readouts run under autocast, the
+    backward passes outside it; ``up`` casts what was captured to float32 for the methods.
+    """
     model = task.model
+    up = _up if dtype is not None else _same
     default_cam = task.default_cam_layers() if any(CAM in get_method(m).needs for m in methods) else []
     needs, layer_requests, cam_names = plan(methods, model.num_layers, default_cam)
     want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM} & needs)
@@ -177,19 +275,20 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult) -> None:
         leaf = task.leaf()
         if want_gradients:
             leaf.requires_grad_(True)  # a graph even when the user froze every parameter
-        output = task.forward(leaf)
+        with _autocast(model, dtype):
+            output = task.forward(leaf)
         stack.close()  # the model is back to normal before any method runs
         if capture and len(recorder.attentions) != model.num_layers:
             raise RuntimeError(f"captured {len(recorder.attentions)} attention maps for {model.num_layers} layers")
         values = task.scores(output)
-        result.output, result.values = output.detach(), values.detach()
-        attentions = [a.detach() for a in recorder.attentions]
+        result.output, result.values = up(output.detach()), up(values.detach())
+        attentions = [up(a.detach()) for a in recorder.attentions]
         result.attentions = attentions if capture else None
         missing = [name for name in cam_names if name not in activations]
         if missing:
             raise MethodError(f"target layer '{missing[0]}' is not used by the model's forward pass")
         cam_inputs = [activations[name] for name in cam_names]
-        spatial_acts = {name: task.cam_spatial(act.detach(), name) for name, act in zip(cam_names, cam_inputs)}
+        spatial_acts = {name: task.cam_spatial(up(act.detach()), name) for name, act in zip(cam_names, cam_inputs)}
         for slot in range(values.shape[1] if methods else 0):
             gradients, cam = None, {}
             shared = (recorder.attentions if GRADIENTS in needs else []) + cam_inputs
@@ -197,13 +296,14 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult) -> None:
                 # one backward for every method that needs d(target score)/d(something)
                 grads = _grads(values[:, slot].sum(), shared)
                 if GRADIENTS in needs:
-                    gradients = grads[:len(recorder.attentions)]
+                    gradients = [up(g) for g in grads[:len(recorder.attentions)]]
                 for name, grad in zip(cam_names, grads[len(shared) - len(cam_inputs):]):
-                    cam[name] = (spatial_acts[name], task.cam_spatial(grad, name))
+                    cam[name] = (spatial_acts[name], task.cam_spatial(up(grad), name))
             layer_gradients = {}
             for pool, layer in sorted(layer_requests):
-                score = task.layer_score(recorder.block_outputs[layer], pool, slot)
-                layer_gradients[(pool, layer)] = _grads(score, [recorder.attentions[layer]])[0]
+                with _autocast(model, dtype):  # the final norm and head are the model's computation
+                    score = task.layer_score(recorder.block_outputs[layer], pool, slot)
+                layer_gradients[(pool, layer)] = up(_grads(score, [recorder.attentions[layer]])[0])
             captured = Captured(attentions, gradients, None, model.num_prefix_tokens, (0, 0), layer_gradients,
                                 cam, list(default_cam))
             for view, view_captured in enumerate(task.views(captured)):
@@ -216,7 +316,7 @@ def _lrp_pass(task: ExplainTask, config: LRPConfig, key: tuple, methods: dict, r
     """A forward with LRP rules from the leaf, one backward per target slot, the LRP methods on every view.
 
     Targets resolved by an earlier pass over the same batch are kept, so every method explains the
-    same scores.
+    same scores. Always in the model's own dtype (never under autocast, see :func:`run_task`).
     """
     model = task.model
     with model.eval_mode(), torch.enable_grad():
@@ -257,6 +357,10 @@ def _hook_layers(model: ExplainableModel, names: list, stack: contextlib.ExitSta
 
         stack.callback(module.register_forward_hook(hook).remove)
     return outputs
+
+
+def _same(tensor):
+    return tensor
 
 
 def _grads(score: torch.Tensor, tensors: list) -> list:
@@ -382,7 +486,7 @@ class BatchResult:
     extras: dict = field(default_factory=dict)
 
 
-def run_batch(model: ImageModel, x: torch.Tensor, methods: dict, target=None) -> BatchResult:
+def run_batch(model: ImageModel, x: torch.Tensor, methods: dict, target=None, precision="fp32") -> BatchResult:
     """Explain one preprocessed image batch with every requested method.
 
     Parameters
@@ -393,13 +497,17 @@ def run_batch(model: ImageModel, x: torch.Tensor, methods: dict, target=None) ->
     methods : dict
         method name -> resolved parameter dict.
     target : see :func:`resolve_targets`.
+    precision : str
+        ``'fp32'`` (default), ``'bf16'`` or ``'fp16'``: the dtype the model computes in (autocast);
+        with bf16 / fp16 maps and logits are float32. See :func:`check_precision` and :func:`run_task`.
     """
     task = ImageTask(model, x, target)
-    result = run_task(task, methods)
+    result = run_task(task, methods, precision)
     patch_maps = {name: torch.stack(result.maps[name][0], dim=1) for name in methods}
     extras = {name: {"relevance_sum": patch_maps[name].flatten(2).sum(2), "target_logit": values}
               for name, values in result.lrp_values.items()}
     return BatchResult(result.output, task.targets, patch_maps, task.grid, task.input_size, extras)
 
 
-__all__ = ["BatchResult", "ExplainTask", "ImageTask", "PassResult", "plan", "resolve_targets", "run_batch", "run_task"]
+__all__ = ["BatchResult", "ExplainTask", "ImageTask", "PRECISIONS", "PassResult", "check_precision", "plan",
+           "precision_name", "resolve_targets", "run_batch", "run_task"]
