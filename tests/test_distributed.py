@@ -9,6 +9,10 @@ rerun with any world size completes it with the same files.
 torchrun gives each process one intra-op thread (OMP_NUM_THREADS=1); the one-process references run
 with one thread too, because a float sum split over two threads may round differently in the last
 bit (LRP maps differ by ~1e-12 otherwise). Real ImageNet images, the tiny random timm ``test_vit``.
+
+The same checks at full size (64 images, every method, the real ImageNet ViT-Tiny; a few minutes)::
+
+    VITLENS_DISTRIBUTED_FULL=1 python -m pytest tests/test_distributed.py
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ import pytest
 
 from vitlens.distributed import Group
 
-from .conftest import SHARED_DATA, requires_shared
+from .conftest import SHARED_DATA, VIT_TINY_SPEC, VIT_TINY_WEIGHTS, requires_shared
 
 IMAGES = SHARED_DATA / "imagenet_val_1300" / "images"
 LABELS = SHARED_DATA / "imagenet_val_1300" / "labels.csv"
-METHODS = "rollout,gradcam,attnlrp,legrad"
+FULL = os.environ.get("VITLENS_DISTRIBUTED_FULL") == "1"
+COUNT = 64 if FULL else 32
+METHODS = "all" if FULL else "rollout,gradcam,attnlrp,legrad"
 
 pytestmark = requires_shared
 
@@ -66,14 +72,19 @@ def files(out: Path, *folders: str) -> dict:
     return found
 
 
-def explain_args(out: Path, weights: Path, limit: int = 32, methods: str = METHODS) -> list:
-    return ["explain", IMAGES, "--labels", LABELS, "--limit", limit, "--model", "timm:test_vit", "--weights",
-            weights, "--methods", methods, "--batch-size", 4, "--out", out, "--quiet"]
+def model_args(weights: Path) -> list:
+    return ["--model", VIT_TINY_SPEC, "--weights", VIT_TINY_WEIGHTS] if FULL else ["--model", "timm:test_vit",
+                                                                                    "--weights", weights]
+
+
+def explain_args(out: Path, weights: Path, methods: str = METHODS) -> list:
+    return ["explain", IMAGES, "--labels", LABELS, "--limit", COUNT, *model_args(weights), "--methods", methods,
+            "--batch-size", 4, "--out", out, "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_weights):
-    """A one-process run of 32 images: what every distributed run must reproduce byte for byte."""
+    """A one-process run: what every distributed run must reproduce byte for byte."""
     out = tmp_path_factory.mktemp("dist") / "reference"
     done = run(one_process(*explain_args(out, tiny_weights)))
     assert done.returncode == 0, done.stderr
@@ -85,14 +96,14 @@ def test_two_processes_write_the_bytes_of_one(tmp_path, tiny_weights, reference)
     done = run(torchrun(2, *explain_args(out, tiny_weights)))
     assert done.returncode == 0, done.stderr
     # the summary counts both ranks' images and is printed once
-    assert done.stdout.count("explained 32 image(s), 0 already done, 0 failed") == 1, done.stdout
+    assert done.stdout.count(f"explained {COUNT} image(s), 0 already done, 0 failed") == 1, done.stdout
     assert files(out, "maps", "records", "overlays", "originals") == files(reference, "maps", "records", "overlays",
                                                                             "originals")
     assert (out / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
     assert (out / "run.json").read_bytes() == (reference / "run.json").read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["summary"] == {"images": 32, "ok": 32, "failed": 0}
-    assert len(list((out / "maps" / "attnlrp").glob("*.npy"))) == 32
+    assert manifest["summary"] == {"images": COUNT, "ok": COUNT, "failed": 0}
+    assert len(list((out / "maps" / "attnlrp").glob("*.npy"))) == COUNT
 
 
 def _kill_rank_once_records_appear(command: list[str], records: Path, rank: str, at_least: int) -> int:
@@ -145,7 +156,7 @@ def test_a_killed_rank_loses_only_its_unfinished_images(tmp_path, tiny_weights, 
                                           at_least=4)
     assert code != 0  # torchrun reports the dead worker (and stops the other one)
     finished = sorted(p.name for p in (out / "records").glob("*.json"))
-    assert 4 <= len(finished) < 32
+    assert 4 <= len(finished) < COUNT
     # what was finished is already the reference's bytes
     for name in finished:
         assert (out / "records" / name).read_bytes() == (reference / "records" / name).read_bytes()
@@ -160,9 +171,10 @@ def test_a_killed_rank_loses_only_its_unfinished_images(tmp_path, tiny_weights, 
 
 
 def test_evaluate_tables_are_those_of_one_process(tmp_path, tiny_weights):
-    common = ["evaluate", IMAGES, "--labels", LABELS, "--limit", 12, "--model", "timm:test_vit", "--weights",
-              tiny_weights, "--methods", "rollout,gradcam", "--metrics", "deletion,insertion,pos_perturbation",
-              "--steps", 4, "--batch-size", 3, "--quiet"]
+    images = COUNT if FULL else 12
+    common = ["evaluate", IMAGES, "--labels", LABELS, "--limit", images, *model_args(tiny_weights), "--methods",
+              "all" if FULL else "rollout,gradcam", "--metrics", "faithfulness" if FULL else
+              "deletion,insertion,pos_perturbation", "--steps", 20 if FULL else 4, "--batch-size", 3, "--quiet"]
     one, two = tmp_path / "one", tmp_path / "two"
     first = run(one_process(*common, "--out", one))
     assert first.returncode == 0, first.stderr
@@ -173,7 +185,7 @@ def test_evaluate_tables_are_those_of_one_process(tmp_path, tiny_weights):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
     assert files(two, "records", "maps") == files(one, "records", "maps")
     rows = json.loads((two / "metrics.json").read_text())["rows"]
-    assert {r["n"] for r in rows} == {12}  # every image of both ranks is in every table row
+    assert {r["n"] for r in rows} == {images}  # every image of both ranks is in every table row
 
 
 def test_a_refused_output_directory_is_one_line_on_every_rank(tmp_path, tiny_weights, reference):

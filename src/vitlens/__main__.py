@@ -1,8 +1,6 @@
 """``python -m vitlens ...``: the command line, also as ``torchrun -m vitlens explain ...``."""
 
-import sys
-
-from vitlens.cli import main
+from vitlens.cli import entry_point
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -189,20 +189,27 @@ def main(argv=None) -> int:
             return 2
         return COMMANDS[args.command](args)
     except ArgumentError as exc:
-        print(f"{exc}  (see vitlens --help)", file=sys.stderr)
+        _error_line(f"{exc}  (see vitlens --help)")
         return 2
     except VitlensError as exc:
         # one line even if a library's message spans several
-        print("vitlens: error: " + " ".join(str(exc).split()), file=sys.stderr)
+        _error_line("vitlens: error: " + " ".join(str(exc).split()))
         return exc.exit_code
     except KeyboardInterrupt:
-        print("vitlens: interrupted; run the same command again to resume", file=sys.stderr)
+        _error_line("vitlens: interrupted; run the same command again to resume")
         return 130
     except BrokenPipeError:
         # the reader of stdout went away (`vitlens methods | head`): not an error; stdout is pointed
         # at devnull so that Python's flush at exit does not raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _error_line(text: str) -> None:
+    """One line on stderr in one write: the ranks of a torchrun run share the stream, and their lines must not
+    run into each other."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def _load(args):
@@ -561,5 +568,12 @@ COMMANDS = {
 }
 
 
+def entry_point() -> None:
+    """The ``vitlens`` console script and ``python -m vitlens``: :func:`main`, then exit with its code."""
+    from vitlens.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry_point()
