@@ -147,6 +147,7 @@ CLI_CASES = {
     "unknown output kind": {},
     "overlay size not a number": {},
     "I/O threads below 1": {},
+    "unknown precision": {},
     "HTML report without overlays": {},
     "limit below 1": {},
     "missing input file": {},

@@ -269,6 +269,8 @@ CHANGES = {
                          "methods"),
     "target": (["--methods", "rollout"], ["--methods", "rollout", "--target", "top2"], "target"),
     "colormap": (["--methods", "rollout"], ["--methods", "rollout", "--cmap", "viridis"], "overlay"),
+    "precision": (["--methods", "rollout"], ["--methods", "rollout", "--precision", "bf16"], "precision"),
+    "what is saved": (["--methods", "rollout"], ["--methods", "rollout", "--save", "maps"], "save"),
     "weights": (["--methods", "rollout"], ["--methods", "rollout", "--weights", "{other}"], "model"),
 }
 
@@ -299,7 +301,8 @@ def test_changed_settings_are_refused_without_force(tmp_path, capsys, tiny, othe
         record = out / "records" / f"{image['key']}.json"
         assert record.stat().st_mtime_ns != before[f"records/{image['key']}.json"][0]  # recomputed
         for o in image["outputs"]:
-            assert (out / o["overlay"]).is_file() and (out / o["map"]).is_file()
+            assert (out / o["map"]).is_file()
+            assert (out / o["overlay"]).is_file() if change != "what is saved" else "overlay" not in o
     if change == "methods":
         assert list(manifest["methods"]) == ["rollout", "attention"]
         assert {o["method"] for im in manifest["images"] for o in im["outputs"]} == {"rollout", "attention"}
@@ -562,3 +565,18 @@ def test_a_huge_jpeg_is_decoded_small_and_recorded_at_its_own_size(tmp_path, cap
     for method in ("rollout", "gradcam"):
         a, b = (np.load(next((outs[n] / "maps" / method).glob("*.npy"))).ravel() for n in ("reduced", "full"))
         assert np.corrcoef(a, b)[0, 1] > 0.99, method
+
+
+def test_a_bf16_run_writes_maps_close_to_fp32_and_says_so(tmp_path, capsys, tiny):
+    folder = photo_folder(tmp_path / "in", 4)
+    for precision in ("fp32", "bfloat16"):
+        code, _, err = explain(capsys, folder, tiny, tmp_path / precision, "--methods", "rollout,gradcam,attnlrp",
+                               "--precision", precision)
+        assert code == 0, err
+    assert manifest_of(tmp_path / "bfloat16")["precision"] == "bf16"  # one name whatever the spelling
+    for path in (tmp_path / "fp32" / "maps").rglob("*.npy"):
+        single, half = np.load(path).ravel(), np.load(tmp_path / "bfloat16" / path.relative_to(tmp_path / "fp32"))
+        if path.parent.name == "attnlrp":  # LRP always runs in fp32
+            assert np.array_equal(single, half.ravel())
+        else:
+            assert np.corrcoef(single, half.ravel())[0, 1] > 0.98, path

@@ -87,6 +87,9 @@ def _add_output_options(p):
                    help="longest side of the overlays, or 'full' for the original resolution (default: %(default)s)")
     p.add_argument("--io-workers", type=int, metavar="N",
                    help="threads that decode images and as many that write outputs (default: up to 4)")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 (default), bf16 or fp16: the model's forward and backward under autocast, maps combined "
+                        "in float32 (AttnLRP / CP-LRP always run in fp32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +240,9 @@ def _check_options(args) -> None:
         args.overlay_max_side = check_overlay_max_side(args.overlay_max_side)
         if args.io_workers is not None:
             check_count(args.io_workers, "--io-workers")
+        from vitlens.engine import precision_name
+
+        args.precision = precision_name(args.precision, option="--precision")
     select_device(getattr(args, "device", None))
 
 
@@ -284,7 +290,7 @@ def cmd_explain(args) -> int:
         summary = run_explain(samples, model, methods, params, target, args.out, batch_size=args.batch_size,
                               resume=not args.force, progress=not args.quiet, cmap=args.cmap, alpha=args.alpha,
                               html=args.format == "html", save=args.save, overlay_max_side=args.overlay_max_side,
-                              io_workers=args.io_workers, group=group)
+                              io_workers=args.io_workers, group=group, precision=args.precision)
     finally:
         _leave_group(group)
     if group.is_main:
@@ -319,7 +325,7 @@ def cmd_evaluate(args) -> int:
                                granularity=args.granularity, resume=not args.force, progress=not args.quiet,
                                seed=args.seed, masks_dir=args.masks, source=f"'{' '.join(args.inputs)}'",
                                save=args.save, overlay_max_side=args.overlay_max_side, io_workers=args.io_workers,
-                               group=group)
+                               group=group, precision=args.precision)
     finally:
         _leave_group(group)
     if group.is_main:

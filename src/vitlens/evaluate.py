@@ -136,7 +136,8 @@ class BatchScorer:
     """The ``record_extra`` callback of the runner: per-image metrics of one explained batch."""
 
     def __init__(self, model, methods, params, metrics: list, metric_params: dict, seed: int = 0,
-                 batch_size: int = 128, granularity: str = "pixel", masks_dir=None, sample_index=None):
+                 batch_size: int = 128, granularity: str = "pixel", masks_dir=None, sample_index=None,
+                 precision="fp32"):
         self.model = model
         self.methods = list(methods)
         self.params = params or {}
@@ -147,6 +148,7 @@ class BatchScorer:
         self.granularity = granularity
         self.masks_dir = masks_dir
         self.sample_index = sample_index or {}
+        self.precision = precision
         self.forwards = 0
         self.reexplained = 0
         objects_file = self.options.get("two_object", {}).get("objects")
@@ -160,7 +162,8 @@ class BatchScorer:
         from vitlens.metrics.sensitivity import Explainer, sensitivity
         from vitlens.metrics.specificity import LabelledBox, class_contrast, two_object_share
 
-        explainer = Explainer(self.model, self.methods, self.params, batch_size=min(self.batch_size, 32))
+        explainer = Explainer(self.model, self.methods, self.params, batch_size=min(self.batch_size, 32),
+                              precision=self.precision)
         stats: dict = {}
         if "sensitivity" in self.metrics:
             opt = self.options["sensitivity"]
@@ -272,7 +275,8 @@ class BatchScorer:
                                                  params=self.params,
                                                  original_maps={m: maps[m][chosen] for m in self.methods},
                                                  seed=self.seed, batch_size=len(chosen),
-                                                 max_stages=self.options["sanity"]["max_stages"])
+                                                 max_stages=self.options["sanity"]["max_stages"],
+                                                 precision=self.precision)
                 for m in self.methods:
                     for j, b in enumerate(chosen):
                         rho, sim = sanity.spearman[m][:, j], sanity.ssim[m][:, j]
@@ -534,7 +538,7 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
                  perturb_batch_size: int = 128, granularity: str = "pixel", resume: bool = True,
                  progress: bool = True, seed: int = 0, html: bool = True, masks_dir=None,
                  source: str = "the inputs", save=None, overlay_max_side: int | None = OVERLAY_MAX_SIDE,
-                 io_workers: int | None = None, group=None) -> EvalSummary:
+                 io_workers: int | None = None, group=None, precision="fp32") -> EvalSummary:
     """Explain ``samples`` and score every method; write the run directory and the metric tables.
 
     Parameters
@@ -562,8 +566,11 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
         Tie-breaking in the rankings, the noise baseline, the randomisation of the sanity check.
     masks_dir : path, optional
         ``<key>.png`` or ``<image stem>.png`` foreground masks for ``segmentation``.
-    save, overlay_max_side, io_workers, group
-        As for :func:`vitlens.runner.run_explain`. In a distributed run every rank explains and
+    save, overlay_max_side, io_workers, group, precision
+        As for :func:`vitlens.runner.run_explain`. ``precision`` is that of every explanation (the
+        re-explanations of sensitivity, specificity and sanity too); the perturbed images of the
+        faithfulness metrics are scored in the model's own precision, so that a metric measures the
+        maps and not the scoring. In a distributed run every rank explains and
         scores its share of the batches; the main rank computes the tables from every image's
         record, so they are those of a one-process run.
     """
@@ -587,12 +594,12 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
                              "masks": str(masks_dir) if masks_dir else None}}
     scorer = BatchScorer(model, methods, params, metric_names, metric_params, seed=seed,
                          batch_size=perturb_batch_size, granularity=granularity, masks_dir=masks_dir,
-                         sample_index={s.key: i for i, s in enumerate(samples)})
+                         sample_index={s.key: i for i, s in enumerate(samples)}, precision=precision)
     group = group or current()
     run = run_explain(samples, model, methods, params, target, out_dir, batch_size=batch_size, resume=resume,
                       progress=progress, html=False, settings=settings, record_extra=scorer, save=save,
                       overlay_max_side=overlay_max_side, io_workers=io_workers, group=group,
-                      reduced_decoding=False)  # boxes and masks are in the file's pixels
+                      reduced_decoding=False, precision=precision)  # boxes and masks are in the file's pixels
     out = Path(out_dir)
     report_wanted = html and {"overlays", "originals"} <= set(parse_save(save))
 

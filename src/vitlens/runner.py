@@ -29,6 +29,7 @@ from vitlens.api import explain
 from vitlens.data import Sample, load_sample
 from vitlens.data.images import ORIGINAL_SIZE
 from vitlens.distributed import Group, current
+from vitlens.engine import check_precision, precision_name
 from vitlens.errors import InputError, MethodError, TargetError, UsageError, VitlensError
 from vitlens.cliargs import (OVERLAY_MAX_SIDE, check_count, check_overlay, check_params_requested, check_target,
                              parse_save)
@@ -134,7 +135,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
                 alpha: float = 0.5, html: bool = False, settings: dict | None = None,
                 record_extra=None, save=None, overlay_max_side: int | None = OVERLAY_MAX_SIDE,
                 io_workers: int | None = None, group: Group | None = None,
-                reduced_decoding: bool = True) -> RunSummary:
+                reduced_decoding: bool = True, precision="fp32") -> RunSummary:
     """Explain every sample and write the run directory (see :mod:`vitlens.outputs`).
 
     ``target`` is what :func:`vitlens.explain` accepts for one image, or ``'label'`` to explain each
@@ -147,6 +148,8 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
     With ``reduced_decoding`` (and capped overlays) a JPEG far larger than the model and the overlay
     need is decoded at 1/2, 1/4 or 1/8 scale (:func:`decoding_size`), which bounds the memory a
     huge photo takes; records still give the file's size and the crop box in its pixels.
+    ``precision`` (``fp32``, ``bf16``, ``fp16``) is the one :func:`vitlens.explain` computes in; it is
+    a setting of the run (a run resumes only with the same precision).
 
     ``record_extra(samples, result)``, when given, is called once per explained batch with the
     batch's good samples and their :class:`~vitlens.api.ExplainResult`; it returns one dict per
@@ -173,7 +176,10 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
     resolved = {name: get_method(name).params((params or {}).get(name)) for name in methods}
     check_params_for_model(resolved, model.num_layers if model.has_attention else None, model)
     check_target(model, list(target.classes) if isinstance(target, EveryImage) else target, allow_label=True)
-    run_settings = {"target": str(target if target is not None else "pred"), **(settings or {})}
+    precision = precision_name(precision)
+    check_precision(precision, model.device)
+    run_settings = {"target": str(target if target is not None else "pred"), "precision": precision,
+                    **(settings or {})}
 
     def writer_for(prepare: bool) -> RunWriter:
         return RunWriter(out_dir, model, resolved, settings=run_settings, resume=resume, cmap=cmap, alpha=alpha,
@@ -222,7 +228,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
             if todo:
                 loaded = [f.result() for f in futures] if futures is not None else [_load(s, reduce) for s in batch]
                 _explain_batch(batch, loaded, writer, model, methods, params, target, summary, record_extra,
-                               writes)
+                               writes, precision)
             bar.update(len(batch))
         writes.drain()
         finished = True
@@ -256,7 +262,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
 
 
 def _explain_batch(batch, loaded, writer, model, methods, params, target, summary, record_extra=None,
-                   writes: _Writes | None = None) -> None:
+                   writes: _Writes | None = None, precision="fp32") -> None:
     good, images, targets = [], [], []
     for sample, (image, error) in zip(batch, loaded):
         if error is None and target == "label" and sample.label is None:
@@ -277,7 +283,8 @@ def _explain_batch(batch, loaded, writer, model, methods, params, target, summar
 
         batch_target = torch.tensor([list(target.classes)] * len(images))
     try:
-        result = explain(model, images, methods=methods, target=batch_target, batch_size=len(images), params=params)
+        result = explain(model, images, methods=methods, target=batch_target, batch_size=len(images), params=params,
+                         precision=precision)
     except (TargetError, MethodError):
         raise  # a wrong --target or method setting concerns the whole run, not these images: stop
     except VitlensError as exc:

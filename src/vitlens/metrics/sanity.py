@@ -185,7 +185,7 @@ class SanityResult:
 
 def cascading_randomization(model, inputs: torch.Tensor, methods, targets=None, params: dict | None = None,
                             original_maps: dict | None = None, stages: list | None = None, seed: int = 0,
-                            batch_size: int = 16, max_stages: int | None = None) -> SanityResult:
+                            batch_size: int = 16, max_stages: int | None = None, precision="fp32") -> SanityResult:
     """Adebayo et al.'s cascading randomisation for a batch of preprocessed images.
 
     Parameters
@@ -204,12 +204,15 @@ def cascading_randomization(model, inputs: torch.Tensor, methods, targets=None, 
         Default: :func:`randomization_stages`.
     max_stages : int, optional
         Stop after this many stages.
+    precision : str
+        Of every explanation, as for :func:`vitlens.explain`.
     """
     from vitlens.api import explain
 
     methods = list(methods)
     if targets is None or original_maps is None:
-        result = explain(model, inputs, methods=methods, target=targets, batch_size=batch_size, params=params)
+        result = explain(model, inputs, methods=methods, target=targets, batch_size=batch_size, params=params,
+                         precision=precision)
         targets = result.targets[:, 0] if targets is None else targets
         original_maps = {m: result.maps[m][:, 0] for m in methods} if original_maps is None else original_maps
     targets = torch.as_tensor(targets, dtype=torch.long).view(-1)
@@ -217,7 +220,8 @@ def cascading_randomization(model, inputs: torch.Tensor, methods, targets=None, 
     for count, (name, clone) in enumerate(randomized_copies(model, stages, seed)):
         if max_stages is not None and count >= max_stages:
             break
-        result = explain(clone, inputs, methods=methods, target=targets, batch_size=batch_size, params=params)
+        result = explain(clone, inputs, methods=methods, target=targets, batch_size=batch_size, params=params,
+                         precision=precision)
         names.append(name)
         for m in methods:
             new = result.maps[m][:, 0].double()

@@ -57,7 +57,7 @@ class Explainer:
     ``calls`` and ``images`` count the explain calls and the images explained.
     """
 
-    def __init__(self, model, methods, params: dict | None = None, batch_size: int = 32):
+    def __init__(self, model, methods, params: dict | None = None, batch_size: int = 32, precision="fp32"):
         from vitlens.methods import parse_methods
         from vitlens.models import ImageModel, load_model
 
@@ -65,6 +65,7 @@ class Explainer:
         self.methods = parse_methods(methods, self.model)
         self.params = {m: p for m, p in (params or {}).items() if m in self.methods}
         self.batch_size = batch_size
+        self.precision = precision
         self.calls = 0
         self.images = 0
 
@@ -77,7 +78,7 @@ class Explainer:
 
         targets = torch.as_tensor(targets, dtype=torch.long)
         result = explain(self.model, x, methods=self.methods, target=targets, batch_size=self.batch_size,
-                         params=self.params)
+                         params=self.params, precision=self.precision)
         self.calls += 1
         self.images += x.shape[0]
         if targets.dim() == 1:
