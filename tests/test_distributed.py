@@ -204,3 +204,17 @@ def test_a_group_of_one_shares_everything():
     assert group.share(list(range(5))) == [0, 1, 2, 3, 4]
     assert Group(rank=1, world_size=3).share(list(range(8))) == [1, 4, 7]
     assert group.gather("x") == ["x"] and group.from_main(3) == 3 and group.run_on_main(lambda: 7) == 7
+
+
+def test_under_torchrun_a_plain_cuda_device_is_the_local_rank_gpu(monkeypatch):
+    import torch
+
+    from vitlens.distributed import local_device
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert local_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # an explicit GPU is kept
+    assert local_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert local_device(torch.device("cuda")) == torch.device("cuda")
