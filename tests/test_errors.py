@@ -255,6 +255,76 @@ def _run_with_unknown_target(ctx):
     run_explain(resolve_inputs(["cat.png"]), ctx["model"], ["rollout"], target="kitten9", out_dir="out", progress=False)
 
 
+# the hf-dataset rows: small Hugging Face datasets saved in a temporary folder the call runs in
+def _hf_examples(folder: Path, names) -> None:
+    """Write the datasets the hf-dataset rows of docs/errors.md name into ``folder``."""
+    import io
+
+    import datasets
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 30, 30)).save(buffer, format="PNG")
+    image = {"bytes": buffer.getvalue(), "path": None}
+    labelled = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    one = datasets.Dataset.from_dict({"image": [image], "label": [1]}, features=labelled)
+    build = {
+        "imagenet-hf": lambda path: datasets.DatasetDict({"train": one, "validation": one}).save_to_disk(path),
+        "ab-hf": lambda path: datasets.DatasetDict({"a": one, "b": one}).save_to_disk(path),
+        "text-hf": lambda path: datasets.Dataset.from_dict({"text": ["a cat"], "label": [0]}).save_to_disk(path),
+        "pairs-hf": lambda path: datasets.Dataset.from_dict(
+            {"photo": [image], "thumb": [image]},
+            features=datasets.Features({"photo": datasets.Image(), "thumb": datasets.Image()})).save_to_disk(path),
+        "cifar100-hf": lambda path: datasets.Dataset.from_dict(
+            {"image": [image], "coarse_label": [0], "fine_label": [1]},
+            features=datasets.Features({"image": datasets.Image(), "coarse_label": datasets.ClassLabel(num_classes=2),
+                                        "fine_label": datasets.ClassLabel(num_classes=2)})).save_to_disk(path),
+        "holes-hf": lambda path: datasets.Dataset.from_dict(
+            {"image": [None]}, features=datasets.Features({"image": datasets.Image()})).save_to_disk(path),
+        "broken-hf": lambda path: (one.save_to_disk(path), (Path(path) / "state.json").write_text("{ not json")),
+        "photos": lambda path: (Path(path).mkdir(), Image.new("RGB", (8, 6)).save(Path(path) / "a.png")),
+    }
+    for name in names:
+        build[name](str(folder / name))
+
+
+def _in_hf_folder(call, *names):
+    """Run ``call()`` in a temporary folder holding the named datasets (never in the checked workdir)."""
+    import os
+    import tempfile
+
+    pytest.importorskip("datasets", reason="pip install datasets")
+    before = os.getcwd()
+    with tempfile.TemporaryDirectory() as folder:
+        _hf_examples(Path(folder), names)
+        os.chdir(folder)
+        try:
+            return call()
+        finally:
+            os.chdir(before)
+
+
+def _without_datasets(call):
+    import sys
+    from unittest import mock
+
+    from vitlens.data import hf
+
+    with mock.patch.dict(sys.modules, {"datasets": None}), mock.patch.object(hf, "_OPENED", {}):
+        return call()
+
+
+def _resolve(*args, **kwargs):
+    from vitlens.data import resolve_inputs
+
+    return lambda: resolve_inputs(*args, **kwargs)
+
+
+def _load_sample(path=None, spec=None):
+    from vitlens.data import Sample, load_sample, resolve_inputs
+
+    return lambda: load_sample(Sample(path=path, key="x") if path else resolve_inputs([spec])[0])
+
+
 API_CASES = {
     "api: batch size below 1": lambda ctx: vitlens.explain(ctx["model"], "cat.png", batch_size=0),
     "api: parameter out of range": lambda ctx: vitlens.explain(
@@ -277,6 +347,32 @@ API_CASES = {
         ctx["text_model"](), ["A man plays.", "A dog runs."], pairs=["Someone plays."]),
     "api: text batch size below 1": lambda ctx: _explain_text(ctx)(ctx["text_model"](), "A man plays.",
                                                                    batch_size=0),
+    "api: hf-dataset without the datasets library": lambda ctx: _without_datasets(_resolve(["hf-dataset:imagenet-hf"])),
+    "api: hf-dataset naming no dataset": lambda ctx: _resolve(["hf-dataset:"])(),
+    "api: hf-dataset path that does not exist": lambda ctx: _in_hf_folder(_resolve(["hf-dataset:./nope:validation"])),
+    "api: hf-dataset folder that is not a dataset": lambda ctx: _in_hf_folder(_resolve(["hf-dataset:photos"]),
+                                                                               "photos"),
+    "api: hf-dataset that cannot be loaded": lambda ctx: _in_hf_folder(_resolve(["hf-dataset:broken-hf"]),
+                                                                       "broken-hf"),
+    "api: hf-dataset unknown split": lambda ctx: _in_hf_folder(_resolve(["hf-dataset:imagenet-hf:val"]),
+                                                               "imagenet-hf"),
+    "api: hf-dataset without a default split": lambda ctx: _in_hf_folder(_resolve(["hf-dataset:ab-hf"]), "ab-hf"),
+    "api: hf-dataset unknown column": lambda ctx: _in_hf_folder(
+        _resolve(["hf-dataset:imagenet-hf"], image_column="img"), "imagenet-hf"),
+    "api: hf-dataset image column without images": lambda ctx: _in_hf_folder(
+        _resolve(["hf-dataset:imagenet-hf"], image_column="label"), "imagenet-hf"),
+    "api: hf-dataset label column without labels": lambda ctx: _in_hf_folder(
+        _resolve(["hf-dataset:imagenet-hf"], label_column="image"), "imagenet-hf"),
+    "api: hf-dataset without an image column": lambda ctx: _in_hf_folder(_resolve(["hf-dataset:text-hf"]), "text-hf"),
+    "api: hf-dataset with several image columns": lambda ctx: _in_hf_folder(_resolve(["hf-dataset:pairs-hf"]),
+                                                                            "pairs-hf"),
+    "api: hf-dataset with several label columns": lambda ctx: _in_hf_folder(_resolve(["hf-dataset:cifar100-hf"]),
+                                                                            "cifar100-hf"),
+    "api: hf-dataset row without an image": lambda ctx: _in_hf_folder(_load_sample(spec="hf-dataset:holes-hf"),
+                                                                      "holes-hf"),
+    "api: hf-dataset row beyond the split": lambda ctx: _in_hf_folder(
+        _load_sample(path="hf-dataset:imagenet-hf:train#7"), "imagenet-hf"),
+    "api: hf-dataset sample path without a row": lambda ctx: _load_sample(path="hf-dataset:imagenet-hf")(),
 }
 
 

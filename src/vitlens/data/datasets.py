@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
-from vitlens.data import cub200, tinyimagenet
+from vitlens.data import cub200, hf, tinyimagenet
 from vitlens.data._layout import dataset_folder
 from vitlens.data.labelfiles import ClassIndex, LabelTable, read_class_index, read_labels_file
 from vitlens.data.listing import glob_root, is_hidden, list_images, match_glob
@@ -29,6 +29,8 @@ def resolve_inputs(
     labels: str | None = None,
     class_index: str | None = None,
     limit: int | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> list[Sample]:
     """List the images named by the input specs, with whatever labels and boxes they come with.
 
@@ -45,7 +47,11 @@ def resolve_inputs(
           the class words from ``class_index`` when it has them, else the folder name;
         - ``tinyimagenet:PATH[:val|train]``: TinyImageNet-200 (default ``val``), with boxes;
         - ``cub200:PATH[:test|train]``: CUB-200-2011 (default ``test``), with boxes;
-        - ``imagenet-val:PATH``: the image files under PATH, labelled from ``labels``.
+        - ``imagenet-val:PATH``: the image files under PATH, labelled from ``labels``;
+        - ``hf-dataset:PATH_OR_NAME[:split]``: one split of a Hugging Face dataset (a
+          ``save_to_disk`` folder, a folder or file of parquet / arrow files, or a Hub name; default
+          split ``validation``, else ``test``, else ``train``, else the only one), labelled from
+          its ``ClassLabel`` column; needs ``pip install datasets`` (see :mod:`vitlens.data.hf`).
 
         A spec that exists on disk is always a file or folder, even if it contains ``:``.
     labels : str, optional
@@ -55,10 +61,15 @@ def resolve_inputs(
         files, folders and globs when given.
     class_index : str, optional
         The model's class order: ``index<TAB>class[<TAB>words]`` lines, or one class per line.
-        Used by ``imagefolder`` (folder names), ``tinyimagenet`` (wnids) and ``cub200`` (class
-        names). A class the model does not have gives label None.
+        Used by ``imagefolder`` (folder names), ``tinyimagenet`` (wnids), ``cub200`` (class
+        names) and ``hf-dataset`` (``ClassLabel`` names). A class the model does not have gives
+        label None.
     limit : int, optional
         Keep only the first ``limit`` samples.
+    image_column, label_column : str, optional
+        For ``hf-dataset`` inputs (ignored by the others): the column holding the images (default:
+        the one ``datasets.Image`` column) and the labels (default: the one ``ClassLabel`` column,
+        else an integer column ``label`` or ``labels``).
 
     Returns
     -------
@@ -71,7 +82,8 @@ def resolve_inputs(
     InputError
         One line naming the spec, folder or file: a path that does not exist, a folder or glob
         without images, an unknown ``KIND:``, a dataset folder missing a file of its layout, an
-        unreadable or malformed labels or class-index file, ``imagenet-val`` without ``labels``.
+        unreadable or malformed labels or class-index file, ``imagenet-val`` without ``labels``;
+        for ``hf-dataset``, see :func:`vitlens.data.hf.resolve_hf_dataset`.
     """
     if isinstance(specs, str):
         specs = [specs]
@@ -85,8 +97,9 @@ def resolve_inputs(
 
     samples: list[Sample] = []
     seen_paths: set[str] = set()
+    columns = {"image_column": image_column, "label_column": label_column}
     for spec in specs:
-        for sample in _resolve_spec(str(spec), label_table, class_map):
+        for sample in _resolve_spec(str(spec), label_table, class_map, columns):
             if sample.path not in seen_paths:
                 seen_paths.add(sample.path)
                 samples.append(sample)
@@ -97,7 +110,7 @@ def resolve_inputs(
 
 
 def _resolve_spec(
-    spec: str, label_table: LabelTable | None, class_map: ClassIndex | None
+    spec: str, label_table: LabelTable | None, class_map: ClassIndex | None, columns: dict | None = None
 ) -> list[Sample]:
     path = os.path.expanduser(spec)
     if os.path.exists(path):
@@ -107,8 +120,11 @@ def _resolve_spec(
     kind = match.group(1).lower() if match else None
     if kind in DATASET_KINDS:
         resolver, splits = DATASET_KINDS[kind]
-        rest, split = _split_off(match.group(2), kind, splits, spec)
-        samples = resolver(dataset_folder(rest, spec), split, spec, label_table, class_map)
+        if splits is None:  # the resolver reads PATH_OR_NAME[:split] itself
+            samples = resolver(match.group(2), None, spec, label_table, class_map, **(columns or {}))
+        else:
+            rest, split = _split_off(match.group(2), kind, splits, spec)
+            samples = resolver(dataset_folder(rest, spec), split, spec, label_table, class_map)
         if not samples:
             raise InputError(f"no images found in '{spec}'")
         return samples
@@ -260,10 +276,25 @@ def _resolve_cub200(
     return cub200.resolve_cub200(root, split, spec, class_map)
 
 
-#: ``KIND`` -> (resolver, accepted splits with the default first).
-DATASET_KINDS: dict[str, tuple[Callable[..., list[Sample]], tuple[str, ...]]] = {
+def _resolve_hf_dataset(
+    rest: str,
+    split: str | None,
+    spec: str,
+    label_table: LabelTable | None,
+    class_map: ClassIndex | None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> list[Sample]:
+    return hf.resolve_hf_dataset(rest, spec, class_map, image_column=image_column, label_column=label_column)
+
+
+#: ``KIND`` -> (resolver, accepted splits with the default first). Splits None: the dataset's splits
+#: are only known once it is opened, so the resolver gets ``PATH[:split]`` as written (no folder
+#: check) and the ``image_column`` / ``label_column`` options.
+DATASET_KINDS: dict[str, tuple[Callable[..., list[Sample]], tuple[str, ...] | None]] = {
     "imagefolder": (_resolve_imagefolder, ()),
     "tinyimagenet": (_resolve_tinyimagenet, tinyimagenet.SPLITS),
     "cub200": (_resolve_cub200, cub200.SPLITS),
     "imagenet-val": (_resolve_imagenet_val, ()),
+    hf.KIND: (_resolve_hf_dataset, None),
 }

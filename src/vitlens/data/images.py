@@ -12,13 +12,14 @@ import os
 import struct
 import warnings
 import zlib
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from vitlens.errors import InputError
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "is_image_file", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "decode_image", "is_image_file", "load_image"]
 
 #: File name endings (lower case, with the dot) that are treated as images when listing folders.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -130,11 +131,39 @@ def load_image(path: str | os.PathLike[str], reduce=None) -> Image.Image:
     except OSError as exc:
         raise fail(_short_reason(exc)) from exc
 
+    return decode_image(name, name, reduce=reduce)
+
+
+def decode_image(source: str | os.PathLike[str] | IO[bytes], name: str, reduce=None) -> Image.Image:
+    """Decode an image file, or a binary file object holding one, exactly as :func:`load_image` does.
+
+    The one decoding path of vitlens: :func:`load_image` calls it with the checked file path, and
+    samples that are not files (a row of a Hugging Face dataset) with their encoded bytes in a
+    ``BytesIO``, so the same photo gives the same pixels wherever it is stored.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or binary file object
+        The encoded image (PIL finds the format from the content).
+    name : str
+        What error messages call the image: ``cannot read image '<name>': <reason>``.
+    reduce : callable, optional
+        As for :func:`load_image`.
+
+    Raises
+    ------
+    InputError
+        One line naming ``name`` for an image PIL cannot decode (see :func:`load_image`).
+    """
+
+    def fail(reason: str) -> InputError:
+        return InputError(f"cannot read image '{name}': {reason}")
+
     try:
         with warnings.catch_warnings():
             # Size is checked below with a clearer message; PIL's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(name) as im:
+            with Image.open(source) as im:
                 width, height = im.size
                 if width * height > MAX_PIXELS:
                     raise fail(
