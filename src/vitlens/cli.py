@@ -79,6 +79,12 @@ def _add_method_options(p, default="all"):
     p.add_argument("--lin-gamma", type=float, help="LRP Gamma of Linear layers (attnlrp, cp-lrp; default 0.5)")
 
 
+def _add_dataset_options(p):
+    p.add_argument("--image-column", help="hf-dataset: the column of the images (default: the one Image feature)")
+    p.add_argument("--label-column",
+                   help="hf-dataset: the column of the labels (default: the one ClassLabel, or an integer 'label')")
+
+
 def _add_output_options(p):
     p.add_argument("--save", default="all", metavar="KINDS",
                    help="what to write besides the per-image records: comma-separated overlays, maps, originals, "
@@ -100,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="explain images, folders or datasets; write overlays, maps and a manifest")
     p.add_argument("inputs", nargs="+",
-                   help="image files, folders, globs, or imagefolder:/tinyimagenet:/cub200:/imagenet-val: specs")
+                   help="image files, folders, globs, or imagefolder:/tinyimagenet:/cub200:/imagenet-val:/hf-dataset: "
+                        "specs")
     _add_model_options(p)
     _add_method_options(p)
     p.add_argument("--out", default="results", help="output directory (default: %(default)s)")
@@ -110,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-index",
                    help="mapping from the model's output index to class ids (index<TAB>wnid<TAB>words)")
     p.add_argument("--limit", type=int, help="explain only the first N inputs")
+    _add_dataset_options(p)
     p.add_argument("--cmap", default="jet", help="overlay colormap (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity 0..1 (default: %(default)s)")
     p.add_argument("--format", choices=["files", "html"], default="files", help="html also writes report.html")
@@ -143,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="labels file for imagenet-val: or plain inputs")
     p.add_argument("--class-index", help="mapping from the model's output index to class ids")
     p.add_argument("--limit", type=int, help="evaluate only the first N inputs")
+    _add_dataset_options(p)
     p.add_argument("--force", action="store_true", help="recompute everything even if --out holds finished work")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -274,7 +283,8 @@ def cmd_explain(args) -> int:
     params = parse_method_params(args.param)
     check_params_requested(params, methods)
     _check_options(args)
-    samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit)
+    samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit,
+                             image_column=args.image_column, label_column=args.label_column)
     check_out_dir(args.out)
     group = _join_group(args)
     try:
@@ -311,7 +321,8 @@ def cmd_evaluate(args) -> int:
     metric_params = metric_options(metrics, parse_params(args.metric_param, "--metric-param", "METRIC.NAME=VALUE",
                                                          "deletion.steps=10"), args.steps, args.baseline)
     _check_options(args)
-    samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit)
+    samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit,
+                             image_column=args.image_column, label_column=args.label_column)
     check_out_dir(args.out)
     group = _join_group(args)
     try:

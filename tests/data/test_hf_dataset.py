@@ -474,3 +474,33 @@ def test_encoded_bytes_are_what_the_file_holds(stored, images):
     for row, (path, _, _) in zip(undecoded, images["validation"]):
         assert row["image"]["bytes"] == path.read_bytes()
         assert Image.open(io.BytesIO(row["image"]["bytes"])).format == "JPEG"
+
+
+def test_the_command_line_names_the_columns(tmp_path, images, tiny, capsys, fresh):
+    """`vitlens explain hf-dataset:... --image-column --label-column --target label`: the labels of the named column
+    are explained; an unknown column is one line, exit 2, nothing written."""
+    import json
+
+    from vitlens import cli
+
+    files = images["validation"][:2]
+    columns = {"photo": [{"bytes": f.read_bytes(), "path": None} for f, _, _ in files],
+               "thumb": [{"bytes": f.read_bytes(), "path": None} for f, _, _ in files],
+               "coarse": [0, 1], "fine": [7, 9]}
+    path = _save(tmp_path, "named", columns, datasets.Features({"photo": datasets.Image(), "thumb": datasets.Image(),
+                                                                "coarse": datasets.Value("int64"),
+                                                                "fine": datasets.Value("int64")}))
+    out = tmp_path / "out"
+    code = cli.main(["explain", f"hf-dataset:{path}", *tiny, "--image-column", "thumb", "--label-column", "fine",
+                     "--target", "label", "--methods", "rollout", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [im["label"] for im in manifest["images"]] == [7, 9]
+    assert [im["targets"][0]["index"] for im in manifest["images"]] == [7, 9]
+    assert all(im["path"].endswith("@thumb") for im in manifest["images"])
+    capsys.readouterr()
+    code = cli.main(["explain", f"hf-dataset:{path}", *tiny, "--image-column", "nosuch", "--out",
+                     str(tmp_path / "never"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "has no column 'nosuch'" in err
+    assert not (tmp_path / "never").exists()

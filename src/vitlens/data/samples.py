@@ -33,7 +33,8 @@ class Sample:
     Attributes
     ----------
     path : str
-        Absolute path of the image file (not opened yet: see :func:`vitlens.data.load_image`).
+        Absolute path of the image file, or for a row of a Hugging Face dataset
+        ``hf-dataset:<source>:<split>#<row>`` (not opened yet: see :func:`vitlens.data.load_sample`).
     key : str
         Unique id within one run, used to name output files: the path relative to its input root,
         without extension, folders joined by ``__``, only ``[A-Za-z0-9._-]`` characters.
