@@ -10,11 +10,16 @@ Real ViT-Tiny/16 (ImageNet, ../shared/data/vit_tiny_in1k_augreg) on real ImageNe
              (``--save all``, the default) or maps + records (``--save maps``)
 
 pipeline efficiency = pipeline images/s / bare images/s (target >= 0.9). Repeats are interleaved and
-the median is reported. ``--processes`` also runs the command line end to end: ``python -m vitlens explain``
-in one process against ``torchrun --nproc-per-node 2 -m vitlens explain`` (one thread per process, as
+the median is reported. On a CPU whose cores all compute (the default), decoding and writing can only
+take their CPU time from the model; ``--torch-threads 1`` on a 2-core machine leaves one core to them,
+as a GPU run leaves the CPU, and shows whether the pipeline hides them.
+
+``--processes`` also runs the command line end to end: ``python -m vitlens explain`` in one
+process against ``torchrun --nproc-per-node 2 -m vitlens explain`` (one thread per process, as
 torchrun sets it), comparing the images/s each prints (model loading excluded).
 
     python benchmarks/throughput.py [--images 64] [--batch 16] [--repeats 3] [--device cpu] [--processes]
+                                    [--torch-threads N]
 """
 
 from __future__ import annotations
@@ -76,7 +81,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--processes", action="store_true", help="also time 1 vs 2 processes (torchrun, gloo)")
+    parser.add_argument("--torch-threads", type=int,
+                        help="torch's intra-op threads (default: torch's own choice, all cores); fewer leave cores "
+                             "to the decoding and writing threads, as a GPU run does")
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     model = vitlens.load_model(SPEC, weights=WEIGHTS, device=args.device)
     samples = resolve_inputs([str(IMAGES)], limit=args.images)
