@@ -8,6 +8,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from vitlens.data import resolve_inputs
+from vitlens.errors import InputError
+
+
+def resolve_error(match: str, *args, **kwargs) -> str:
+    """Call resolve_inputs expecting a one-line InputError matching ``match``; return the message."""
+    with pytest.raises(InputError, match=match) as info:
+        resolve_inputs(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
 
 @pytest.fixture
 def write_image() -> Callable[..., Path]:

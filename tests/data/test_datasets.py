@@ -10,19 +10,11 @@ import pytest
 
 from vitlens.data import Sample, resolve_inputs
 from vitlens.data.samples import make_key
-from vitlens.errors import InputError
+
+from .conftest import resolve_error as _error
 
 # The real data shipped next to the repository (skipped when absent).
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def _error(match: str, *args, **kwargs) -> str:
-    """Call resolve_inputs expecting a one-line InputError matching ``match``; return the message."""
-    with pytest.raises(InputError, match=match) as info:
-        resolve_inputs(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 def _names(samples: list[Sample]) -> list[str]:

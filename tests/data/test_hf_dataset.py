@@ -25,6 +25,8 @@ from vitlens.data import Sample, hf, load_image, load_sample, resolve_inputs
 from vitlens.data.images import ORIGINAL_SIZE
 from vitlens.errors import InputError
 
+from .conftest import resolve_error as _error
+
 datasets = pytest.importorskip("datasets", reason="pip install datasets")
 
 # The real data shipped next to the repository (skipped when absent).
@@ -104,15 +106,6 @@ def _save(root: Path, name: str, columns: dict, features=None) -> Path:
     path = root / name
     datasets.Dataset.from_dict(columns, features=features).save_to_disk(path)
     return path
-
-
-def _error(match: str, *args, **kwargs) -> str:
-    """Call resolve_inputs expecting a one-line InputError matching ``match``; return the message."""
-    with pytest.raises(InputError, match=match) as info:
-        resolve_inputs(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 # ------------------------------------------------------------------------------------ samples
