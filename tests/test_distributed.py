@@ -10,7 +10,8 @@ torchrun gives each process one intra-op thread (OMP_NUM_THREADS=1); the one-pro
 with one thread too, because a float sum split over two threads may round differently in the last
 bit (LRP maps differ by ~1e-12 otherwise). Real ImageNet images, the tiny random timm ``test_vit``.
 
-The same checks at full size (64 images, every method, the real ImageNet ViT-Tiny; a few minutes)::
+The same checks at full size (64 images, every method, the real ImageNet ViT-Tiny; evaluate: 32 images, every
+method, the faithfulness metrics; about 15 minutes on 2 cores)::
 
     VITLENS_DISTRIBUTED_FULL=1 python -m pytest tests/test_distributed.py
 """
@@ -171,14 +172,14 @@ def test_a_killed_rank_loses_only_its_unfinished_images(tmp_path, tiny_weights, 
 
 
 def test_evaluate_tables_are_those_of_one_process(tmp_path, tiny_weights):
-    images = COUNT if FULL else 12
+    images = 32 if FULL else 12
     common = ["evaluate", IMAGES, "--labels", LABELS, "--limit", images, *model_args(tiny_weights), "--methods",
               "all" if FULL else "rollout,gradcam", "--metrics", "faithfulness" if FULL else
               "deletion,insertion,pos_perturbation", "--steps", 20 if FULL else 4, "--batch-size", 3, "--quiet"]
     one, two = tmp_path / "one", tmp_path / "two"
-    first = run(one_process(*common, "--out", one))
+    first = run(one_process(*common, "--out", one), timeout=3600 if FULL else 300)
     assert first.returncode == 0, first.stderr
-    second = run(torchrun(2, *common, "--out", two))
+    second = run(torchrun(2, *common, "--out", two), timeout=3600 if FULL else 300)
     assert second.returncode == 0, second.stderr
     assert second.stdout.count("tables: ") == 1
     for name in ("metrics.csv", "metrics.json", "metrics.md", "manifest.json"):
