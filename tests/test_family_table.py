@@ -36,6 +36,12 @@ def _own_vit():
     return vitlens.load_model(user_vit())
 
 
+def _clip():
+    from tests.models.test_hf_clip import CLASSES, tiny_hf_clip, tiny_tokenizer
+
+    return vitlens.load_model(tiny_hf_clip(dtype=torch.float32), classes=CLASSES, tokenizer=tiny_tokenizer())
+
+
 def _swin():
     import timm
 
@@ -56,6 +62,7 @@ MODELS = {
         tiny_hf_dinov2(dtype=torch.float32, registers=2, use_swiglu_ffn=True)),
     "Hugging Face BEiT": lambda: vitlens.load_model(tiny_hf_beit(dtype=torch.float32)),
     "torchvision `VisionTransformer`": lambda: vitlens.load_model(tiny_torchvision_vit()),
+    "Hugging Face CLIP": _clip,
     "your own ViT with `nn.MultiheadAttention`": _own_vit,
     "Swin, Swin-V2, ConvNeXt, MaxViT, CNNs": _swin,
 }

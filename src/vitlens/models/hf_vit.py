@@ -26,6 +26,8 @@ from vitlens.models.registry import Family, LoadedModule, register_family, regis
 from vitlens.models.weights import HUB_HINT, read_weights
 
 SUPPORTED = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
+#: Hugging Face model types loaded as the whole image-text model (their classes are text prompts), not a classifier
+PROMPTED_MODEL_TYPES = ("clip", "siglip")
 
 
 def is_hf_vit(module: nn.Module) -> bool:
@@ -120,19 +122,22 @@ def load_hf_spec(spec, name, weights, num_classes):
 
 
 def _build(spec, name, weights, num_classes, local_files_only):
-    from transformers import AutoConfig, AutoModelForImageClassification
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING, MODEL_MAPPING
     from transformers.utils import logging as hf_logging
 
-    if weights is None:
-        kwargs = {} if num_classes is None else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
-        with hub.quiet_progress():
-            return AutoModelForImageClassification.from_pretrained(name, local_files_only=local_files_only, **kwargs)
     config = AutoConfig.from_pretrained(name, local_files_only=local_files_only,
                                         **({} if num_classes is None else {"num_labels": num_classes}))
-    if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+    prompted = getattr(config, "model_type", None) in PROMPTED_MODEL_TYPES  # CLIP / SigLIP: the image-text model
+    if weights is None:
+        kwargs = {} if num_classes is None else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
+        auto = AutoModel if prompted else AutoModelForImageClassification
+        with hub.quiet_progress():
+            return auto.from_pretrained(name, local_files_only=local_files_only, **kwargs)
+    mapping = MODEL_MAPPING if prompted else MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+    if type(config) not in mapping:
         raise ValueError(f"{type(config).__name__} has no image classification model")
-    cls = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING[type(config)]
+    cls = mapping[type(config)]
     state = read_weights(weights)
     # transformers converts saved (hub) key names to its in-memory names itself
     verbosity = hf_logging.get_verbosity()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 # the built-in image families register themselves on import (order does not matter: priorities do)
-from vitlens.models import (cnn, hf_image, hf_vit, packaged, timm_beit, timm_cait, timm_eva, timm_vit,  # noqa: F401
+from vitlens.models import (cnn, hf_clip, hf_image, hf_vit, packaged, timm_beit, timm_cait, timm_eva, timm_vit,  # noqa: F401
                             torch_attention, torchvision_vit)
 from vitlens.devices import select_device
 from vitlens.errors import ModelError
@@ -31,7 +31,8 @@ from vitlens.models.weights import (default_class_names, file_sha256, imagenet_c
 
 def load_model(spec, weights: str | os.PathLike | None = None, num_classes: int | None = None,
                device: str | torch.device | None = None, *, input_size=None, mean=None, std=None,
-               interpolation: str | None = None, attention_layers=None, readout: str | None = None) -> ImageModel:
+               interpolation: str | None = None, attention_layers=None, readout: str | None = None,
+               prompts=None, classes=None, template: str | None = None, tokenizer=None) -> ImageModel:
     """Build an explainable model.
 
     Parameters
@@ -63,13 +64,23 @@ def load_model(spec, weights: str | os.PathLike | None = None, num_classes: int 
     readout : {'cls', 'mean', 'mean-all'}, optional
         The token rows the classifier reads (CLS token, mean of the patch tokens, mean of all tokens);
         default: found by the generic attention adapter from the model's own logits.
+    prompts : sequence of str, optional
+        CLIP-style models (Hugging Face ``CLIPModel``): the text prompts whose similarity to the image
+        is explained, one class per prompt (class names = the prompts).
+    classes, template : optional
+        Zero-shot classes instead of prompts: class names (a list or one comma-separated string) filled
+        into ``template`` (default ``'a photo of a {}.'``); the class names are the classes.
+    tokenizer : callable, optional
+        The CLIP-style model's tokenizer when it is not saved with the model.
 
     Returns
     -------
     ImageModel
         The adapter, in eval mode.
     """
-    options = {k: v for k, v in (("attention_layers", attention_layers), ("readout", readout)) if v is not None}
+    options = {k: v for k, v in (("attention_layers", attention_layers), ("readout", readout), ("prompts", prompts),
+                                 ("classes", classes), ("template", template), ("tokenizer", tokenizer))
+               if v is not None}
     overrides = {k: v for k, v in (("input_size", input_size), ("mean", mean), ("std", std),
                                    ("interpolation", interpolation)) if v is not None}
     if isinstance(spec, ImageModel):
