@@ -42,6 +42,13 @@ def _clip():
     return vitlens.load_model(tiny_hf_clip(dtype=torch.float32), classes=CLASSES, tokenizer=tiny_tokenizer())
 
 
+def _siglip():
+    from tests.models.test_hf_clip import CLASSES
+    from tests.models.test_hf_siglip import siglip_tokenizer, tiny_hf_siglip
+
+    return vitlens.load_model(tiny_hf_siglip(dtype=torch.float32), classes=CLASSES, tokenizer=siglip_tokenizer())
+
+
 def _swin():
     import timm
 
@@ -63,6 +70,7 @@ MODELS = {
     "Hugging Face BEiT": lambda: vitlens.load_model(tiny_hf_beit(dtype=torch.float32)),
     "torchvision `VisionTransformer`": lambda: vitlens.load_model(tiny_torchvision_vit()),
     "Hugging Face CLIP": _clip,
+    "Hugging Face SigLIP": _siglip,
     "your own ViT with `nn.MultiheadAttention`": _own_vit,
     "Swin, Swin-V2, ConvNeXt, MaxViT, CNNs": _swin,
 }

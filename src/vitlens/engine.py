@@ -304,7 +304,8 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
                 with _autocast(model, dtype):  # the final norm and head are the model's computation
                     score = task.layer_score(recorder.block_outputs[layer], pool, slot)
                 layer_gradients[(pool, layer)] = up(_grads(score, [recorder.attentions[layer]])[0])
-            captured = Captured(attentions, gradients, None, model.num_prefix_tokens, (0, 0), layer_gradients,
+            readout = up(recorder.readout) if recorder.readout is not None else None  # an image-dependent head
+            captured = Captured(attentions, gradients, readout, model.num_prefix_tokens, (0, 0), layer_gradients,
                                 cam, list(default_cam))
             for view, view_captured in enumerate(task.views(captured)):
                 for name, params in methods.items():
@@ -442,8 +443,8 @@ class ImageTask(ExplainTask):
         return self.model.layer_logits(hidden, pool).gather(1, self.targets[:, slot:slot + 1]).sum()
 
     def views(self, captured):
-        readout = None
-        if captured.attentions:
+        readout = captured.readout  # per image, when the head's pooling depends on it
+        if captured.attentions and readout is None:
             first = captured.attentions[0]
             readout = self.model.readout_weights(first.shape[-1], device=first.device, dtype=first.dtype)
         return [replace(captured, readout=readout, grid=self.grid, inputs=self.x.detach())]

@@ -29,7 +29,8 @@ class Captured:
         ``{(pool, layer): dS_layer/dA_layer}`` for LeGrad, where ``S_layer`` is the target
         score read out of that layer's output.
     readout : Tensor
-        (N,) weights of the token rows the classifier reads (CLS: one-hot at 0).
+        (N,) weights of the token rows the classifier reads (CLS: one-hot at 0), or (B, N) per image
+        for a head whose pooling depends on the image (SigLIP's attention-pooling probe).
     num_prefix : int
         Prefix tokens before the patches (CLS, distillation, registers).
     grid : (int, int)
@@ -95,7 +96,7 @@ def readout_rows(matrix: torch.Tensor, captured: Captured) -> torch.Tensor:
     the CLS and distillation rows for distilled DeiT, the mean of patch rows for average pooling.
     """
     weights = captured.readout.to(matrix.dtype).to(matrix.device)
-    row = torch.einsum("n,bnm->bm", weights, matrix)
+    row = torch.einsum("bn,bnm->bm" if weights.dim() == 2 else "n,bnm->bm", weights, matrix)
     return patches_to_grid(row[:, captured.num_prefix:], captured.grid)
 
 

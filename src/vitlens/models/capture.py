@@ -28,12 +28,17 @@ class AttentionRecorder:
         One (B, heads, N, N) tensor per layer, in forward order, still attached to the graph.
     block_outputs : list of Tensor
         The residual stream after each block (B, N, C), filled by adapters when requested.
+    readout : Tensor or None
+        (B, N) per-image weights of the token rows the model's head read in this forward, for a head
+        whose pooling depends on the image (SigLIP's attention-pooling probe); None: the adapter's
+        fixed :meth:`~vitlens.models.base.ExplainableModel.readout_weights`.
     """
 
     def __init__(self, keep_block_outputs: bool = False):
         self.attentions: list[torch.Tensor] = []
         self.block_outputs: list[torch.Tensor] = []
         self.keep_block_outputs = keep_block_outputs
+        self.readout: torch.Tensor | None = None
 
     def on_probabilities(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
         # Layers are called in order during a forward; a second forward in the same session
@@ -46,6 +51,10 @@ class AttentionRecorder:
     def on_block_output(self, layer: int, hidden: torch.Tensor) -> None:
         if self.keep_block_outputs:
             self.block_outputs.append(hidden)
+
+    def on_readout(self, weights: torch.Tensor) -> None:
+        """The head's (B, N) token weights of this forward (each row sums to 1), kept without the graph."""
+        self.readout = weights.detach()
 
     # Hooks for modified backward passes (LRP): how attention combines q, k, v, and how a
     # projection that is not called as a module (MultiheadAttention's packed in_proj) is applied.

@@ -1,4 +1,4 @@
-"""Hugging Face ``CLIPModel``: the image tower explained for text prompts (image-text similarity, zero-shot).
+"""Hugging Face ``CLIPModel`` and ``SiglipModel``: the image tower explained for text prompts (zero-shot too).
 
 A CLIP model has no classifier; its "classes" are text prompts. For prompts t_1..t_K the adapter's logits
 are the model's own ``logits_per_image``:
@@ -20,6 +20,16 @@ runs a layer's tokens through the same ``post_layernorm``, ``visual_projection``
 without ``exp(logit_scale)``, a positive constant that the ReLU and the min-max of the map ignore).
 AttnLRP / CP-LRP are refused: the L2 normalisation of the image embedding in the cosine has no
 relevance rule.
+
+SigLIP (:class:`HFSiglip`) differs in three places. Its logits add a learnt bias,
+``y_k = exp(logit_scale) * cos(e(x), u_k) + logit_bias`` (``u_k`` is the text tower's pooled output, no
+projection). Its image tower has no CLS token: ``e(x) = head(post_layernorm(z^L))``, where ``head`` is an
+attention-pooling block, a learnt probe query q attending over all N patch tokens
+(``a = mean_heads softmax(q K^T / sqrt(d))``, then out_proj, layernorm + MLP residual). So the rollout-style
+readout row is that pooling attention of the image, ``w = a`` (B, N), captured from the head's own
+``nn.MultiheadAttention`` weights in the same forward, not a CLS row. And LeGrad's ``pool='model'`` re-applies
+the attention pooler to a layer's tokens, which is the official LeGrad SigLIP code (without its empty-prompt
+correction).
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from vitlens.models.hf_capture import hf_capture
 from vitlens.models.preprocess import hf_preprocess_from_config
 from vitlens.models.registry import Family, register_family
 
-SUPPORTED = ("CLIPModel",)
+SUPPORTED = ("CLIPModel", "SiglipModel")
 #: the options only this family reads (any of them selects it)
 PROMPT_OPTIONS = frozenset({"prompts", "classes", "template", "tokenizer"})
 #: what an attention layer must have for its call to go through AttentionInterface as read here
@@ -92,14 +102,14 @@ class HFClip(ImageModel):
     """
 
     family = "hf-clip"
-    #: what each kind of model calls its vision tower
-    vision_attribute = "vision_model"
+    #: how the prompts are padded (SigLIP was trained on prompts padded to the tokenizer's maximum length)
+    padding: bool | str = True
 
     def __init__(self, module, preprocess, class_names=None, info=None, *, prompts=None, classes=None,
                  template=None, tokenizer=None):
         super().__init__(module, preprocess, None, info)
         self.kind = type(module).__name__
-        self.vision = getattr(module, self.vision_attribute)
+        self.vision = module.vision_model
         self.layers = self.vision.encoder.layers
         for i, layer in enumerate(self.layers):
             attention = getattr(layer, "self_attn", None)
@@ -133,7 +143,7 @@ class HFClip(ImageModel):
     def _tokenize(self, texts: list[str]) -> dict:
         if self.tokenizer is None:
             self.tokenizer = self._own_tokenizer()
-        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        tokens = self.tokenizer(texts, padding=self.padding, truncation=True, return_tensors="pt")
         return {k: tokens[k].to(self.device) for k in ("input_ids", "attention_mask") if k in tokens}
 
     def _own_tokenizer(self):
@@ -218,6 +228,53 @@ class HFClip(ImageModel):
             yield recorder
 
 
+class HFSiglip(HFClip):
+    """Hugging Face ``SiglipModel``: no CLS token, an attention-pooling head, a logit bias (see the module doc)."""
+
+    family = "hf-siglip"
+    padding = "max_length"
+
+    def __init__(self, module, preprocess, class_names=None, info=None, **prompt_options):
+        if not getattr(module.vision_model, "use_head", False):
+            raise ModelError("SigLIP vision towers without the attention-pooling head (vision_use_head=False) have "
+                             "no image embedding to compare with prompts")
+        super().__init__(module, preprocess, class_names, info, **prompt_options)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 0
+
+    def readout_weights(self, num_tokens, device=None, dtype=torch.float32):
+        """Outside a capture (no pooling attention recorded): the mean of all tokens."""
+        return torch.full((num_tokens,), 1.0 / num_tokens, device=device, dtype=dtype)
+
+    def similarity_logits(self, image_embeddings):
+        """y = exp(logit_scale) * cos(image embedding, prompt embedding) + logit_bias, (B, K)."""
+        return super().similarity_logits(image_embeddings) + self.module.logit_bias
+
+    def image_embeddings(self, x):
+        """(B, D) e(x) = head(post_layernorm(z^L)), the attention-pooled image embedding."""
+        interpolate = tuple(x.shape[-2:]) != self._image_size()
+        return self.vision(pixel_values=x, interpolate_pos_encoding=interpolate).pooler_output
+
+    def _head(self, hidden):
+        """A layer's (B, N, C) tokens through post_layernorm, the attention-pooling head and the cosine."""
+        return self.similarity_logits(self.vision.head(self.vision.post_layernorm(hidden)))
+
+    @contextlib.contextmanager
+    def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+        pooling = self.vision.head.attention
+
+        def report_pooling_weights(module, inputs, output):
+            # nn.MultiheadAttention returns the probe's weights averaged over heads, (B, 1, N)
+            if output[1] is not None:
+                recorder.on_readout(output[1][:, 0])
+
+        with super().capture(recorder), contextlib.ExitStack() as stack:
+            stack.callback(pooling.register_forward_hook(report_pooling_weights).remove)
+            yield recorder
+
+
 def wrap(module, preprocess=None, class_names=None, info=None, *, prompts=None, classes=None, template=None,
          tokenizer=None) -> HFClip:
     if not is_hf_clip(module):
@@ -225,10 +282,11 @@ def wrap(module, preprocess=None, class_names=None, info=None, *, prompts=None, 
                          f"{type(module).__name__} is not one")
     preprocess = preprocess or hf_preprocess_from_config(module.config.vision_config,
                                                          getattr(module.config, "_name_or_path", None) or None)
-    return HFClip(module, preprocess, class_names, info, prompts=prompts, classes=classes, template=template,
-                  tokenizer=tokenizer)
+    adapter = HFSiglip if type(module).__name__ == "SiglipModel" else HFClip
+    return adapter(module, preprocess, class_names, info, prompts=prompts, classes=classes, template=template,
+                   tokenizer=tokenizer)
 
 
 # before the classifier families: a CLIPModel is read as a CLIP model, never as a generic one
 register_family(Family("hf-clip", "image", is_hf_clip, wrap, priority=18, options=PROMPT_OPTIONS,
-                       description="Hugging Face CLIPModel (with text prompts)"))
+                       description="Hugging Face CLIPModel and SiglipModel (with text prompts)"))
