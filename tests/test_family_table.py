@@ -49,6 +49,13 @@ def _siglip():
     return vitlens.load_model(tiny_hf_siglip(dtype=torch.float32), classes=CLASSES, tokenizer=siglip_tokenizer())
 
 
+def _open_clip():
+    pytest.importorskip("open_clip", reason="pip install open-clip-torch")
+    from tests.models.test_openclip import CLASSES, tiny_open_clip
+
+    return vitlens.load_model(tiny_open_clip(dtype=torch.float32), classes=CLASSES)
+
+
 def _swin():
     import timm
 
@@ -71,6 +78,7 @@ MODELS = {
     "torchvision `VisionTransformer`": lambda: vitlens.load_model(tiny_torchvision_vit()),
     "Hugging Face CLIP": _clip,
     "Hugging Face SigLIP": _siglip,
+    "OpenCLIP ViT": _open_clip,
     "your own ViT with `nn.MultiheadAttention`": _own_vit,
     "Swin, Swin-V2, ConvNeXt, MaxViT, CNNs": _swin,
 }

@@ -45,7 +45,7 @@ from vitlens.models.base import ImageModel
 from vitlens.models.capture import AttentionRecorder
 from vitlens.models.hf_capture import hf_capture
 from vitlens.models.preprocess import hf_preprocess_from_config
-from vitlens.models.registry import Family, register_family
+from vitlens.models.registry import Family, NotThisFamily, register_family
 
 SUPPORTED = ("CLIPModel", "SiglipModel")
 #: the options only this family reads (any of them selects it)
@@ -88,7 +88,85 @@ def prompts_from(prompts=None, classes=None, template=None) -> tuple[list[str], 
     return items, items
 
 
-class HFClip(ImageModel):
+class PromptedImageModel(ImageModel):
+    """What every CLIP-style adapter shares: prompts as classes, their text embeddings, the cosine logits.
+
+    Subclasses say how prompts become text embeddings (:meth:`encode_prompts`) and the image tower's
+    embedding (:meth:`image_embeddings`, :meth:`_head`); the logits are
+    ``exp(logit_scale) * cos(image embedding, prompt embedding) (+ logit_bias when the model has one)``.
+    """
+
+    def __init__(self, module, preprocess, info=None, *, prompts=None, classes=None, template=None,
+                 tokenizer=None):
+        super().__init__(module, preprocess, None, info)
+        self.kind = type(module).__name__
+        self.tokenizer = tokenizer
+        self.prompts: list[str] = []
+        self.prompt_embeddings: torch.Tensor | None = None
+        self._initial_prompts = prompts_from(prompts, classes, template)
+
+    def _set_initial_prompts(self) -> None:
+        """Encode the prompts given at construction (called by subclasses once their parts are known)."""
+        texts, names = self._initial_prompts
+        if texts:
+            self._set(texts, names)
+
+    # --- prompts ---------------------------------------------------------------------------------
+    def set_prompts(self, prompts=None, *, classes=None, template=None) -> "PromptedImageModel":
+        """Explain similarity to these prompts from now on (or zero-shot ``classes`` filled into ``template``)."""
+        texts, names = prompts_from(prompts, classes, template)
+        if not texts:
+            raise ModelError("set_prompts needs prompts or zero-shot classes")
+        self._set(texts, names)
+        return self
+
+    def _set(self, texts: list[str], names: list[str]) -> None:
+        with torch.no_grad(), self.eval_mode():
+            embeddings = self.encode_prompts(texts)
+        self.prompts = list(texts)
+        self.class_names = list(names)
+        self.prompt_embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
+
+    def encode_prompts(self, texts: list[str]) -> torch.Tensor:
+        """(K, D) text embeddings of the prompts (not normalised)."""
+        raise NotImplementedError
+
+    def _require_prompts(self) -> torch.Tensor:
+        if self.prompt_embeddings is None:
+            raise TargetError(f"{self.kind} is explained for text prompts and has none: load_model(..., prompts=[...]) "
+                              "or model.set_prompts([...])")
+        return self.prompt_embeddings
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.prompts) if self.prompt_embeddings is not None else 0
+
+    def unsupported_methods(self) -> dict:
+        return {"attnlrp": LRP_REASON, "cp-lrp": LRP_REASON}
+
+    def similarity_logits(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """y = exp(logit_scale) * cos(image embedding, prompt embedding) (+ logit_bias), (B, K)."""
+        prompts = self._require_prompts().to(image_embeddings.device, image_embeddings.dtype)
+        image = image_embeddings / image_embeddings.norm(dim=-1, keepdim=True)
+        logits = self.module.logit_scale.exp() * image @ prompts.T
+        bias = getattr(self.module, "logit_bias", None)
+        return logits if bias is None else logits + bias
+
+    def image_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) the image tower's embedding."""
+        raise NotImplementedError
+
+    def logits(self, x):
+        self._require_prompts()
+        return self.similarity_logits(self.image_embeddings(x))
+
+    def layer_logits(self, hidden, pool="model"):
+        if pool not in ("model", "mean"):
+            raise MethodError(f"unknown pool {pool!r}: expected 'model' or 'mean'")
+        return super().layer_logits(hidden, pool)
+
+
+class HFClip(PromptedImageModel):
     """Hugging Face ``CLIPModel``: the vision tower's similarity to text prompts as class logits.
 
     Parameters
@@ -105,10 +183,8 @@ class HFClip(ImageModel):
     #: how the prompts are padded (SigLIP was trained on prompts padded to the tokenizer's maximum length)
     padding: bool | str = True
 
-    def __init__(self, module, preprocess, class_names=None, info=None, *, prompts=None, classes=None,
-                 template=None, tokenizer=None):
-        super().__init__(module, preprocess, None, info)
-        self.kind = type(module).__name__
+    def __init__(self, module, preprocess, class_names=None, info=None, **prompt_options):
+        super().__init__(module, preprocess, info, **prompt_options)
         self.vision = module.vision_model
         self.layers = self.vision.encoder.layers
         for i, layer in enumerate(self.layers):
@@ -117,28 +193,7 @@ class HFClip(ImageModel):
                 raise ModelError(f"unsupported attention {type(attention).__name__} in layer {i} of {self.kind}: "
                                  "vitlens reads transformers' attention with q_proj, k_proj, v_proj, out_proj "
                                  "through AttentionInterface")
-        self.tokenizer = tokenizer
-        self.prompts: list[str] = []
-        self.prompt_embeddings: torch.Tensor | None = None
-        texts, names = prompts_from(prompts, classes, template)
-        if texts:
-            self._set(texts, names)
-
-    # --- prompts ---------------------------------------------------------------------------------
-    def set_prompts(self, prompts=None, *, classes=None, template=None) -> "HFClip":
-        """Explain similarity to these prompts from now on (or zero-shot ``classes`` filled into ``template``)."""
-        texts, names = prompts_from(prompts, classes, template)
-        if not texts:
-            raise ModelError("set_prompts needs prompts or zero-shot classes")
-        self._set(texts, names)
-        return self
-
-    def _set(self, texts: list[str], names: list[str]) -> None:
-        with torch.no_grad(), self.eval_mode():
-            embeddings = self.encode_prompts(texts)
-        self.prompts = list(texts)
-        self.class_names = list(names)
-        self.prompt_embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
+        self._set_initial_prompts()
 
     def _tokenize(self, texts: list[str]) -> dict:
         if self.tokenizer is None:
@@ -161,17 +216,7 @@ class HFClip(ImageModel):
         features = self.module.get_text_features(**self._tokenize(texts))
         return getattr(features, "pooler_output", features)
 
-    def _require_prompts(self) -> torch.Tensor:
-        if self.prompt_embeddings is None:
-            raise TargetError(f"{self.kind} is explained for text prompts and has none: load_model(..., prompts=[...]) "
-                              "or model.set_prompts([...])")
-        return self.prompt_embeddings
-
     # --- facts -------------------------------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return len(self.prompts) if self.prompt_embeddings is not None else 0
-
     @property
     def num_layers(self) -> int:
         return len(self.layers)
@@ -192,34 +237,16 @@ class HFClip(ImageModel):
     def block_norm_names(self):
         return [self.module_name(layer.layer_norm1) for layer in self.layers]
 
-    def unsupported_methods(self) -> dict:
-        return {"attnlrp": LRP_REASON, "cp-lrp": LRP_REASON}
-
     # --- running it --------------------------------------------------------------------------------
-    def similarity_logits(self, image_embeddings: torch.Tensor) -> torch.Tensor:
-        """y = exp(logit_scale) * cos(image embedding, prompt embedding), (B, K)."""
-        prompts = self._require_prompts().to(image_embeddings.device, image_embeddings.dtype)
-        image = image_embeddings / image_embeddings.norm(dim=-1, keepdim=True)
-        return self.module.logit_scale.exp() * image @ prompts.T
-
     def image_embeddings(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) e(x) = visual_projection(post_layernorm(CLS)), the model's own modules in its order."""
         interpolate = tuple(x.shape[-2:]) != self._image_size()
         pooled = self.vision(pixel_values=x, interpolate_pos_encoding=interpolate).pooler_output
         return self.module.visual_projection(pooled)
 
-    def logits(self, x):
-        self._require_prompts()
-        return self.similarity_logits(self.image_embeddings(x))
-
     def _head(self, hidden):
         """A layer's (B, N, C) tokens read as the model reads its last: CLS, post_layernorm, projection, cosine."""
         return self.similarity_logits(self.module.visual_projection(self.vision.post_layernorm(hidden[:, 0])))
-
-    def layer_logits(self, hidden, pool="model"):
-        if pool not in ("model", "mean"):
-            raise MethodError(f"unknown pool {pool!r}: expected 'model' or 'mean'")
-        return super().layer_logits(hidden, pool)
 
     @contextlib.contextmanager
     def capture(self, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
@@ -248,10 +275,6 @@ class HFSiglip(HFClip):
         """Outside a capture (no pooling attention recorded): the mean of all tokens."""
         return torch.full((num_tokens,), 1.0 / num_tokens, device=device, dtype=dtype)
 
-    def similarity_logits(self, image_embeddings):
-        """y = exp(logit_scale) * cos(image embedding, prompt embedding) + logit_bias, (B, K)."""
-        return super().similarity_logits(image_embeddings) + self.module.logit_bias
-
     def image_embeddings(self, x):
         """(B, D) e(x) = head(post_layernorm(z^L)), the attention-pooled image embedding."""
         interpolate = tuple(x.shape[-2:]) != self._image_size()
@@ -277,8 +300,8 @@ class HFSiglip(HFClip):
 
 def wrap(module, preprocess=None, class_names=None, info=None, *, prompts=None, classes=None, template=None,
          tokenizer=None) -> HFClip:
-    if not is_hf_clip(module):
-        raise ModelError(f"prompts are for CLIP-style models (Hugging Face CLIPModel, SiglipModel, OpenCLIP): "
+    if not is_hf_clip(module):  # prompts given for another model: the next prompted family may read it
+        raise NotThisFamily(f"prompts are for CLIP-style models (Hugging Face CLIPModel, SiglipModel, OpenCLIP): "
                          f"{type(module).__name__} is not one")
     preprocess = preprocess or hf_preprocess_from_config(module.config.vision_config,
                                                          getattr(module.config, "_name_or_path", None) or None)

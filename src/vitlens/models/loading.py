@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 # the built-in image families register themselves on import (order does not matter: priorities do)
-from vitlens.models import (cnn, hf_clip, hf_image, hf_vit, packaged, timm_beit, timm_cait, timm_eva, timm_vit,  # noqa: F401
-                            torch_attention, torchvision_vit)
+from vitlens.models import (cnn, hf_clip, hf_image, hf_vit, openclip, packaged, timm_beit, timm_cait,  # noqa: F401
+                            timm_eva, timm_vit, torch_attention, torchvision_vit)
 from vitlens.devices import select_device
 from vitlens.errors import ModelError
 from vitlens.models.base import ImageModel, ModelInfo
@@ -118,7 +118,12 @@ def wrap_module(module: nn.Module, preprocess: Preprocess | None = None, class_n
         class_names = default_class_names(module)
     not_ours = None
     for family in candidates(module, "image", options):
-        model = family.wrap(module, preprocess=preprocess, class_names=class_names, info=info, **options)
+        try:
+            # a family whose options were given may see at once that the module is not its kind
+            model = family.wrap(module, preprocess=preprocess, class_names=class_names, info=info, **options)
+        except NotThisFamily as exc:
+            not_ours = not_ours or exc
+            continue
         if overrides:
             model.preprocess = model.preprocess.with_overrides(**overrides)
             fixed = model.fixed_input_size()
@@ -149,6 +154,9 @@ def _load_from_spec(spec: str, weights, num_classes, overrides=None, options=Non
         raise ModelError(f"unknown model spec '{spec}': use {prefixes} or a local HF directory")
     loaded = loader(spec, name, weights, num_classes)
     info = ModelInfo(spec=spec, weights=loaded.weights)
+    options = dict(options or {})
+    if loaded.tokenizer is not None and "tokenizer" not in options:
+        options["tokenizer"] = loaded.tokenizer  # the spec's own tokenizer for its prompts
     return wrap_module(loaded.module, preprocess=loaded.preprocess, class_names=loaded.class_names, info=info,
                        overrides=overrides, **(options or {}))
 

@@ -68,6 +68,8 @@ class LoadedModule:
     preprocess: object | None = None
     class_names: list | None = None
     weights: str | None = None
+    #: the model's own tokenizer, for families that take text prompts (OpenCLIP's ``get_tokenizer(ARCH)``)
+    tokenizer: object | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
