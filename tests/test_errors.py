@@ -112,8 +112,24 @@ def _one_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
 
+def _tiny_clip_dir(monkeypatch):
+    """A random tiny Hugging Face CLIP model with its tokenizer, saved as ./tiny-clip."""
+    import contextlib
+    import io
+
+    from tests.models.test_hf_clip import tiny_hf_clip, tiny_tokenizer
+
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' progress bar is not the command's output
+        tiny_hf_clip(dtype=torch.float32).save_pretrained("tiny-clip")
+        tiny_tokenizer().save_pretrained("tiny-clip")
+
+
 #: row name -> what the row needs besides its command: a monkeypatch setup, the MiniLM package
 CLI_CASES = {
+    "CLIP-style model without prompts": {"setup": _tiny_clip_dir},
+    "prompts for a model that is not CLIP-style": {},
+    "--prompt and --classes together": {},
+    "--template without --classes": {},
     "unknown option": {},
     "missing argument": {},
     "option value of the wrong type": {},

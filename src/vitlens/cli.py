@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from vitlens.cliargs import (OVERLAY_MAX_SIDE, check_count, check_out_dir, check_overlay, check_overlay_max_side,
-                             check_params_requested, check_target, class_indices, parse_method_params, parse_params,
-                             parse_save, parse_target, select_device)
+                             check_params_requested, check_prompts_given, check_target, class_indices,
+                             parse_method_params, parse_params, parse_save, parse_target, prompt_options,
+                             select_device)
 from vitlens.text import cli as text_cli
 
 DEFAULT_MODEL = "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -65,6 +66,14 @@ def _add_model_options(p):
     p.add_argument("--attention-layers", action="append", metavar="PATTERN",
                    help="glob pattern of the attention modules, e.g. 'encoder.layers.*.self_attn' (repeatable or "
                         "comma-separated): read the model with the generic attention adapter")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="CLIP-style models (CLIP, SigLIP, OpenCLIP): a text prompt, one class per prompt (repeatable); "
+                        "--target is a prompt's index or text, or pred")
+    p.add_argument("--classes", metavar="FILE_OR_LIST",
+                   help="CLIP-style models: zero-shot class names, a file with one per line or a comma-separated list, "
+                        "each filled into --template; --target is a class name or index")
+    p.add_argument("--template", metavar="TEXT",
+                   help="the zero-shot prompt of --classes, with {} for the class name (default: 'a photo of a {}.')")
 
 
 def _add_method_options(p, default="all"):
@@ -231,9 +240,12 @@ def _load(args):
     from vitlens.distributed import local_device
 
     device = local_device(select_device(args.device))
-    return vitlens.load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=device,
-                              input_size=args.input_size, mean=args.mean, std=args.std,
-                              interpolation=args.interpolation, attention_layers=args.attention_layers)
+    model = vitlens.load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=device,
+                               input_size=args.input_size, mean=args.mean, std=args.std,
+                               interpolation=args.interpolation, attention_layers=args.attention_layers,
+                               **prompt_options(args))
+    check_prompts_given(model)
+    return model
 
 
 def _check_options(args) -> None:
@@ -253,6 +265,7 @@ def _check_options(args) -> None:
 
         args.precision = precision_name(args.precision, option="--precision")
     select_device(getattr(args, "device", None))
+    prompt_options(args)
 
 
 def _join_group(args):

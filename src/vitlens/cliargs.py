@@ -204,3 +204,41 @@ def check_out_dir(path) -> Path:
 
 __all__ = ["check_count", "check_out_dir", "check_overlay", "check_params_requested", "check_target",
            "class_indices", "parse_method_params", "parse_params", "parse_target", "parse_value", "select_device"]
+
+
+# ------------------------------------------------------------------------------ CLIP-style prompts
+def prompt_options(args) -> dict:
+    """``--prompt`` / ``--classes`` / ``--template`` as ``load_model`` keywords (``prompts``, ``classes``,
+    ``template``), checked without a model. ``--classes`` is a file with one class name per line (blank
+    lines skipped) when such a file exists, else a comma-separated list."""
+    prompts, classes, template = (getattr(args, name, None) for name in ("prompt", "classes", "template"))
+    if prompts is not None and classes is not None:
+        raise UsageError("give --prompt (the prompts themselves) or --classes (filled into --template), not both")
+    if template is not None and classes is None:
+        raise UsageError("--template needs --classes: the class names it is filled with")
+    if template is not None and "{}" not in template:
+        raise UsageError(f"--template {template!r} has no {{}} for the class name")
+    options = {}
+    if prompts is not None:
+        if any(not p.strip() for p in prompts):
+            raise UsageError("--prompt must be a non-empty text")
+        options["prompts"] = list(prompts)
+    if classes is not None:
+        if os.path.isfile(classes):
+            names = [line.strip() for line in Path(classes).read_text().splitlines() if line.strip()]
+        else:
+            names = [name.strip() for name in classes.split(",")]
+        if not names or any(not name for name in names):
+            raise UsageError(f"--classes {classes!r}: give a file with one class name per line or a comma-separated "
+                             "list of non-empty names")
+        options["classes"] = names
+        if template is not None:
+            options["template"] = template
+    return options
+
+
+def check_prompts_given(model) -> None:
+    """A CLIP-style model loaded without prompts has no classes to explain: a one-line usage error."""
+    if getattr(model, "prompt_embeddings", False) is None:
+        raise UsageError(f"{model.kind} is explained for text prompts: give --prompt TEXT (repeatable) or "
+                         "--classes FILE_OR_LIST (with --template)")

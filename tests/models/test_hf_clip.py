@@ -402,3 +402,52 @@ def test_hf_directory_loads_the_clip_model_and_its_tokenizer(tmp_path):
     ids = tiny_tokenizer()(PROMPTS[:3], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(model.logits(x), module(pixel_values=x, **ids).logits_per_image, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. the command line: --prompt, --classes, --template
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny CLIP model with its tokenizer saved as a Hugging Face directory, and a photo."""
+    import contextlib
+    import io
+
+    from PIL import Image
+
+    where = tmp_path_factory.mktemp("clip")
+    with contextlib.redirect_stderr(io.StringIO()):
+        tiny_hf_clip(seed=6, dtype=torch.float32).save_pretrained(where / "model")
+        tiny_tokenizer().save_pretrained(where / "model")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(where / "cat.png")
+    return where
+
+
+def test_cli_explain_with_prompts_and_a_prompt_target(clip_dir, tmp_path):
+    import json
+
+    from vitlens import cli
+
+    out = tmp_path / "run"
+    argv = ["explain", str(clip_dir / "cat.png"), "--model", str(clip_dir / "model"), "--prompt", PROMPTS[0],
+            "--prompt", PROMPTS[1], "--target", PROMPTS[1], "--methods", "rollout,legrad", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    record = json.loads(next((out / "records").iterdir()).read_text())
+    assert PROMPTS[1] in json.dumps(record)
+    assert sorted(p.name for p in (out / "maps").iterdir()) == ["legrad", "rollout"]
+
+
+def test_cli_zero_shot_classes_from_a_file_in_compare_and_evaluate(clip_dir, tmp_path, capsys):
+    from vitlens import cli
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("dog\ncat\n\nbird\n")
+    model = ["--model", str(clip_dir / "model"), "--classes", str(classes), "--template", "a photo of the {} ."]
+    grid = tmp_path / "grid.png"
+    assert cli.main(["compare", str(clip_dir / "cat.png"), *model, "--methods", "chefer,legrad", "--target", "cat",
+                     "--out", str(grid)]) == 0
+    assert grid.is_file()
+    assert cli.main(["evaluate", str(clip_dir / "cat.png"), "--model", str(clip_dir / "model"), "--classes", "dog,cat",
+                     "--methods", "rollout", "--metrics", "deletion", "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    assert "error" not in capsys.readouterr().err
