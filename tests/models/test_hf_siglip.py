@@ -275,3 +275,10 @@ def test_model_returned_exactly_as_given_and_lrp_refused():
     with pytest.raises(MethodError, match="cosine similarity") as info:
         vitlens.explain(model, x, methods=["cp-lrp"])
     assert "\n" not in str(info.value)
+
+
+def test_another_model_inside_the_capture_is_untouched():
+    from tests.models.family_checks import check_bystander_untouched
+
+    check_bystander_untouched(load(tiny_hf_siglip(seed=0)), tiny_hf_siglip(seed=1),
+                              call=lambda module, x: module.get_image_features(pixel_values=x).pooler_output)

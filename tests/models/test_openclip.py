@@ -213,3 +213,10 @@ def test_open_clip_spec_with_a_weights_file(tmp_path):
         vitlens.load_model("open_clip:no-such-arch", prompts=["a dog"])
     with pytest.raises(ModelError, match="unknown OpenCLIP pretrained tag 'nope'"):
         vitlens.load_model("open_clip:ViT-B-32:nope", prompts=["a dog"])
+
+
+def test_another_model_inside_the_capture_is_untouched():
+    from tests.models.family_checks import check_bystander_untouched
+
+    check_bystander_untouched(vitlens.load_model(tiny_open_clip(seed=0), prompts=PROMPTS[:2]), tiny_open_clip(seed=1),
+                              call=lambda module, x: module.encode_image(x))
