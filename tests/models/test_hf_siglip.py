@@ -48,7 +48,8 @@ def tiny_hf_siglip(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     config = SiglipConfig(
         text_config=dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16),
+                         num_attention_heads=4, max_position_embeddings=16, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                            image_size=32, patch_size=8))
     module = SiglipModel(config)

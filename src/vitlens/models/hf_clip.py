@@ -48,7 +48,7 @@ from vitlens.models.preprocess import hf_preprocess_from_config
 from vitlens.models.registry import Family, NotThisFamily, register_family
 
 SUPPORTED = ("CLIPModel", "SiglipModel")
-#: the options only this family reads (any of them selects it)
+#: the options only the CLIP-style families read (any of them selects one of those families)
 PROMPT_OPTIONS = frozenset({"prompts", "classes", "template", "tokenizer"})
 #: what an attention layer must have for its call to go through AttentionInterface as read here
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "out_proj", "config")
