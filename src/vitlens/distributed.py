@@ -98,10 +98,6 @@ class Group:
             raise outcome[1]
         return outcome[1]
 
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
 
 def _launched_by_torchrun() -> bool:
     try:

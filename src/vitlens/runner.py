@@ -76,7 +76,6 @@ class RunSummary:
     manifest: Path | None = None
     report: Path | None = None
     seconds: float = 0.0
-    world_size: int = 1
 
 
 def _load(sample: Sample, reduce=None):
@@ -191,7 +190,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
 
     group.run_on_main(prepare_directory)
     writer = writer_for(prepare=False)
-    summary = RunSummary(out_dir=Path(out_dir), total=len(samples), world_size=group.world_size)
+    summary = RunSummary(out_dir=Path(out_dir), total=len(samples))
     started = time.perf_counter()
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     mine = group.share(batches)
