@@ -23,12 +23,16 @@ import torch
 import torch.nn.functional as F
 
 import vitlens
-from tests.methods.general_reference import (CASES, batched_and_alone, general_reference, module_snapshot,
-                                             readout_vector, reference_params)
+from tests.methods.general_reference import CASES, general_reference, readout_vector
 from tests.methods.test_methods_reference import assert_scaled_close, reference
-from tests.models.family_checks import check_bystander_untouched
-from vitlens.errors import MethodError, ModelError, TargetError
-from vitlens.methods import REGISTRY
+from tests.models.family_checks import (check_batched_equals_alone, check_bystander_untouched,
+                                        check_capture_keeps_the_logits, check_gradcam_formula, check_module_as_given,
+                                        eager_copy, explain_one, reference_gradients)
+from tests.models.family_checks import layer_norm as _ln
+from tests.models.prompted_checks import (ATTENTION_METHODS, check_logits_are_the_models, check_lrp_refused,
+                                          check_two_prompts_differ, prompted_setup, restate_hf_encoder,
+                                          unit_scale)
+from vitlens.errors import ModelError, TargetError
 from vitlens.models import AttentionRecorder
 from vitlens.models.hf_clip import HFClip, is_hf_clip
 from vitlens.models.registry import find_family
@@ -39,6 +43,11 @@ PROMPTS = [TEMPLATE.format(c) for c in CLASSES]
 TARGETS = [3, 5]
 GRID = (4, 4)
 N = 1 + GRID[0] * GRID[1]
+# the towers' configs (shared with test_hf_siglip.py): the tokenizer's ids, 3 vision layers on 8x8 patches
+TEXT_CONFIG = dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+VISION_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                     patch_size=8)
 
 
 def tiny_tokenizer():
@@ -61,29 +70,10 @@ def tiny_hf_clip(seed=0, dtype=torch.float64):
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=3, bos_token_id=2,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16, logit_scale_init_value=1.5)
+    config = CLIPConfig(text_config=dict(TEXT_CONFIG), vision_config=dict(VISION_CONFIG), projection_dim=16,
+                        logit_scale_init_value=1.5)
     module = CLIPModel(config)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            last = name.split(".")[-1]
-            if name == "logit_scale":
-                continue
-            if last == "bias":
-                p.normal_(std=0.1)
-            elif last == "class_embedding":
-                p.normal_()
-            elif "position_embedding" in name:
-                p.normal_(std=0.5)
-            elif p.dim() == 1:  # layernorm weights
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(std=p[0].numel() ** -0.5)
+    unit_scale(module, fan_in=lambda p: p[0].numel())
     return module.to(dtype).eval()
 
 
@@ -95,14 +85,6 @@ def load(module, **options):
 # --------------------------------------------------------------------------------------------------
 # the image tower restated from its parameters (no vitlens code, no vision forward)
 # --------------------------------------------------------------------------------------------------
-
-def _ln(t, ln):
-    return F.layer_norm(t, (t.shape[-1],), ln.weight, ln.bias, ln.eps)
-
-
-def _lin(t, lin):
-    return F.linear(t, lin.weight, lin.bias)
-
 
 def prompt_embeddings(m, prompts=PROMPTS):
     """(K, D) normalised text embeddings from the model's own text tower."""
@@ -118,21 +100,13 @@ def explicit_forward(m, x, prompts=PROMPTS):
     patches = F.conv2d(x, v.embeddings.patch_embedding.weight, stride=v.config.patch_size).flatten(2).transpose(1, 2)
     cls = v.embeddings.class_embedding.expand(x.shape[0], 1, -1)
     z = torch.cat([cls, patches], dim=1) + v.embeddings.position_embedding.weight
-    z = _ln(z, v.pre_layrnorm)
-    attentions, outputs, normed = [], [], []
-    for layer in v.encoder.layers:
-        a = layer.self_attn
-        h = _ln(z, layer.layer_norm1)
-        normed.append(h)
-        B, n, C = h.shape
-        q, k, val = (_lin(h, p).view(B, n, heads, -1).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
-        probs = ((q @ k.transpose(-2, -1)) * (C // heads) ** -0.5).softmax(-1)
-        attentions.append(probs)
-        z = z + _lin((probs @ val).transpose(1, 2).reshape(B, n, C), a.out_proj)
-        f = _lin(_ln(z, layer.layer_norm2), layer.mlp.fc1)
-        z = z + _lin(f * torch.sigmoid(1.702 * f), layer.mlp.fc2)  # quick GELU
-        outputs.append(z)
+    z, attentions, outputs, normed = restate_hf_encoder(_ln(z, v.pre_layrnorm), v.encoder.layers, heads, quick_gelu_mlp)
     return cls_logits(m, z, prompts), attentions, outputs, normed
+
+
+def quick_gelu_mlp(t, mlp):
+    f = F.linear(t, mlp.fc1.weight, mlp.fc1.bias)
+    return F.linear(f * torch.sigmoid(1.702 * f), mlp.fc2.weight, mlp.fc2.bias)
 
 
 def similarity(m, pooled, prompts=PROMPTS):
@@ -150,26 +124,14 @@ def mean_logits(m, z):
 
 def reference_capture(m, x, targets):
     logits, attentions, outputs, normed = explicit_forward(m, x)
-    t = torch.tensor(targets).view(-1, 1)
-    score = logits.gather(1, t).sum()
-    grads = torch.autograd.grad(score, attentions + [normed[-1]], retain_graph=True)
-    layer_grads = {}
-    for layer, (z, a) in enumerate(zip(outputs, attentions)):
-        for pool, read in (("model", cls_logits), ("mean", mean_logits)):
-            s = read(m, z).gather(1, t).sum()
-            layer_grads[(pool, layer)] = torch.autograd.grad(s, a, retain_graph=True)[0].numpy().copy()
-    return {"A": [a.detach().numpy().copy() for a in attentions], "G": [g.numpy().copy() for g in grads[:-1]],
-            "LG": layer_grads, "logits": logits.detach(), "cam": (normed[-1].detach(), grads[-1]),
-            "outputs": outputs, "attentions": attentions}
+    cap = reference_gradients(m, targets, logits, attentions, outputs, normed, cls_logits, mean_logits)
+    return {**cap, "outputs": outputs, "attentions": attentions}
 
 
 @pytest.fixture(scope="module")
 def setup():
     module = tiny_hf_clip(seed=1)
-    # float32 values: explain() reads image tensors as float32 before the model's dtype
-    x = torch.randn(len(TARGETS), 3, 32, 32, generator=torch.Generator().manual_seed(5)).double()
-    return {"module": module, "model": load(copy.deepcopy(module)), "x": x,
-            "cap": reference_capture(module, x, TARGETS)}
+    return prompted_setup(module, load(copy.deepcopy(module)), reference_capture, TARGETS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,8 +158,7 @@ def test_logits_are_the_models_own_logits_per_image(setup):
     ids = tiny_tokenizer()(PROMPTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = module(pixel_values=x, **ids).logits_per_image
-        torch.testing.assert_close(model.logits(x), expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(setup["cap"]["logits"], expected, rtol=0, atol=1e-10)  # the restatement is the model
+    check_logits_are_the_models(model, x, setup["cap"]["logits"], expected)
     # prompts given directly: the class names are the prompts
     direct = load(copy.deepcopy(module), prompts=PROMPTS[:2])
     assert direct.class_names == PROMPTS[:2]
@@ -219,29 +180,14 @@ def test_logits_in_float32_and_the_prediction(setup):
 
 @pytest.mark.parametrize("grad", [True, False])
 def test_capture_keeps_the_logits_and_records_only_the_image_tower(setup, grad):
-    model, x, cap = setup["model"], setup["x"], setup["cap"]
-    with torch.no_grad():
-        plain = model.logits(x)
-    recorder = AttentionRecorder(keep_block_outputs=True)
-    with torch.set_grad_enabled(grad), model.capture(recorder):
-        captured = model.logits(x)
-    assert (captured - plain).abs().max() <= 1e-12
-    assert len(recorder.attentions) == len(recorder.block_outputs) == 3
-    for mine, theirs in zip(recorder.attentions, cap["A"]):
-        np.testing.assert_allclose(mine.detach().numpy(), theirs, rtol=0, atol=1e-12)
-    last = recorder.block_outputs[-1]
-    assert (model.layer_logits(last) - plain).abs().max() <= 1e-12
-    assert (model.layer_logits(last, pool="mean") - plain).abs().max() > 1e-2
+    assert len(setup["cap"]["A"]) == 3
+    check_capture_keeps_the_logits(setup["model"], setup["x"], setup["cap"]["A"], grad)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (32, 48)], ids=["native", "non-square"])
 def test_captured_attention_equals_eager_output_attentions(setup, size):
     module, model = setup["module"], setup["model"]
-    eager = copy.deepcopy(module)
-    for m in eager.modules():
-        config = getattr(m, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = "eager"
+    eager = eager_copy(module)
     x = torch.randn(2, 3, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     ids = tiny_tokenizer()(PROMPTS, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -266,11 +212,7 @@ def test_captured_attention_equals_eager_output_attentions(setup, size):
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_matches_independent_float64_reference(setup, method, params):
     cap = setup["cap"]
-    result = vitlens.explain(setup["model"], setup["x"], methods=[method], target=TARGETS,
-                             params={method: params} if params else None)
-    actual = result.patch_maps[method][:, 0]
-    assert actual.dtype == torch.float64 and actual.shape == (2, *GRID)
-    full = reference_params(method, REGISTRY[method].params(params))
+    actual, full = explain_one(setup["model"], setup["x"], method, params, TARGETS, GRID)
     expected = general_reference(method, full, cap, readout_vector("cls", 1, N), 1)
     assert_scaled_close(actual.numpy(), expected)
     assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()  # two images, two maps
@@ -300,22 +242,13 @@ def test_legrad_is_the_official_clip_legrad(setup):
 
 
 def test_gradcam_default_layer_matches_the_formula(setup):
-    result = vitlens.explain(setup["model"], setup["x"], methods=["gradcam"], target=TARGETS)
-    activation, gradient = setup["cap"]["cam"]
-    a = activation[:, 1:].reshape(2, *GRID, -1).permute(0, 3, 1, 2)
-    g = gradient[:, 1:].reshape(2, *GRID, -1).permute(0, 3, 1, 2)
-    expected = (g.mean(dim=(2, 3))[:, :, None, None] * a).sum(1).clamp_min(0)
-    assert_scaled_close(result.patch_maps["gradcam"][:, 0].numpy(), expected.numpy())
+    check_gradcam_formula(setup["model"], setup["x"], TARGETS, setup["cap"]["cam"], GRID)
 
 
 def test_two_prompts_give_two_different_maps(setup):
-    x = setup["x"][:1]
-    result = vitlens.explain(setup["model"], x, methods=["legrad", "chefer", "gmar-l2", "gradcam"],
-                             target=torch.tensor([[CLASSES.index("dog"), CLASSES.index("house")]]))
-    for name in ("legrad", "chefer", "gmar-l2", "gradcam"):
-        maps = result.patch_maps[name][0]
-        assert maps.shape == (2, *GRID)
-        assert (maps[0] - maps[1]).abs().max() > 1e-3 * maps.abs().max(), name
+    check_two_prompts_differ(setup["model"], setup["x"][:1],
+                             torch.tensor([[CLASSES.index("dog"), CLASSES.index("house")]]),
+                             ["legrad", "chefer", "gmar-l2", "gradcam"], GRID)
 
 
 def test_zero_shot_targets_by_class_name(setup):
@@ -343,12 +276,8 @@ def test_set_prompts_changes_the_classes():
 # 3. batches, the model as given, refusals, loading
 # --------------------------------------------------------------------------------------------------
 
-METHODS = ["attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer", "gradcam"]
-
-
 def test_batched_equals_one_at_a_time(setup):
-    for batched, alone in batched_and_alone(vitlens.explain, setup["model"], setup["x"], METHODS):
-        assert_scaled_close(batched, alone, rel=1e-9)
+    check_batched_equals_alone(setup["model"], setup["x"], ATTENTION_METHODS)
 
 
 def test_model_returned_exactly_as_given():
@@ -357,15 +286,9 @@ def test_model_returned_exactly_as_given():
     model = load(module)
     assert model.module is module
     module.vision_model.encoder.layers[1].train()  # a mixed mode of the user's own: restored after every call
-    snapshot = lambda: module_snapshot(  # noqa: E731
-        module, lambda m: getattr(getattr(m, "config", None), "_attn_implementation", None))
-    before = snapshot()
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    vitlens.explain(model, x, methods="all")
-    vitlens.explain(model, x, methods=["attention"])  # no gradients
-    assert snapshot() == before
-    assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
-    assert all(p.grad is None and p.requires_grad for p in module.parameters())
+    check_module_as_given(model, module, state,
+                          lambda m: getattr(getattr(m, "config", None), "_attn_implementation", None))
+    assert all(p.requires_grad for p in module.parameters())
 
 
 def test_another_model_inside_the_capture_is_untouched():
@@ -374,9 +297,7 @@ def test_another_model_inside_the_capture_is_untouched():
 
 
 def test_refusals_are_one_line(setup):
-    with pytest.raises(MethodError, match="cosine similarity") as info:
-        vitlens.explain(setup["model"], setup["x"], methods=["attnlrp"])
-    assert "\n" not in str(info.value)
+    check_lrp_refused(setup["model"], setup["x"], "attnlrp")
     no_prompts = vitlens.load_model(tiny_hf_clip(seed=4))
     with pytest.raises(TargetError, match="has none: load_model") as info:
         vitlens.explain(no_prompts, setup["x"], methods=["rollout"])

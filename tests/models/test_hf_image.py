@@ -28,7 +28,11 @@ from tests.lrp.test_lrp_reference import lrp_layer_norm, lrp_linear
 from tests.methods.general_reference import (CASES, batched_and_alone, general_reference, module_snapshot,
                                              readout_vector, reference_params)
 from tests.methods.test_methods_reference import assert_scaled_close, reference
-from tests.models.family_checks import check_bystander_untouched, check_lrp_against_reference
+from tests.models.family_checks import (check_bystander_untouched, check_capture_keeps_the_logits,
+                                        check_gradcam_formula, check_lrp_against_reference, eager_copy,
+                                        reference_gradients)
+from tests.models.family_checks import layer_norm as _ln
+from tests.models.family_checks import linear as _lin
 from vitlens.engine import run_batch
 from vitlens.errors import ModelError
 from vitlens.methods import REGISTRY
@@ -110,14 +114,6 @@ MODELS = {
 # --------------------------------------------------------------------------------------------------
 # the models restated from their parameters (no vitlens code, no model forward)
 # --------------------------------------------------------------------------------------------------
-
-def _ln(t, ln):
-    return F.layer_norm(t, (t.shape[-1],), ln.weight, ln.bias, ln.eps)
-
-
-def _lin(t, lin):
-    return F.linear(t, lin.weight, lin.bias)
-
 
 def _is_dinov2(m):
     return type(m).__name__.startswith("Dinov2")
@@ -229,16 +225,7 @@ def reference_capture(m, x, targets):
     logits, attentions, outputs, normed = explicit_forward(m, x)
     with torch.no_grad():
         assert torch.allclose(logits, m(pixel_values=x).logits, rtol=0, atol=1e-10)  # the restatement is the model
-    t = torch.tensor(targets).view(-1, 1)
-    score = logits.gather(1, t).sum()
-    grads = torch.autograd.grad(score, attentions + [normed[-1]], retain_graph=True)
-    layer_grads = {}
-    for layer, (z, a) in enumerate(zip(outputs, attentions)):
-        for pool, read in (("model", pooled_logits), ("mean", mean_logits)):
-            s = read(m, z).gather(1, t).sum()
-            layer_grads[(pool, layer)] = torch.autograd.grad(s, a, retain_graph=True)[0].numpy().copy()
-    return {"A": [a.detach().numpy().copy() for a in attentions], "G": [g.numpy().copy() for g in grads[:-1]],
-            "LG": layer_grads, "logits": logits.detach(), "cam": (normed[-1].detach(), grads[-1])}
+    return reference_gradients(m, targets, logits, attentions, outputs, normed, pooled_logits, mean_logits)
 
 
 def model_readout(m, n):
@@ -288,30 +275,10 @@ def test_family_and_facts(setup):
 def test_capture_keeps_the_logits_and_records_the_models_own_probabilities(setup, grad):
     model, x, cap = setup["model"], setup["x"], setup["cap"]
     assert model.module.config._attn_implementation == "sdpa"  # fused: no probabilities without the capture
-    with torch.no_grad():
-        plain = model.logits(x)
-    torch.testing.assert_close(plain, cap["logits"], rtol=0, atol=1e-10)
-    recorder = AttentionRecorder(keep_block_outputs=True)
-    with torch.set_grad_enabled(grad), model.capture(recorder):
-        captured = model.logits(x)
-    assert (captured - plain).abs().max() <= 1e-12
-    assert len(recorder.attentions) == len(recorder.block_outputs) == 3
-    for mine, theirs in zip(recorder.attentions, cap["A"]):
-        assert mine.shape == (2, 4, setup["n"], setup["n"])
-        np.testing.assert_allclose(mine.detach().numpy(), theirs, rtol=0, atol=1e-12)
+    assert len(cap["A"]) == 3
     # LeGrad's per-layer score at the last layer is the model's logit; the 'mean' score is another one
-    last = recorder.block_outputs[-1]
-    assert (model.layer_logits(last) - plain).abs().max() <= 1e-12
-    assert (model.layer_logits(last, pool="mean") - plain).abs().max() > 1e-2
-
-
-def _eager(module):
-    eager = copy.deepcopy(module)
-    for m in eager.modules():
-        config = getattr(m, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = "eager"
-    return eager
+    plain = check_capture_keeps_the_logits(model, x, cap["A"], grad, shape=(2, 4, setup["n"], setup["n"]))
+    torch.testing.assert_close(plain, cap["logits"], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (32, 48), (48, 48)], ids=["native", "non-square", "larger"])
@@ -321,7 +288,7 @@ def test_captured_attention_equals_eager_output_attentions(setup, size):
     x = torch.randn(2, 3, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     kwargs = {} if _is_dinov2(module) else {"interpolate_pos_encoding": size != (32, 32)}
     with torch.no_grad():
-        expected = _eager(module)(pixel_values=x, output_attentions=True, **kwargs)
+        expected = eager_copy(module)(pixel_values=x, output_attentions=True, **kwargs)
         recorder = AttentionRecorder()
         with model.capture(recorder):
             logits = model.logits(x)
@@ -386,13 +353,7 @@ def test_reference_capture_is_not_degenerate(setup):
 
 def test_gradcam_default_layer_matches_the_formula(setup):
     """Grad-CAM on the last layer's pre-attention norm (patch tokens on the grid, prefix dropped)."""
-    result = vitlens.explain(setup["model"], setup["x"], methods=["gradcam"], target=TARGETS)
-    activation, gradient = setup["cap"]["cam"]
-    prefix = setup["prefix"]
-    a = activation[:, prefix:].reshape(2, *GRID, -1).permute(0, 3, 1, 2)
-    g = gradient[:, prefix:].reshape(2, *GRID, -1).permute(0, 3, 1, 2)
-    expected = (g.mean(dim=(2, 3))[:, :, None, None] * a).sum(1).clamp_min(0)
-    assert_scaled_close(result.patch_maps["gradcam"][:, 0].numpy(), expected.numpy())
+    check_gradcam_formula(setup["model"], setup["x"], TARGETS, setup["cap"]["cam"], GRID, prefix=setup["prefix"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,12 +21,16 @@ import torch
 import torch.nn.functional as F
 
 import vitlens
-from tests.methods.general_reference import (CASES, batched_and_alone, general_reference, module_snapshot,
-                                             readout_vector, reference_params)
+from tests.methods.general_reference import CASES, general_reference, readout_vector
 from tests.methods.test_methods_reference import assert_scaled_close
-from tests.models.test_hf_clip import CLASSES, PROMPTS, tiny_tokenizer
-from vitlens.errors import MethodError
-from vitlens.methods import REGISTRY
+from tests.models.family_checks import (check_batched_equals_alone, check_bystander_untouched, check_gradcam_formula,
+                                        check_module_as_given, eager_copy, explain_one, reference_gradients)
+from tests.models.family_checks import layer_norm as _ln
+from tests.models.family_checks import linear as _lin
+from tests.models.prompted_checks import (ATTENTION_METHODS, check_logits_are_the_models, check_lrp_refused,
+                                          check_two_prompts_differ, prompted_setup, restate_hf_encoder,
+                                          unit_scale)
+from tests.models.test_hf_clip import CLASSES, PROMPTS, TEXT_CONFIG, VISION_CONFIG, tiny_tokenizer
 from vitlens.models import AttentionRecorder
 from vitlens.models.hf_clip import HFSiglip
 
@@ -46,28 +50,12 @@ def tiny_hf_siglip(seed=0, dtype=torch.float64):
     from transformers import SiglipConfig, SiglipModel
 
     torch.manual_seed(seed)
-    config = SiglipConfig(
-        text_config=dict(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, pad_token_id=0, bos_token_id=2,
-                         eos_token_id=3),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=32, patch_size=8))
+    config = SiglipConfig(text_config=dict(TEXT_CONFIG), vision_config=dict(VISION_CONFIG))
     module = SiglipModel(config)
+    unit_scale(module, fan_in=lambda p: p.shape[-1])
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            last = name.split(".")[-1]
-            if name in ("logit_scale", "logit_bias"):
-                p.fill_(1.2 if name == "logit_scale" else -0.7)
-            elif last in ("bias", "in_proj_bias"):
-                p.normal_(std=0.1)
-            elif last == "probe":
-                p.normal_()
-            elif "position_embedding" in name:
-                p.normal_(std=0.5)
-            elif p.dim() == 1:  # layernorm weights
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(std=p.shape[-1] ** -0.5)
+        module.logit_scale.fill_(1.2)
+        module.logit_bias.fill_(-0.7)
     return module.to(dtype).eval()
 
 
@@ -79,14 +67,6 @@ def load(module, **options):
 # --------------------------------------------------------------------------------------------------
 # the image tower restated from its parameters
 # --------------------------------------------------------------------------------------------------
-
-def _ln(t, ln):
-    return F.layer_norm(t, (t.shape[-1],), ln.weight, ln.bias, ln.eps)
-
-
-def _lin(t, lin):
-    return F.linear(t, lin.weight, lin.bias)
-
 
 def _mlp(t, mlp):
     return _lin(F.gelu(_lin(t, mlp.fc1), approximate="tanh"), mlp.fc2)
@@ -130,33 +110,14 @@ def explicit_forward(m, x):
     heads = v.config.num_attention_heads
     z = F.conv2d(x, v.embeddings.patch_embedding.weight, v.embeddings.patch_embedding.bias,
                  stride=v.config.patch_size).flatten(2).transpose(1, 2) + v.embeddings.position_embedding.weight
-    attentions, outputs, normed = [], [], []
-    for layer in v.encoder.layers:
-        a = layer.self_attn
-        h = _ln(z, layer.layer_norm1)
-        normed.append(h)
-        B, n, C = h.shape
-        q, k, val = (_lin(h, p).view(B, n, heads, -1).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
-        probs = ((q @ k.transpose(-2, -1)) * (C // heads) ** -0.5).softmax(-1)
-        attentions.append(probs)
-        z = z + _lin((probs @ val).transpose(1, 2).reshape(B, n, C), a.out_proj)
-        z = z + _mlp(_ln(z, layer.layer_norm2), layer.mlp)
-        outputs.append(z)
+    z, attentions, outputs, normed = restate_hf_encoder(z, v.encoder.layers, heads, _mlp)
     return logits_of(m, z), attentions, outputs, normed, pooled(m, z)[1].detach()
 
 
 def reference_capture(m, x, targets):
     logits, attentions, outputs, normed, readout = explicit_forward(m, x)
-    t = torch.tensor(targets).view(-1, 1)
-    grads = torch.autograd.grad(logits.gather(1, t).sum(), attentions + [normed[-1]], retain_graph=True)
-    layer_grads = {}
-    for layer, (z, a) in enumerate(zip(outputs, attentions)):
-        for pool, read in (("model", logits_of), ("mean", mean_logits)):
-            s = read(m, z).gather(1, t).sum()
-            layer_grads[(pool, layer)] = torch.autograd.grad(s, a, retain_graph=True)[0].numpy().copy()
-    return {"A": [a.detach().numpy().copy() for a in attentions], "G": [g.numpy().copy() for g in grads[:-1]],
-            "LG": layer_grads, "logits": logits.detach(), "cam": (normed[-1].detach(), grads[-1]),
-            "readout": readout.numpy()}
+    cap = reference_gradients(m, targets, logits, attentions, outputs, normed, logits_of, mean_logits)
+    return {**cap, "readout": readout.numpy()}
 
 
 def per_image_reference(method, params, cap):
@@ -172,9 +133,7 @@ def per_image_reference(method, params, cap):
 @pytest.fixture(scope="module")
 def setup():
     module = tiny_hf_siglip(seed=1)
-    x = torch.randn(len(TARGETS), 3, 32, 32, generator=torch.Generator().manual_seed(5)).double()
-    return {"module": module, "model": load(copy.deepcopy(module)), "x": x,
-            "cap": reference_capture(module, x, TARGETS)}
+    return prompted_setup(module, load(copy.deepcopy(module)), reference_capture, TARGETS)
 
 
 def test_family_facts_and_logits(setup):
@@ -187,8 +146,7 @@ def test_family_facts_and_logits(setup):
     ids = siglip_tokenizer()(PROMPTS, padding="max_length", return_tensors="pt")
     with torch.no_grad():
         expected = module(pixel_values=x, **ids).logits_per_image
-        torch.testing.assert_close(model.logits(x), expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(setup["cap"]["logits"], expected, rtol=0, atol=1e-10)
+    check_logits_are_the_models(model, x, setup["cap"]["logits"], expected)
 
 
 def test_capture_records_the_pooling_attention_as_the_readout(setup):
@@ -207,11 +165,7 @@ def test_capture_records_the_pooling_attention_as_the_readout(setup):
 
 def test_captured_attention_equals_eager_output_attentions(setup):
     module, model, x = setup["module"], setup["model"], setup["x"]
-    eager = copy.deepcopy(module)
-    for m in eager.modules():
-        config = getattr(m, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = "eager"
+    eager = eager_copy(module)
     with torch.no_grad():
         expected = eager.vision_model(pixel_values=x, output_attentions=True).attentions
         recorder = AttentionRecorder()
@@ -225,10 +179,7 @@ def test_captured_attention_equals_eager_output_attentions(setup):
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_matches_independent_float64_reference(setup, method, params):
     cap = setup["cap"]
-    result = vitlens.explain(setup["model"], setup["x"], methods=[method], target=TARGETS,
-                             params={method: params} if params else None)
-    actual = result.patch_maps[method][:, 0]
-    full = reference_params(method, REGISTRY[method].params(params))
+    actual, full = explain_one(setup["model"], setup["x"], method, params, TARGETS)
     expected = per_image_reference(method, full, cap)
     assert_scaled_close(actual.numpy(), expected)
     if method != "legrad":
@@ -238,48 +189,27 @@ def test_matches_independent_float64_reference(setup, method, params):
 
 
 def test_gradcam_default_layer_matches_the_formula(setup):
-    result = vitlens.explain(setup["model"], setup["x"], methods=["gradcam"], target=TARGETS)
-    activation, gradient = setup["cap"]["cam"]
-    a = activation.reshape(2, *GRID, -1).permute(0, 3, 1, 2)
-    g = gradient.reshape(2, *GRID, -1).permute(0, 3, 1, 2)
-    expected = (g.mean(dim=(2, 3))[:, :, None, None] * a).sum(1).clamp_min(0)
-    assert_scaled_close(result.patch_maps["gradcam"][:, 0].numpy(), expected.numpy())
+    check_gradcam_formula(setup["model"], setup["x"], TARGETS, setup["cap"]["cam"], GRID, prefix=0)
 
 
 def test_two_prompts_give_two_different_maps(setup):
-    result = vitlens.explain(setup["model"], setup["x"][:1], methods=["legrad", "chefer", "gradcam"],
-                             target=torch.tensor([[CLASSES.index("dog"), CLASSES.index("house")]]))
-    for name in ("legrad", "chefer", "gradcam"):
-        maps = result.patch_maps[name][0]
-        assert (maps[0] - maps[1]).abs().max() > 1e-3 * maps.abs().max(), name
-
-
-METHODS = ["attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer", "gradcam"]
+    check_two_prompts_differ(setup["model"], setup["x"][:1],
+                             torch.tensor([[CLASSES.index("dog"), CLASSES.index("house")]]),
+                             ["legrad", "chefer", "gradcam"])
 
 
 def test_batched_equals_one_at_a_time(setup):
-    for batched, alone in batched_and_alone(vitlens.explain, setup["model"], setup["x"], METHODS):
-        assert_scaled_close(batched, alone, rel=1e-9)
+    check_batched_equals_alone(setup["model"], setup["x"], ATTENTION_METHODS)
 
 
 def test_model_returned_exactly_as_given_and_lrp_refused():
     module = tiny_hf_siglip(seed=3)
     state = {k: v.clone() for k, v in module.state_dict().items()}
     model = load(module)
-    before = module_snapshot(module)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    vitlens.explain(model, x, methods="all")
-    vitlens.explain(model, x, methods=["attention"])
-    assert module_snapshot(module) == before
-    assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
-    assert all(p.grad is None for p in module.parameters())
-    with pytest.raises(MethodError, match="cosine similarity") as info:
-        vitlens.explain(model, x, methods=["cp-lrp"])
-    assert "\n" not in str(info.value)
+    x = check_module_as_given(model, module, state)
+    check_lrp_refused(model, x, "cp-lrp")
 
 
 def test_another_model_inside_the_capture_is_untouched():
-    from tests.models.family_checks import check_bystander_untouched
-
     check_bystander_untouched(load(tiny_hf_siglip(seed=0)), tiny_hf_siglip(seed=1),
                               call=lambda module, x: module.get_image_features(pixel_values=x).pooler_output)

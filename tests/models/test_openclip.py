@@ -20,11 +20,14 @@ import torch
 import torch.nn.functional as F
 
 import vitlens
-from tests.methods.general_reference import (CASES, batched_and_alone, general_reference, module_snapshot,
-                                             readout_vector, reference_params)
+from tests.methods.general_reference import CASES, general_reference, readout_vector
 from tests.methods.test_methods_reference import assert_scaled_close
-from vitlens.errors import MethodError, ModelError
-from vitlens.methods import REGISTRY
+from tests.models.family_checks import (check_batched_equals_alone, check_bystander_untouched, check_gradcam_formula,
+                                        check_module_as_given, explain_one, reference_gradients)
+from tests.models.family_checks import layer_norm as _ln
+from tests.models.prompted_checks import (check_logits_are_the_models, check_lrp_refused, check_two_prompts_differ,
+                                          prompted_setup)
+from vitlens.errors import ModelError
 
 open_clip = pytest.importorskip("open_clip", reason="pip install open-clip-torch")
 
@@ -71,10 +74,6 @@ def own_logits(m, x, prompts=PROMPTS):
                                                                                         normalize=True).T
 
 
-def _ln(t, ln):
-    return F.layer_norm(t, (t.shape[-1],), ln.weight, ln.bias, ln.eps)
-
-
 def readout(m, z):
     v = m.visual
     z = _ln(z, v.ln_post)
@@ -113,23 +112,14 @@ def explicit_forward(m, x):
 
 def reference_capture(m, x, targets):
     logits, attentions, outputs, normed = explicit_forward(m, x)
-    t = torch.tensor(targets).view(-1, 1)
-    grads = torch.autograd.grad(logits.gather(1, t).sum(), attentions + [normed[-1]], retain_graph=True)
-    layer_grads = {}
-    for layer, (z, a) in enumerate(zip(outputs, attentions)):
-        for pool, read in (("model", readout), ("mean", mean_readout)):
-            s = read(m, z).gather(1, t).sum()
-            layer_grads[(pool, layer)] = torch.autograd.grad(s, a, retain_graph=True)[0].numpy().copy()
-    return {"A": [a.detach().numpy().copy() for a in attentions], "G": [g.numpy().copy() for g in grads[:-1]],
-            "LG": layer_grads, "logits": logits.detach(), "cam": (normed[-1].detach(), grads[-1])}
+    return reference_gradients(m, targets, logits, attentions, outputs, normed, readout, mean_readout)
 
 
 @pytest.fixture(scope="module", params=["tok", "avg"])
 def setup(request):
     module = tiny_open_clip(seed=1, pool=request.param)
-    x = torch.randn(len(TARGETS), 3, 32, 32, generator=torch.Generator().manual_seed(5)).double()
-    return {"pool": request.param, "module": module, "x": x, "cap": reference_capture(module, x, TARGETS),
-            "model": vitlens.load_model(copy.deepcopy(module), prompts=PROMPTS)}
+    model = vitlens.load_model(copy.deepcopy(module), prompts=PROMPTS)
+    return {"pool": request.param, **prompted_setup(module, model, reference_capture, TARGETS)}
 
 
 def test_family_facts_and_logits(setup):
@@ -139,9 +129,7 @@ def test_family_facts_and_logits(setup):
     assert model.default_cam_layers() == ["visual.transformer.resblocks.2.ln_1"]
     assert set(model.unsupported_methods()) == {"attnlrp", "cp-lrp"}
     expected = own_logits(module, x)
-    with torch.no_grad():
-        torch.testing.assert_close(model.logits(x), expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(setup["cap"]["logits"], expected, rtol=0, atol=1e-10)
+    check_logits_are_the_models(model, x, setup["cap"]["logits"], expected)
     # OpenCLIP's forward gives the same embeddings
     with torch.no_grad():
         image, text, scale = module(x, tokens())[:3]
@@ -150,33 +138,21 @@ def test_family_facts_and_logits(setup):
 
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_matches_independent_float64_reference(setup, method, params):
-    result = vitlens.explain(setup["model"], setup["x"], methods=[method], target=TARGETS,
-                             params={method: params} if params else None)
-    full = reference_params(method, REGISTRY[method].params(params))
+    actual, full = explain_one(setup["model"], setup["x"], method, params, TARGETS)
     w = readout_vector("cls" if setup["pool"] == "tok" else "mean", 1, N)
     expected = general_reference(method, full, setup["cap"], w, 1)
-    assert_scaled_close(result.patch_maps[method][:, 0].numpy(), expected)
+    assert_scaled_close(actual.numpy(), expected)
     assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()
 
 
 def test_gradcam_default_layer_matches_the_formula(setup):
-    result = vitlens.explain(setup["model"], setup["x"], methods=["gradcam"], target=TARGETS)
-    activation, gradient = setup["cap"]["cam"]
-    a = activation[:, 1:].reshape(2, *GRID, -1).permute(0, 3, 1, 2)
-    g = gradient[:, 1:].reshape(2, *GRID, -1).permute(0, 3, 1, 2)
-    expected = (g.mean(dim=(2, 3))[:, :, None, None] * a).sum(1).clamp_min(0)
-    assert_scaled_close(result.patch_maps["gradcam"][:, 0].numpy(), expected.numpy())
+    check_gradcam_formula(setup["model"], setup["x"], TARGETS, setup["cap"]["cam"], GRID)
 
 
 def test_two_prompts_give_two_different_maps_and_batches_equal_single_images(setup):
-    result = vitlens.explain(setup["model"], setup["x"][:1], methods=["legrad", "chefer"],
-                             target=torch.tensor([[0, 5]]))
-    for name in ("legrad", "chefer"):
-        maps = result.patch_maps[name][0]
-        assert (maps[0] - maps[1]).abs().max() > 1e-3 * maps.abs().max(), name
+    check_two_prompts_differ(setup["model"], setup["x"][:1], torch.tensor([[0, 5]]), ["legrad", "chefer"])
     methods = ["attention", "rollout", "gmar-l2", "gmar++", "legrad", "chefer", "gradcam"]
-    for batched, alone in batched_and_alone(vitlens.explain, setup["model"], setup["x"], methods):
-        assert_scaled_close(batched, alone, rel=1e-9)
+    check_batched_equals_alone(setup["model"], setup["x"], methods)
 
 
 def test_model_returned_exactly_as_given_and_lrp_refused():
@@ -184,16 +160,8 @@ def test_model_returned_exactly_as_given_and_lrp_refused():
     state = {k: v.clone() for k, v in module.state_dict().items()}
     model = vitlens.load_model(module, classes=CLASSES[:3])
     assert model.module is module and model.prompts == [f"a photo of a {c}." for c in CLASSES[:3]]
-    before = module_snapshot(module)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    vitlens.explain(model, x, methods="all")
-    vitlens.explain(model, x, methods=["attention"])
-    assert module_snapshot(module) == before
-    assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
-    assert all(p.grad is None for p in module.parameters())
-    with pytest.raises(MethodError, match="cosine similarity") as info:
-        vitlens.explain(model, x, methods=["attnlrp"])
-    assert "\n" not in str(info.value)
+    x = check_module_as_given(model, module, state)
+    check_lrp_refused(model, x, "attnlrp")
 
 
 def test_open_clip_spec_with_a_weights_file(tmp_path):
@@ -216,7 +184,5 @@ def test_open_clip_spec_with_a_weights_file(tmp_path):
 
 
 def test_another_model_inside_the_capture_is_untouched():
-    from tests.models.family_checks import check_bystander_untouched
-
     check_bystander_untouched(vitlens.load_model(tiny_open_clip(seed=0), prompts=PROMPTS[:2]), tiny_open_clip(seed=1),
                               call=lambda module, x: module.encode_image(x))

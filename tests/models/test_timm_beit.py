@@ -23,13 +23,13 @@ import torch.nn.functional as F
 import vitlens
 from tests.lrp.test_lrp_reference import lrp_layer_norm, lrp_linear
 from tests.methods.general_reference import (CASES, batched_and_alone, general_reference, module_snapshot,
-                                             readout_vector, reference_params)
+                                             readout_vector)
 from tests.methods.test_methods_reference import assert_scaled_close, reference
-from tests.models.family_checks import (check_bystander_untouched, check_gradient_checkpointing_restored,
-                                        check_lrp_against_reference)
+from tests.models.family_checks import (check_bystander_untouched, check_gradcam_formula,
+                                        check_gradient_checkpointing_restored, check_lrp_against_reference,
+                                        explain_one)
 from vitlens.engine import run_batch
 from vitlens.errors import ModelError
-from vitlens.methods import REGISTRY
 from vitlens.models import AttentionRecorder
 from vitlens.models.cnn import is_cnn
 from vitlens.models.registry import find_family
@@ -201,11 +201,7 @@ def test_the_relative_position_bias_shapes_the_attention(setup):
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_matches_independent_float64_reference(setup, method, params):
     cap = setup["cap"]
-    result = vitlens.explain(setup["model"], setup["x"], methods=[method], target=TARGETS,
-                             params={method: params} if params else None)
-    actual = result.patch_maps[method][:, 0]
-    assert actual.dtype == torch.float64 and actual.shape == (2, *GRID)
-    full = reference_params(method, REGISTRY[method].params(params))
+    actual, full = explain_one(setup["model"], setup["x"], method, params, TARGETS, GRID)
     expected = general_reference(method, full, cap, readout_vector(setup["pool"], 1, N))
     assert_scaled_close(actual.numpy(), expected)
     assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()  # two images, two maps
@@ -231,12 +227,7 @@ def test_reference_capture_is_not_degenerate(setup):
 
 def test_gradcam_default_layer_matches_hooks(setup):
     """Grad-CAM on the last block's norm1 (patch tokens on the grid) == the formula on hooked tensors."""
-    result = vitlens.explain(setup["model"], setup["x"], methods=["gradcam"], target=TARGETS)
-    activation, gradient = setup["cap"]["cam"]
-    a = activation[:, 1:].reshape(2, *GRID, -1).permute(0, 3, 1, 2)
-    g = gradient[:, 1:].reshape(2, *GRID, -1).permute(0, 3, 1, 2)
-    expected = (g.mean(dim=(2, 3))[:, :, None, None] * a).sum(1).clamp_min(0)
-    assert_scaled_close(result.patch_maps["gradcam"][:, 0].numpy(), expected.numpy())
+    check_gradcam_formula(setup["model"], setup["x"], TARGETS, setup["cap"]["cam"], GRID)
 
 
 # --------------------------------------------------------------------------------------------------

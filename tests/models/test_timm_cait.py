@@ -23,11 +23,10 @@ import torch
 
 import vitlens
 from tests.methods.general_reference import (batched_and_alone, general_reference, module_snapshot, readout_vector,
-                                             reference_params, rownorm)
+                                             rownorm)
 from tests.methods.test_methods_reference import assert_scaled_close
-from tests.models.family_checks import check_bystander_untouched, check_gradient_checkpointing_restored
+from tests.models.family_checks import check_bystander_untouched, check_gradient_checkpointing_restored, explain_one
 from vitlens.errors import MethodError, ModelError
-from vitlens.methods import REGISTRY
 from vitlens.models import AttentionRecorder
 from vitlens.models.cnn import is_cnn
 from vitlens.models.registry import find_family
@@ -287,11 +286,7 @@ CASES += [("chefer", {}), ("chefer", {"start_layer": 1})]
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_matches_independent_float64_reference(setup, method, params):
     cap = setup["cap"]
-    result = vitlens.explain(setup["model"], setup["x"], methods=[method], target=TARGETS,
-                             params={method: params} if params else None)
-    actual = result.patch_maps[method][:, 0]
-    assert actual.dtype == torch.float64 and actual.shape == (2, *GRID)
-    full = reference_params(method, REGISTRY[method].params(params))
+    actual, full = explain_one(setup["model"], setup["x"], method, params, TARGETS, GRID)
     expected = general_reference(method, full, cap, readout_vector(setup["pool"], 1, N))
     assert_close_or_zero(actual.numpy(), expected)
     # with average pooling a read of the class-attention layers alone is constant: the patch rows of class
