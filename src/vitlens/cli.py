@@ -268,12 +268,17 @@ def _check_options(args) -> None:
     prompt_options(args)
 
 
-def _join_group(args):
-    """The torchrun process group of a distributed run (one process otherwise): joined after every check
-    that needs neither the model nor the group, so a usage mistake never waits for the other ranks."""
-    from vitlens.distributed import join, local_device
+def _dataset(args):
+    """The samples the inputs name (checked, nothing written), and a check of --out; then the torchrun process group
+    of a distributed run (one process otherwise) as a context: joined after every check that needs neither the model
+    nor the group, so a usage mistake never waits for the other ranks."""
+    from vitlens.data import resolve_inputs
+    from vitlens.distributed import joined, local_device
 
-    return join(local_device(select_device(args.device)))
+    samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit,
+                             image_column=args.image_column, label_column=args.label_column)
+    check_out_dir(args.out)
+    return samples, joined(local_device(select_device(args.device)))
 
 
 def _check_for_model(model, methods: list, params: dict, target, allow_label: bool = False) -> None:
@@ -288,7 +293,6 @@ def _check_for_model(model, methods: list, params: dict, target, allow_label: bo
 
 
 def cmd_explain(args) -> int:
-    from vitlens.data import resolve_inputs
     from vitlens.methods import parse_methods
     from vitlens.runner import EveryImage, run_explain
 
@@ -296,11 +300,8 @@ def cmd_explain(args) -> int:
     params = parse_method_params(args.param)
     check_params_requested(params, methods)
     _check_options(args)
-    samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit,
-                             image_column=args.image_column, label_column=args.label_column)
-    check_out_dir(args.out)
-    group = _join_group(args)
-    try:
+    samples, group_context = _dataset(args)
+    with group_context as group:
         model = _load(args)
         if args.class_index:
             _name_classes_from_index(model, args.class_index)
@@ -314,15 +315,12 @@ def cmd_explain(args) -> int:
                               resume=not args.force, progress=not args.quiet, cmap=args.cmap, alpha=args.alpha,
                               html=args.format == "html", save=args.save, overlay_max_side=args.overlay_max_side,
                               io_workers=args.io_workers, group=group, precision=args.precision)
-    finally:
-        _leave_group(group)
     if group.is_main:
         _print_summary(summary)
     return 1 if summary.failed else 0
 
 
 def cmd_evaluate(args) -> int:
-    from vitlens.data import resolve_inputs
     from vitlens.evaluate import metric_options, run_evaluate
     from vitlens.methods import parse_methods
     from vitlens.metrics import parse_metrics
@@ -334,11 +332,8 @@ def cmd_evaluate(args) -> int:
     metric_params = metric_options(metrics, parse_params(args.metric_param, "--metric-param", "METRIC.NAME=VALUE",
                                                          "deletion.steps=10"), args.steps, args.baseline)
     _check_options(args)
-    samples = resolve_inputs(args.inputs, labels=args.labels, class_index=args.class_index, limit=args.limit,
-                             image_column=args.image_column, label_column=args.label_column)
-    check_out_dir(args.out)
-    group = _join_group(args)
-    try:
+    samples, group_context = _dataset(args)
+    with group_context as group:
         model = _load(args)
         methods = parse_methods(args.methods, model)
         params = with_shared_options(params, methods, args)
@@ -350,18 +345,10 @@ def cmd_evaluate(args) -> int:
                                seed=args.seed, masks_dir=args.masks, source=f"'{' '.join(args.inputs)}'",
                                save=args.save, overlay_max_side=args.overlay_max_side, io_workers=args.io_workers,
                                group=group, precision=args.precision)
-    finally:
-        _leave_group(group)
     if group.is_main:
         _print_summary(summary.run)
         print(f"tables: {summary.files['md']}  {summary.files['csv']}  {summary.files['json']}")
     return 1 if summary.run.failed else 0
-
-
-def _leave_group(group) -> None:
-    from vitlens.distributed import leave
-
-    leave(group)
 
 
 def _print_summary(summary) -> None:

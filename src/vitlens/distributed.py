@@ -15,13 +15,14 @@ report from all of them. A one-process run is the same code with a :class:`Group
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from vitlens.errors import UsageError, VitlensError
 
-__all__ = ["Group", "current", "exit_process", "join", "leave", "local_device"]
+__all__ = ["Group", "current", "exit_process", "join", "joined", "leave", "local_device"]
 
 # set by leave(): this process created and destroyed a process group (see exit_process)
 _left_a_group = False
@@ -142,19 +143,34 @@ def join(device: torch.device) -> Group:
     return group
 
 
-def leave(group: Group) -> None:
+def leave(group: Group, failed: bool = False) -> None:
     """Destroy the process group if :func:`join` created it.
 
-    Every rank first waits for the others: a rank that tears down its connections while another
-    still talks to it makes gloo abort the process ("terminate called without an active exception").
+    After a finished run every rank first waits for the others: a rank that tears down its
+    connections while another still talks to it makes gloo abort. A rank that failed does not wait
+    (the others may be in the middle of their batches, in no collective call that would match): it
+    leaves at once, and torchrun stops the other ranks when it exits with an error.
     """
     global _left_a_group
     if group.owned and torch.distributed.is_initialized():
         try:
-            torch.distributed.barrier()
+            if not failed:
+                torch.distributed.barrier()
         finally:
             torch.distributed.destroy_process_group()
             _left_a_group = True
+
+
+@contextmanager
+def joined(device: torch.device):
+    """``with joined(device) as group:`` join the torchrun group (:func:`join`), leave it on the way out."""
+    group = join(device)
+    try:
+        yield group
+    except BaseException:
+        leave(group, failed=True)
+        raise
+    leave(group)
 
 
 def exit_process(code: int) -> None:
