@@ -219,3 +219,25 @@ def test_under_torchrun_a_plain_cuda_device_is_the_local_rank_gpu(monkeypatch):
     assert local_device(torch.device("cpu")) == torch.device("cpu")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert local_device(torch.device("cuda")) == torch.device("cuda")
+
+
+def test_a_rank_that_fails_mid_run_stops_the_run_instead_of_hanging(tmp_path, tiny_weights):
+    """Rank 1's second batch asks for a class the model does not have (a run-wide TargetError): that rank stops with
+    one line and leaves at once; torchrun then stops rank 0, which would otherwise wait for rank 1 forever."""
+    import csv
+
+    rows = list(csv.reader(LABELS.read_text().splitlines()))
+    rows[1 + 4 * 3][1] = "5000"  # first image of batch 3 (batches of 4): rank 1's second batch
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    out = tmp_path / "out"
+    args = explain_args(out, tiny_weights, methods="rollout")
+    args[args.index(LABELS)] = labels
+    start = time.monotonic()
+    done = run(torchrun(2, *args, "--target", "label"), timeout=240)
+    assert done.returncode != 0 and time.monotonic() - start < 200
+    ours = [line for line in done.stderr.splitlines() if line.startswith("vitlens: ")]
+    assert len(ours) == 1 and "5000" in ours[0], done.stderr
+    # what was finished stays finished: a rerun with the fixed labels resumes from it
+    assert (out / "records").is_dir() and len(list((out / "records").glob("*.json"))) >= 4
