@@ -104,17 +104,20 @@ def check_batched_equals_alone(model, x, methods):
         assert_scaled_close(batched, alone, rel=1e-9)
 
 
-def check_module_as_given(model, module, state, *snapshot_extra):
-    """Explaining with every method, then without gradients, leaves ``module`` as it was: its
-    :func:`module_snapshot` (with ``snapshot_extra``), its ``state`` (taken before loading) and no gradients.
-    Returns the (2, 3, 32, 32) float64 batch it explained."""
+def check_module_as_given(model, module, state, *snapshot_extra, also=()):
+    """Explaining with every method, then without gradients (and with each method list in ``also``), leaves
+    ``module`` as it was: its :func:`module_snapshot` (with ``snapshot_extra``: modes, fused-attention and
+    checkpointing flags...), its ``state`` (taken before loading), which parameters require gradients, and no
+    gradients. Returns the (2, 3, 32, 32) float64 batch it explained."""
     before = module_snapshot(module, *snapshot_extra)
+    trainable = [p.requires_grad for p in module.parameters()]
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    vitlens.explain(model, x, methods="all")
-    vitlens.explain(model, x, methods=["attention"])  # no gradients
+    for methods in ("all", ["attention"], *also):  # ["attention"]: a call without gradients
+        vitlens.explain(model, x, methods=methods)
     assert module_snapshot(module, *snapshot_extra) == before
     assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
     assert all(p.grad is None for p in module.parameters())
+    assert [p.requires_grad for p in module.parameters()] == trainable
     return x
 
 

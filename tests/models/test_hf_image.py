@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 import vitlens
 from tests.lrp.test_lrp_reference import lrp_layer_norm, lrp_linear
-from tests.methods.general_reference import (CASES, batched_and_alone, general_reference, module_snapshot,
-                                             readout_vector, reference_params)
+from tests.methods.general_reference import (CASES, general_reference, readout_vector, reference_params)
 from tests.methods.test_methods_reference import assert_scaled_close, reference
-from tests.models.family_checks import (check_bystander_untouched, check_capture_keeps_the_logits,
-                                        check_gradcam_formula, check_lrp_against_reference, eager_copy,
+from tests.models.family_checks import (check_batched_equals_alone, check_bystander_untouched,
+                                        check_capture_keeps_the_logits, check_gradcam_formula,
+                                        check_lrp_against_reference, check_module_as_given, eager_copy,
                                         reference_gradients)
 from tests.models.family_checks import layer_norm as _ln
 from tests.models.family_checks import linear as _lin
@@ -364,13 +364,12 @@ ALL = ["attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer
 
 
 def test_batched_equals_one_at_a_time(setup):
-    for batched, alone in batched_and_alone(vitlens.explain, setup["model"], setup["x"], ALL):
-        assert_scaled_close(batched, alone, rel=1e-9)
+    check_batched_equals_alone(setup["model"], setup["x"], ALL)
 
 
-def _snapshot(module):
-    return module_snapshot(module, lambda m: getattr(getattr(m, "config", None), "_attn_implementation", None),
-                           lambda m: getattr(m, "gradient_checkpointing", None))
+# what Hugging Face modules may carry besides parameters and modes: restored after every call
+HF_FLAGS = (lambda m: getattr(getattr(m, "config", None), "_attn_implementation", None),
+            lambda m: getattr(m, "gradient_checkpointing", None))
 
 
 @pytest.mark.parametrize("name", ["dinov2-registers-swiglu", "beit-cls-shared"])
@@ -381,14 +380,7 @@ def test_model_returned_exactly_as_given(name):
     model = vitlens.load_model(module)
     assert model.module is module
     _layers(module)[1].train()  # a mixed mode of the user's own: restored after every call
-    before = _snapshot(module)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    vitlens.explain(model, x, methods="all")
-    vitlens.explain(model, x, methods=["attention"])  # no gradients
-    vitlens.explain(model, x, methods=["cp-lrp", "gradcam"])
-    assert _snapshot(module) == before
-    assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
-    assert all(p.grad is None and p.requires_grad for p in module.parameters())
+    check_module_as_given(model, module, state, *HF_FLAGS, also=[["cp-lrp", "gradcam"]])
 
 
 def test_another_model_inside_the_capture_is_untouched():

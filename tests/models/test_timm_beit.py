@@ -22,12 +22,11 @@ import torch.nn.functional as F
 
 import vitlens
 from tests.lrp.test_lrp_reference import lrp_layer_norm, lrp_linear
-from tests.methods.general_reference import (CASES, batched_and_alone, general_reference, module_snapshot,
-                                             readout_vector)
+from tests.methods.general_reference import (CASES, general_reference, readout_vector)
 from tests.methods.test_methods_reference import assert_scaled_close, reference
-from tests.models.family_checks import (check_bystander_untouched, check_gradcam_formula,
+from tests.models.family_checks import (check_batched_equals_alone, check_bystander_untouched, check_gradcam_formula,
                                         check_gradient_checkpointing_restored, check_lrp_against_reference,
-                                        explain_one)
+                                        check_module_as_given, explain_one)
 from vitlens.engine import run_batch
 from vitlens.errors import ModelError
 from vitlens.models import AttentionRecorder
@@ -238,13 +237,11 @@ ALL = ["attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer
 
 
 def test_batched_equals_one_at_a_time(setup):
-    for batched, alone in batched_and_alone(vitlens.explain, setup["model"], setup["x"], ALL):
-        assert_scaled_close(batched, alone, rel=1e-9)
+    check_batched_equals_alone(setup["model"], setup["x"], ALL)
 
 
-def _snapshot(module):
-    return module_snapshot(module, lambda m: getattr(m, "fused_attn", None),
-                           lambda m: getattr(m, "grad_checkpointing", None))
+# what timm's blocks may carry besides parameters and modes: restored after every call
+TIMM_FLAGS = (lambda m: getattr(m, "fused_attn", None), lambda m: getattr(m, "grad_checkpointing", None))
 
 
 def test_model_returned_exactly_as_given():
@@ -253,14 +250,7 @@ def test_model_returned_exactly_as_given():
     model = vitlens.load_model(module)
     assert model.module is module
     module.blocks[1].train()  # a mixed mode of the user's own: restored after every call
-    before = _snapshot(module)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    vitlens.explain(model, x, methods="all")
-    vitlens.explain(model, x, methods=["attention"])  # no gradients
-    vitlens.explain(model, x, methods=["cp-lrp", "gradcam"])
-    assert _snapshot(module) == before
-    assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
-    assert all(p.grad is None and p.requires_grad for p in module.parameters())
+    check_module_as_given(model, module, state, *TIMM_FLAGS, also=[["cp-lrp", "gradcam"]])
 
 
 def test_gradient_checkpointing_is_off_only_during_the_call():
