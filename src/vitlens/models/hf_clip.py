@@ -105,6 +105,11 @@ class PromptedImageModel(ImageModel):
         self.prompt_embeddings: torch.Tensor | None = None
         self._initial_prompts = prompts_from(prompts, classes, template)
 
+    @property
+    def num_layers(self) -> int:
+        """The image tower's blocks (``self.layers``, set by each subclass)."""
+        return len(self.layers)
+
     def _set_initial_prompts(self) -> None:
         """Encode the prompts given at construction (called by subclasses once their parts are known)."""
         texts, names = self._initial_prompts
@@ -217,10 +222,6 @@ class HFClip(PromptedImageModel):
         return getattr(features, "pooler_output", features)
 
     # --- facts -------------------------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
     @property
     def num_prefix_tokens(self) -> int:
         return 1

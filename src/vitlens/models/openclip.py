@@ -100,10 +100,6 @@ class OpenClip(PromptedImageModel):
 
     # --- facts -----------------------------------------------------------------------------------------
     @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
     def num_prefix_tokens(self) -> int:
         return 1
 
