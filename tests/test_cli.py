@@ -431,7 +431,7 @@ def test_manifest_contents(tmp_path, capsys, tiny, tiny_weights, tiny_model):
                                               "residual": 1.0}
     assert manifest["methods"]["legrad"] == {"layers": "last2", "pool": "model"}
     assert manifest["methods"]["chefer"] == REGISTRY["chefer"].defaults
-    assert manifest["overlay"] == {"cmap": "viridis", "alpha": 0.4, "max_side": 1024}
+    assert manifest["overlay"] == {"cmap": "viridis", "alpha": 0.4, "max_side": 1024, "signed": "signed"}
     assert manifest["save"] == ["overlays", "maps", "originals"]
     assert manifest["target"] == "pred" and manifest["vitlens_version"] == vitlens.__version__
     run_json = json.loads((out / "run.json").read_text())

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitlens.cliargs import (check_count, check_overlay, check_params_requested, check_target,
+from vitlens.cliargs import (check_count, check_overlay, check_params_requested, check_signed_display, check_target,
                              select_device)
 from vitlens.engine import check_precision, precision_name, run_batch
 from vitlens.errors import InputError
@@ -97,13 +97,18 @@ class ExplainResult:
             for t in self.targets[i].tolist()
         ]
 
-    def save(self, out_dir, cmap: str = "jet", alpha: float = 0.5) -> Path:
-        """Write overlays (PNG), raw maps (``.npy``) and ``manifest.json`` into ``out_dir``."""
+    def save(self, out_dir, cmap: str = "jet", alpha: float = 0.5, signed_display: str = "signed") -> Path:
+        """Write overlays (PNG), raw maps (``.npy``) and ``manifest.json`` into ``out_dir``.
+
+        ``signed_display``: the overlays of signed methods (AttnLRP, CP-LRP) show their ``'signed'``
+        relevance on a diverging colormap centred at zero (default) or their ``'positive'`` part.
+        """
         from vitlens.outputs import RunWriter
 
         check_overlay(cmap, alpha, prefix="")  # before RunWriter writes run.json
+        check_signed_display(signed_display, option="signed_display")
         writer = RunWriter(out_dir, self.model, {m: self.params[m] for m in self.methods}, resume=False,
-                           cmap=cmap, alpha=alpha)
+                           cmap=cmap, alpha=alpha, signed_display=signed_display)
         for i in range(len(self)):
             record = self.inputs[i]
             writer.write_image(_key_for(record.source, i), record.source, record.image, record.crop_box, self, i)

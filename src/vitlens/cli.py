@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from vitlens.cliargs import (OVERLAY_MAX_SIDE, check_count, check_out_dir, check_overlay, check_overlay_max_side,
+from vitlens.cliargs import (OVERLAY_MAX_SIDE, SIGNED_CMAP, SIGNED_DISPLAYS, check_count, check_out_dir, check_overlay,
+                             check_overlay_max_side,
                              check_params_requested, check_prompts_given, check_target, class_indices,
                              parse_method_params, parse_params, parse_save, parse_target, prompt_options,
                              select_device)
@@ -102,6 +103,10 @@ def _add_output_options(p):
                    help="longest side of the overlays, or 'full' for the original resolution (default: %(default)s)")
     p.add_argument("--io-workers", type=int, metavar="N",
                    help="threads that decode images and as many that write outputs (default: up to 4)")
+    p.add_argument("--signed-display", choices=SIGNED_DISPLAYS, default="signed",
+                   help="overlays of signed methods (AttnLRP, CP-LRP): 'signed' relevance, red positive and blue "
+                        "negative around the untouched photo, or its 'positive' part like other maps (default: "
+                        "%(default)s)")
     p.add_argument("--precision", default="fp32",
                    help="fp32 (default), bf16 or fp16: the model's forward and backward under autocast, maps combined "
                         "in float32 (AttnLRP / CP-LRP always run in fp32)")
@@ -173,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of --methods: one attnlrp column per Gamma setting, e.g. 0.1:0,1:0.5,100:1")
     p.add_argument("--cmap", default="jet")
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--signed-display", choices=SIGNED_DISPLAYS, default="signed",
+                   help="columns of signed methods (AttnLRP, CP-LRP): 'signed' relevance or its 'positive' part "
+                        "(default: %(default)s)")
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html from a run's manifest")
     p.add_argument("run_dir")
@@ -314,7 +322,8 @@ def cmd_explain(args) -> int:
         summary = run_explain(samples, model, methods, params, target, args.out, batch_size=args.batch_size,
                               resume=not args.force, progress=not args.quiet, cmap=args.cmap, alpha=args.alpha,
                               html=args.format == "html", save=args.save, overlay_max_side=args.overlay_max_side,
-                              io_workers=args.io_workers, group=group, precision=args.precision)
+                              io_workers=args.io_workers, group=group, precision=args.precision,
+                              signed_display=args.signed_display)
     if group.is_main:
         _print_summary(summary)
     return 1 if summary.failed else 0
@@ -344,7 +353,7 @@ def cmd_evaluate(args) -> int:
                                granularity=args.granularity, resume=not args.force, progress=not args.quiet,
                                seed=args.seed, masks_dir=args.masks, source=f"'{' '.join(args.inputs)}'",
                                save=args.save, overlay_max_side=args.overlay_max_side, io_workers=args.io_workers,
-                               group=group, precision=args.precision)
+                               group=group, precision=args.precision, signed_display=args.signed_display)
     if group.is_main:
         _print_summary(summary.run)
         print(f"tables: {summary.files['md']}  {summary.files['csv']}  {summary.files['json']}")
@@ -403,7 +412,7 @@ def cmd_compare(args, model=None) -> int:
     if isinstance(target, list):  # several classes of each image: one row per (image, class)
         target = torch.tensor([class_indices(model, target)] * len(images))
     result = vitlens.explain(model, images, methods=methods, target=target, params=params)
-    signed = {m for m in methods if get_method(m).signed}
+    signed = {m for m in methods if get_method(m).signed and args.signed_display == "signed"}
     rows = []
     for i, image in enumerate(images):
         # the grid shows what the model saw: the crop of the original image
@@ -413,7 +422,8 @@ def cmd_compare(args, model=None) -> int:
             maps = {m: (result.patch_maps[m] if m in signed else result.maps[m])[i, slot].numpy() for m in methods}
             title = f"{Path(args.inputs[i]).name}\n{prediction.name} {prediction.prob:.2f}"
             rows.append(GridRow(image=seen, title=title, maps=maps))
-    compare_grid(rows, methods, path=args.out, cmap=args.cmap, alpha=args.alpha, signed=signed)
+    compare_grid(rows, methods, path=args.out, cmap=args.cmap, alpha=args.alpha, signed=signed,
+                 signed_cmap=SIGNED_CMAP)
     print(f"wrote {args.out} ({len(rows)} row(s) x {len(methods) + 1} columns)")
     return 0
 
@@ -463,6 +473,7 @@ def _gamma_sweep(args, model=None) -> int:
         import torch
 
         target = torch.tensor([class_indices(model, target)] * len(images))
+    signed = args.signed_display == "signed"
     columns, results = [], []
     for conv, lin in settings:
         columns.append(f"conv {conv:g} / lin {lin:g}")
@@ -472,10 +483,12 @@ def _gamma_sweep(args, model=None) -> int:
     for i, image in enumerate(images):
         seen = image.crop(crop_box_pixels(results[0].inputs[i].crop_box, image.size))
         for slot, prediction in enumerate(results[0].target_predictions(i)):
-            maps = {col: r.patch_maps["attnlrp"][i, slot].numpy() for col, r in zip(columns, results)}
+            maps = {col: (r.patch_maps["attnlrp"] if signed else r.maps["attnlrp"])[i, slot].numpy()
+                    for col, r in zip(columns, results)}
             title = f"{Path(args.inputs[i]).name}\n{prediction.name} {prediction.prob:.2f}"
             rows.append(GridRow(image=seen, title=title, maps=maps))
-    compare_grid(rows, columns, path=args.out, cmap=args.cmap, alpha=args.alpha, signed=set(columns))
+    compare_grid(rows, columns, path=args.out, cmap=args.cmap, alpha=args.alpha,
+                 signed=set(columns) if signed else set(), signed_cmap=SIGNED_CMAP)
     print(f"wrote {args.out} ({len(rows)} row(s) x {len(columns) + 1} columns: AttnLRP Gamma sweep)")
     return 0
 
@@ -561,7 +574,7 @@ def cmd_demo(args) -> int:
     summary = run_explain(samples, model, methods, None, None, out / "run", batch_size=4,
                           progress=not args.quiet, html=True)
     compare_args = argparse.Namespace(inputs=paths, methods=",".join(methods), param=None, target=None,
-                                      out=str(out / "compare.png"), cmap="jet", alpha=0.5)
+                                      out=str(out / "compare.png"), cmap="jet", alpha=0.5, signed_display="signed")
     cmd_compare(compare_args, model=model)
     _print_summary(summary)
     print(f"model: {model.info.spec}; comparison grid: {out / 'compare.png'}")

@@ -166,6 +166,20 @@ def parse_save(save) -> tuple:
     return tuple(kind for kind in SAVE_KINDS if kind in kinds)
 
 
+#: How overlays draw signed maps (AttnLRP, CP-LRP): signed relevance centred at zero, or the positive part
+SIGNED_DISPLAYS = ("signed", "positive")
+#: The diverging colormap of signed overlays: red positive, blue negative, white (the photo) at zero
+SIGNED_CMAP = "bwr"
+
+
+def check_signed_display(value, option: str = "--signed-display") -> str:
+    """``'signed'`` (diverging colours centred at zero) or ``'positive'`` (the positive part, like other maps)."""
+    name = str(value).strip().lower() if isinstance(value, str) else value
+    if name not in SIGNED_DISPLAYS:
+        raise UsageError(f"{option} must be one of {', '.join(SIGNED_DISPLAYS)}, got {value!r}")
+    return name
+
+
 def check_overlay_max_side(value) -> int | None:
     """``--overlay-max-side``: a positive number of pixels, or ``full`` / 0 / None for the original size."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("full", "0")):

@@ -538,7 +538,8 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
                  perturb_batch_size: int = 128, granularity: str = "pixel", resume: bool = True,
                  progress: bool = True, seed: int = 0, html: bool = True, masks_dir=None,
                  source: str = "the inputs", save=None, overlay_max_side: int | None = OVERLAY_MAX_SIDE,
-                 io_workers: int | None = None, group=None, precision="fp32") -> EvalSummary:
+                 io_workers: int | None = None, group=None, precision="fp32",
+                 signed_display: str = "signed") -> EvalSummary:
     """Explain ``samples`` and score every method; write the run directory and the metric tables.
 
     Parameters
@@ -566,7 +567,7 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
         Tie-breaking in the rankings, the noise baseline, the randomisation of the sanity check.
     masks_dir : path, optional
         ``<key>.png`` or ``<image stem>.png`` foreground masks for ``segmentation``.
-    save, overlay_max_side, io_workers, group, precision
+    save, overlay_max_side, io_workers, group, precision, signed_display
         As for :func:`vitlens.runner.run_explain`. ``precision`` is that of every explanation (the
         re-explanations of sensitivity, specificity and sanity too); the perturbed images of the
         faithfulness metrics are scored in the model's own precision, so that a metric measures the
@@ -599,7 +600,8 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
     run = run_explain(samples, model, methods, params, target, out_dir, batch_size=batch_size, resume=resume,
                       progress=progress, html=False, settings=settings, record_extra=scorer, save=save,
                       overlay_max_side=overlay_max_side, io_workers=io_workers, group=group,
-                      reduced_decoding=False, precision=precision)  # boxes and masks are in the file's pixels
+                      # boxes and masks are in the file's pixels
+                      reduced_decoding=False, precision=precision, signed_display=signed_display)
     out = Path(out_dir)
     report_wanted = html and {"overlays", "originals"} <= set(parse_save(save))
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitlens.cliargs import OVERLAY_MAX_SIDE, parse_save
+from vitlens.cliargs import OVERLAY_MAX_SIDE, SIGNED_CMAP, check_signed_display, parse_save
 from vitlens.errors import OutputError
 from vitlens.models import describe
 from vitlens.methods import get_method
@@ -52,15 +52,17 @@ def crop_box_pixels(crop_box, original_size) -> tuple[int, int, int, int]:
 
 
 def overlay_on_original(image: Image.Image, pixel_map: np.ndarray, crop_box, cmap: str = "jet",
-                        alpha: float = 0.5) -> Image.Image:
-    """Overlay a [0, 1] map of the model input onto the original image, at its full resolution.
+                        alpha: float = 0.5, signed: bool = False) -> Image.Image:
+    """Overlay a map of the model input onto the original image, at its full resolution.
 
     The map covers ``crop_box`` (the region the model saw, see ``Preprocess.geometry``); the
     margin a centre crop cut away keeps the original pixels, so nobody mistakes it for
-    "no relevance".
+    "no relevance". ``pixel_map`` is in [0, 1], or with ``signed`` signed relevance drawn by
+    :func:`~vitlens.render.signed_overlay` (``cmap`` then a diverging colormap).
     """
     box = crop_box_pixels(crop_box, image.size)
-    region = overlay(image.crop(box), pixel_map, cmap=cmap, alpha=alpha)
+    draw = signed_overlay if signed else overlay
+    region = draw(image.crop(box), pixel_map, cmap=cmap, alpha=alpha)
     canvas = image.convert("RGB").copy()
     canvas.paste(region, box[:2])
     return canvas
@@ -111,6 +113,10 @@ class RunWriter:
     save : what to write besides the records (see :func:`parse_save`; default all).
     overlay_max_side : int or None
         Longest side of the overlays (None: the original resolution). Maps keep the model's resolution.
+    signed_display : ``'signed'`` or ``'positive'``
+        How the overlays of signed methods (AttnLRP, CP-LRP) are drawn: their signed relevance with
+        ``SIGNED_CMAP`` centred at zero (default), or the positive part over its maximum with ``cmap``
+        like every other map. Their ``.npy`` maps are the signed relevance either way.
     prepare : bool
         Check and write ``run.json`` (and clear a replaced run). Ranks of a distributed run other
         than the main one pass False: the main rank prepared the directory for all of them.
@@ -118,17 +124,18 @@ class RunWriter:
 
     def __init__(self, out_dir, model, methods: dict, settings: dict | None = None, resume: bool = True,
                  cmap: str = "jet", alpha: float = 0.5, save=None, overlay_max_side: int | None = OVERLAY_MAX_SIDE,
-                 prepare: bool = True):
+                 prepare: bool = True, signed_display: str = "signed"):
         self.model = model
         self.methods = methods
         self.cmap, self.alpha = cmap, alpha
         self.save = parse_save(save)
         self.overlay_max_side = overlay_max_side
+        self.signed_display = check_signed_display(signed_display)
         self.settings = {
             "vitlens_version": __version__,
             "model": describe(model),
             "methods": methods,
-            "overlay": {"cmap": cmap, "alpha": alpha, "max_side": overlay_max_side},
+            "overlay": {"cmap": cmap, "alpha": alpha, "max_side": overlay_max_side, "signed": self.signed_display},
             "save": list(self.save),
             **(settings or {}),
         }
@@ -190,7 +197,7 @@ class RunWriter:
         if record is None or (path is not None and record.get("path") != path):
             return False
         files = [record.get("original")] + [o.get(k) for o in record.get("outputs", [])
-                                            for k in ("overlay", "map", "signed_overlay")]
+                                            for k in ("overlay", "map")]
         return all(f is None or (self.out / f).is_file() for f in files)
 
     def read_record(self, key: str) -> dict | None:
@@ -229,23 +236,19 @@ class RunWriter:
                 raw = result.patch_maps[method][index, slot].numpy().astype(np.float32)
                 if "overlays" in self.save:
                     overlay_file = f"overlays/{method}/{stem}.png"
-                    pixel_map = result.maps[method][index, slot].numpy()
-                    drawn = overlay_on_original(canvas, pixel_map, canvas_box, cmap=self.cmap, alpha=self.alpha)
+                    if self.signed_display == "signed" and get_method(method).signed:
+                        # red positive, blue negative, the photo untouched where the relevance is zero
+                        drawn = overlay_on_original(canvas, raw, canvas_box, cmap=SIGNED_CMAP, alpha=self.alpha,
+                                                    signed=True)
+                    else:
+                        pixel_map = result.maps[method][index, slot].numpy()
+                        drawn = overlay_on_original(canvas, pixel_map, canvas_box, cmap=self.cmap, alpha=self.alpha)
                     save_png_atomic(drawn, self.out / overlay_file, photo=True)
                     entry["overlay"] = overlay_file
                 if "maps" in self.save:
                     map_file = f"maps/{method}/{stem}.npy"
                     write_atomic(self.out / map_file, lambda fh, a=raw: np.save(fh, a))
                     entry["map"] = map_file
-                if "overlays" in self.save and get_method(method).signed:
-                    # red positive, blue negative, zero transparent-ish white
-                    signed_file = f"overlays/{method}/{stem}__signed.png"
-                    box = crop_box_pixels(canvas_box, canvas.size)
-                    region = signed_overlay(canvas.crop(box), raw)
-                    drawn = canvas.convert("RGB").copy()
-                    drawn.paste(region, box[:2])
-                    save_png_atomic(drawn, self.out / signed_file, photo=True)
-                    entry["signed_overlay"] = signed_file
                 for extra_name, values in result.extras.get(method, {}).items():
                     entry[extra_name] = round(float(values[index, slot]), 6)
                 outputs.append(entry)

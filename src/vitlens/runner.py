@@ -31,8 +31,8 @@ from vitlens.data.images import ORIGINAL_SIZE
 from vitlens.distributed import Group, current
 from vitlens.engine import check_precision, precision_name
 from vitlens.errors import InputError, MethodError, TargetError, UsageError, VitlensError
-from vitlens.cliargs import (OVERLAY_MAX_SIDE, check_count, check_overlay, check_params_requested, check_target,
-                             parse_save)
+from vitlens.cliargs import (OVERLAY_MAX_SIDE, check_count, check_overlay, check_params_requested,
+                             check_signed_display, check_target, parse_save)
 from vitlens.methods import check_params_for_model, get_method
 from vitlens.outputs import RunWriter, overlay_size
 
@@ -134,7 +134,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
                 alpha: float = 0.5, html: bool = False, settings: dict | None = None,
                 record_extra=None, save=None, overlay_max_side: int | None = OVERLAY_MAX_SIDE,
                 io_workers: int | None = None, group: Group | None = None,
-                reduced_decoding: bool = True, precision="fp32") -> RunSummary:
+                reduced_decoding: bool = True, precision="fp32", signed_display: str = "signed") -> RunSummary:
     """Explain every sample and write the run directory (see :mod:`vitlens.outputs`).
 
     ``target`` is what :func:`vitlens.explain` accepts for one image, or ``'label'`` to explain each
@@ -147,6 +147,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
     With ``reduced_decoding`` (and capped overlays) a JPEG far larger than the model and the overlay
     need is decoded at 1/2, 1/4 or 1/8 scale (:func:`decoding_size`), which bounds the memory a
     huge photo takes; records still give the file's size and the crop box in its pixels.
+    ``signed_display`` is how the overlays of signed methods are drawn (see :class:`~vitlens.outputs.RunWriter`).
     ``precision`` (``fp32``, ``bf16``, ``fp16``) is the one :func:`vitlens.explain` computes in; it is
     a setting of the run (a run resumes only with the same precision).
 
@@ -167,6 +168,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
     if io_workers is not None:
         check_count(io_workers, "io_workers")
     check_overlay(cmap, alpha, prefix="")
+    signed_display = check_signed_display(signed_display, option="signed_display")
     kinds = parse_save(save)
     if html and not {"overlays", "originals"} <= set(kinds):
         raise UsageError("the HTML report shows overlays on originals: keep overlays and originals in --save, "
@@ -182,7 +184,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
 
     def writer_for(prepare: bool) -> RunWriter:
         return RunWriter(out_dir, model, resolved, settings=run_settings, resume=resume, cmap=cmap, alpha=alpha,
-                         save=kinds, overlay_max_side=overlay_max_side, prepare=prepare)
+                         save=kinds, overlay_max_side=overlay_max_side, prepare=prepare, signed_display=signed_display)
 
     # the main rank checks and prepares the directory; the others learn whether it could
     def prepare_directory() -> None:

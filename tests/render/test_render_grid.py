@@ -74,7 +74,7 @@ def test_missing_map_is_a_blank_na_cell():
 
 
 def test_signed_columns_use_diverging_colormap():
-    img = Image.new("RGB", (40, 40), (0, 0, 0))
+    img = Image.new("RGB", (40, 40), (255, 255, 255))
     rel = np.full((4, 4), 2.0)  # all positive -> fully red with bwr
     row = GridRow(image=img, maps={"lrp": rel}, signed={"lrp"})
     out = np.asarray(compare_grid([row], ["lrp"], alpha=1.0)).astype(int)
@@ -86,6 +86,10 @@ def test_signed_columns_use_diverging_colormap():
     row = GridRow(image=img, maps={"lrp": rel})
     out2 = np.asarray(compare_grid([row], ["lrp"], alpha=1.0)).astype(int)
     assert out2[h - 140, w - 140][0] < 160
+    # Zero relevance in a signed column leaves the (white) photo as it is.
+    row = GridRow(image=img, maps={"lrp": np.zeros((4, 4))}, signed={"lrp"})
+    out3 = np.asarray(compare_grid([row], ["lrp"], alpha=1.0)).astype(int)
+    assert out3[h - 140, w - 140].min() == 255
 
 
 def test_grid_level_signed_argument():

@@ -92,28 +92,50 @@ def apply_colormap(values: np.ndarray, cmap: str = "jet") -> np.ndarray:
     return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
 
 
-def signed_to_unit(relevance: np.ndarray) -> np.ndarray:
+#: Percentile of |R| at which the signed colour scale saturates. Relevance is heavy-tailed (a few
+#: pixels hold most of it): scaled by its maximum, almost every pixel would be drawn at the neutral
+#: colour. Above this percentile the colour is the colormap's end colour (LRP tools do the same).
+SIGNED_PERCENTILE = 99.0
+
+
+def signed_bound(relevance: np.ndarray, percentile: float = SIGNED_PERCENTILE) -> float:
+    """The |R| that the signed colour scale ends at: ``percentile`` of the finite |R|.
+
+    When that percentile is 0 (more than ``100 - percentile`` % of the map is exactly zero) the
+    largest |R| is used instead, so a sparse map still shows its few non-zero pixels. 0 for a map
+    without any finite non-zero value.
+    """
+    arr = np.asarray(relevance, dtype=np.float64)
+    magnitude = np.abs(arr[np.isfinite(arr)])
+    if magnitude.size == 0:
+        return 0.0
+    bound = float(np.percentile(magnitude, percentile))
+    return bound if bound > 0.0 else float(magnitude.max())
+
+
+def signed_to_unit(relevance: np.ndarray, percentile: float = SIGNED_PERCENTILE) -> np.ndarray:
     """Map a signed relevance map to [0, 1] with 0.5 meaning zero relevance.
 
-    Scaling is symmetric by ``max |R|`` so that positive and negative evidence of equal
-    magnitude get equally strong colours on a diverging colormap (red positive, blue negative
-    with ``bwr``/``seismic``). An all-zero (or all-NaN) map maps to all 0.5. NaN counts as 0.
+    Scaling is symmetric, by :func:`signed_bound` (the ``percentile`` of |R|), so that positive and
+    negative evidence of equal magnitude get equally strong colours on a diverging colormap (red
+    positive, blue negative with ``bwr``/``seismic``) and the bulk of a heavy-tailed map is not
+    crushed onto the neutral colour by a few extreme pixels; values beyond the bound saturate.
+    An all-zero (or all-NaN) map maps to all 0.5. NaN counts as 0, +-inf as +-the bound.
 
     Parameters
     ----------
     relevance : np.ndarray
         Signed values of any shape.
+    percentile : float
+        Percentile of |R| that maps to 0 and 1 (100: the maximum).
 
     Returns
     -------
     np.ndarray
         float32 array of the same shape, values in [0, 1].
     """
-    arr = np.asarray(relevance, dtype=np.float32)
-    # Infinite relevance would make every finite value 0.5; treat it as the largest finite value.
-    finite = arr[np.isfinite(arr)]
-    bound = float(np.abs(finite).max()) if finite.size else 0.0
-    arr = np.nan_to_num(arr, nan=0.0, posinf=bound, neginf=-bound)
+    bound = signed_bound(relevance, percentile)
+    arr = np.nan_to_num(np.asarray(relevance, dtype=np.float64), nan=0.0, posinf=bound, neginf=-bound)
     if bound == 0.0:
         return np.full(arr.shape, 0.5, dtype=np.float32)
     return np.clip(0.5 + 0.5 * arr / bound, 0.0, 1.0).astype(np.float32)

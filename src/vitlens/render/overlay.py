@@ -56,7 +56,8 @@ def _check_alpha(alpha: float) -> float:
     return alpha
 
 
-def _blend(image: Image.Image, colors: np.ndarray, alpha: float) -> Image.Image:
+def _blend(image: Image.Image, colors: np.ndarray, alpha) -> Image.Image:
+    """``(1 - alpha) * image + alpha * colors``; ``alpha`` a number or an (H, W, 1) array of them."""
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     mixed = (1.0 - alpha) * base + alpha * colors.astype(np.float32)
     return Image.fromarray(np.clip(np.rint(mixed), 0, 255).astype(np.uint8))
@@ -96,12 +97,15 @@ def overlay(
 
 
 def signed_overlay(
-    image: Image.Image, relevance: np.ndarray, cmap: str = "bwr", alpha: float = 0.6
+    image: Image.Image, relevance: np.ndarray, cmap: str = "bwr", alpha: float = 0.7
 ) -> Image.Image:
-    """Overlay a signed relevance map (e.g. LRP) with a diverging colormap.
+    """Overlay a signed relevance map (e.g. LRP) with a diverging colormap centred at zero.
 
-    The map is scaled symmetrically by ``max |R|`` (:func:`~vitlens.render.colors.signed_to_unit`),
-    so with ``bwr`` positive relevance is red, negative blue and zero white. NaN counts as 0.
+    The map is scaled symmetrically by a high percentile of ``|R|``
+    (:func:`~vitlens.render.colors.signed_to_unit`): with ``bwr`` positive relevance is red, negative
+    blue. Each pixel is tinted in proportion to its relevance, ``alpha * min(1, |R| / bound)``, so zero
+    relevance leaves the photo exactly as it is (a constant-opacity blend would wash the whole photo
+    out with the colormap's white) and relevance at or beyond the bound gets ``alpha``. NaN counts as 0.
 
     Parameters
     ----------
@@ -109,15 +113,20 @@ def signed_overlay(
     relevance : np.ndarray, shape (h, w)
         Signed values, any resolution.
     cmap : str, default "bwr"
-    alpha : float, default 0.6
+        A diverging colormap (its middle is what zero relevance would be drawn in).
+    alpha : float, default 0.7
+        Opacity of the colour where the relevance reaches the scale's bound.
 
     Returns
     -------
     PIL.Image.Image
         RGB image of size ``image.size``.
     """
+    alpha = _check_alpha(alpha)
     # Scale before resizing: the sign-to-colour mapping must not depend on output size.
-    return overlay(image, signed_to_unit(relevance), cmap=cmap, alpha=alpha)
+    unit = resize_map(signed_to_unit(relevance), image.size)
+    weight = alpha * np.abs(2.0 * unit - 1.0)
+    return _blend(image, apply_colormap(unit, cmap), weight[..., None])
 
 
 def heatmap_image(heatmap: np.ndarray, cmap: str = "jet") -> Image.Image:
