@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -186,3 +187,28 @@ def test_segmentation_with_masks(tmp_path, capsys, tiny, tin):
     for metric in ("seg_pixel_accuracy", "seg_iou", "seg_miou", "seg_ap"):
         value = float(table[("rollout", metric)]["mean"])
         assert 0.0 <= value <= 1.0 and not math.isnan(value)
+
+
+def test_evaluate_ranks_lrp_pixels_by_their_signed_relevance(tmp_path, capsys, tiny, tiny_model, tin):
+    """The insertion curve `vitlens evaluate` records for AttnLRP is that of the signed relevance map, not of
+    its displayed positive part (whose negative half would be revealed in random order)."""
+    from vitlens.metrics import perturbation_metrics
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "evaluate", f"tinyimagenet:{tin}", *tiny, "--methods", "attnlrp", "--steps", "4",
+                           "--metrics", "insertion,neg_perturbation", "--quiet", "--out", out, "--baseline", "zero")
+    assert code == 0, err
+    samples = resolve_inputs([f"tinyimagenet:{tin}"])
+    model = tiny_model
+    result = vitlens.explain(model, [s.path for s in samples], methods="attnlrp")
+    assert (result.patch_maps["attnlrp"] < 0).any()
+    metrics = {"insertion": {"steps": 4, "baseline": "zero"}, "neg_perturbation": {"baseline": "zero"}}
+    expected = {}
+    for kind, maps in (("signed", result.patch_maps), ("positive", result.maps)):
+        expected[kind] = perturbation_metrics(model, result.input_tensors, {"attnlrp": maps["attnlrp"][:, 0]},
+                                              result.targets[:, 0], metrics=metrics)["attnlrp"]
+    records = {r["path"]: r for r in (json.loads(p.read_text()) for p in (out / "records").glob("*.json"))}
+    for i, sample in enumerate(samples):
+        curve = records[sample.path]["curves"]["attnlrp"]["insertion"]
+        assert np.allclose(curve, expected["signed"]["insertion"]["curve"][i].numpy(), atol=1e-4)
+    assert not torch.equal(expected["signed"]["insertion"]["curve"], expected["positive"]["insertion"]["curve"])

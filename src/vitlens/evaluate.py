@@ -28,6 +28,7 @@ import torch
 from vitlens.cliargs import OVERLAY_MAX_SIDE, check_count, parse_save
 from vitlens.distributed import current
 from vitlens.errors import InputError, TargetError
+from vitlens.methods import get_method
 from vitlens.metrics import (BOXES, MASKS, MODEL, OBJECTS, RANDOMIZE, REEXPLAIN, MetricError, boxes_to_input,
                              cascading_randomization, energy_in_box, get_metric, mask_to_input, mean_ci, parse_metrics,
                              perturbation_metrics, pointing_game, segmentation_scores)
@@ -216,7 +217,10 @@ class BatchScorer:
         perturb = {n: self.options[n] for n in self.metrics if MODEL in get_metric(n).needs}
         if perturb:
             labels = torch.tensor([-1 if s.label is None else int(s.label) for s in samples])
-            source = maps if self.granularity == "pixel" else {m: result.patch_maps[m][:, 0] for m in self.methods}
+            # signed relevance (AttnLRP, CP-LRP) is ranked by its signed values: the most negative pixel is the
+            # least relevant. Its displayed map (the positive part) would tie every negative pixel at zero.
+            source = {m: result.patch_maps[m][:, 0] if self.granularity == "patch" or get_method(m).signed
+                      else maps[m] for m in self.methods}
             stats: dict = {}
             out = perturbation_metrics(self.model, x, source, targets, labels=labels, metrics=perturb,
                                        granularity=self.granularity, seed=self.seed, batch_size=self.batch_size,

@@ -228,3 +228,33 @@ def test_bad_options_raise():
         deletion(Weighted(W4), ones(2, 2), W4[None], torch.tensor([0]), score="rank")
     with pytest.raises(ValueError, match="input size"):
         deletion(Weighted(W4), ones(4, 4), W4[None], torch.tensor([0]))
+
+
+def test_signed_relevance_is_ranked_by_its_signed_values(tiny):
+    """A signed map gives exactly the curves of any increasing map of it into [0, 1]: its most negative pixel is
+    the least relevant. Its positive part ties every negative pixel at zero and ranks them at random."""
+    model, x, _ = tiny
+    relevance = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    relevance = relevance * (relevance.abs() > 0.3)  # exact zeros too, as LRP maps have
+    low = relevance.flatten(1).amin(1)[:, None, None]
+    high = relevance.flatten(1).amax(1)[:, None, None]
+    increasing = (relevance - low) / (high - low)
+    positive = relevance.clamp_min(0) / high
+    targets = torch.tensor([0, 1, 2])
+    metrics = {"deletion": {"steps": 8}, "insertion": {"steps": 8}, "pos_perturbation": {}, "neg_perturbation": {}}
+    out = perturbation_metrics(model, x, {"signed": relevance, "increasing": increasing, "positive": positive},
+                               targets, metrics=metrics)
+    for metric in metrics:
+        assert torch.equal(out["signed"][metric]["curve"], out["increasing"][metric]["curve"]), metric
+    assert not torch.equal(out["signed"]["insertion"]["curve"], out["positive"]["insertion"]["curve"])
+
+
+def test_average_drop_of_a_signed_map_multiplies_by_its_positive_part(tiny):
+    model, x, _ = tiny
+    relevance = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    positive = relevance.clamp_min(0) / relevance.flatten(1).amax(1)[:, None, None]
+    targets = torch.tensor([2, 0, 1])
+    out = perturbation_metrics(model, x, {"signed": relevance, "positive": positive}, targets,
+                               metrics={"drop_increase": {}})
+    for name, values in out["signed"]["drop_increase"].items():
+        assert torch.allclose(values, out["positive"]["drop_increase"][name], atol=1e-9), name

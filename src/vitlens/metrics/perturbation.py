@@ -32,8 +32,11 @@ Sharing: the same perturbed image is built and run once whatever asks for it. Wi
 baseline, deletion at 10 or 20 steps contains every positive-perturbation image and insertion every
 negative-perturbation image, so those come for free.
 
-Ties in a map are broken by a fixed permutation seeded with ``seed`` (never by raster order, which
-would favour the top-left corner for flat maps).
+Units are ranked by the map's values, largest first. A signed map (LRP relevance) is ranked by its
+signed values, so the most negative unit is the least relevant; Average Drop, which multiplies the
+image by the map, uses a signed map's positive part over its maximum. Ties in a map are broken by a
+fixed permutation seeded with ``seed`` (never by raster order, which would favour the top-left corner
+for flat maps).
 """
 
 from __future__ import annotations
@@ -460,8 +463,11 @@ def perturbation_metrics(model, inputs: torch.Tensor, maps: dict, targets: torch
     inputs : Tensor (B, 3, H, W)
         Preprocessed images.
     maps : dict
-        method -> (B, H, W) maps in [0, 1] at input resolution (``ExplainResult.maps[m][:, 0]``),
-        or (B, h, w) patch maps with ``granularity='patch'``.
+        method -> (B, H, W) maps at input resolution, larger = more relevant: maps in [0, 1]
+        (``ExplainResult.maps[m][:, 0]``) or signed relevance (``ExplainResult.patch_maps[m][:, 0]`` of
+        AttnLRP / CP-LRP), ranked by its signed values; or (B, h, w) patch maps with
+        ``granularity='patch'``. ``drop_increase`` multiplies the image by a map with negative values
+        through its positive part over its maximum.
     targets : LongTensor (B,)
         The explained classes.
     labels : LongTensor (B,), optional
@@ -514,6 +520,9 @@ def perturbation_metrics(model, inputs: torch.Tensor, maps: dict, targets: torch
                                           align_corners=False)[:, 0]
                 else:
                     pixel = method_maps
+                if (pixel < 0).any():  # signed relevance: the image times its positive part over its maximum
+                    positive = pixel.double().clamp_min(0)
+                    pixel = positive / positive.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
                 plan = plan_drop_increase(pb, method, pixel, targets, **options)
             else:
                 raise ValueError(f"unknown perturbation metric {name!r}: choose from {', '.join(PERTURBATION_METRICS)}")
