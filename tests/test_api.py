@@ -145,3 +145,29 @@ def test_safetensors_weights(tmp_path):
     save_file(module.state_dict(), str(tmp_path / "w.safetensors"))
     loaded = vitlens.load_model(tiny_timm_vit(seed=4), weights=tmp_path / "w.safetensors")
     assert torch.equal(loaded.module.pos_embed, module.pos_embed)
+
+
+def test_explain_and_load_model_give_the_module_back_in_its_own_training_mode():
+    """A module in training mode (one submodule deliberately in eval) comes back exactly so; the explanation is
+    that of the model in eval mode (dropout off), the same as for the module put in eval mode first."""
+    from tests.conftest import tiny_timm_vit
+
+    module = tiny_timm_vit(drop_rate=0.3, attn_drop_rate=0.3).train()
+    module.blocks[1].eval()
+    flags = {name: m.training for name, m in module.named_modules()}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    adapter = vitlens.load_model(module)
+    assert {name: m.training for name, m in module.named_modules()} == flags
+    trained = vitlens.explain(module, x, methods="rollout,gradcam")
+    assert {name: m.training for name, m in module.named_modules()} == flags
+    again = vitlens.explain(adapter, x, methods="rollout,gradcam")
+    assert {name: m.training for name, m in module.named_modules()} == flags
+    evaluated = vitlens.explain(tiny_timm_vit(drop_rate=0.3, attn_drop_rate=0.3).eval(), x, methods="rollout,gradcam")
+    for name in ("rollout", "gradcam"):
+        assert torch.equal(trained.maps[name], evaluated.maps[name])
+        assert torch.equal(again.maps[name], evaluated.maps[name])
+    assert not module.blocks[1].training and module.training
+
+
+def test_a_model_loaded_from_a_spec_is_in_eval_mode(tiny_model):
+    assert not any(m.training for m in tiny_model.module.modules())

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -135,39 +135,33 @@ def _key_for(source: str | None, index: int) -> str:
 
 
 def prepare_inputs(model: ImageModel, images) -> tuple[torch.Tensor, list]:
-    """Turn paths, PIL images, numpy arrays or tensors into one preprocessed batch.
+    """Turn paths, encoded bytes, PIL images, arrays or tensors into one preprocessed batch.
 
-    A torch tensor is taken as already preprocessed model input, (3, H, W) or (B, 3, H, W).
-    Numpy arrays are raw images: (H, W, 3) or (H, W) uint8, or floats in [0, 1].
+    A float torch tensor is taken as already preprocessed model input, (3, H, W) or (B, 3, H, W).
+    Everything else is an image and goes through :func:`vitlens.data.images.to_rgb_image`, the
+    decoding of image files: a PIL image in any mode, a numpy array or an integer tensor of any
+    supported dtype ((H, W[, C]) or (C, H, W): uint8, uint16, bool, floats in [0, 1]) gives the
+    pixels its file would.
     """
-    if isinstance(images, torch.Tensor):
+    from vitlens.data.images import to_rgb_image
+
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
         batch = images.unsqueeze(0) if images.dim() == 3 else images
         if batch.dim() != 4 or batch.shape[1] != 3:
             raise InputError(f"a tensor input must be (B, 3, H, W) preprocessed images, got {tuple(images.shape)}")
         return batch.float(), [InputRecord(None, None, None) for _ in range(batch.shape[0])]
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
-        images = [images]
+    if not isinstance(images, (list, tuple)) and not inspect.isgenerator(images):
+        images = [images]  # one image, whatever its form
     tensors, records = [], []
-    for item in images:
-        if isinstance(item, torch.Tensor):
+    for index, item in enumerate(images):
+        if isinstance(item, torch.Tensor) and item.is_floating_point():
             if item.dim() != 3:
                 raise InputError("a tensor in a list of images must be one (3, H, W) preprocessed image")
             tensors.append(item.float())
             records.append(InputRecord(None, None, None))
             continue
-        source = None
-        if isinstance(item, (str, os.PathLike)):
-            from vitlens.data import load_image
-
-            source = str(item)
-            image = load_image(item)
-        elif isinstance(item, Image.Image):
-            image = item.convert("RGB")
-        elif isinstance(item, np.ndarray):
-            image = _array_to_image(item)
-        else:
-            raise InputError(f"cannot explain an input of type {type(item).__name__}: "
-                             "give paths, PIL images, arrays or tensors")
+        source = str(item) if isinstance(item, (str, os.PathLike)) else None
+        image = to_rgb_image(item, name=None if source else f"input {index}")
         tensor, box = model.preprocess(image)
         tensors.append(tensor)
         records.append(InputRecord(source, image, box))
@@ -179,19 +173,6 @@ def prepare_inputs(model: ImageModel, images) -> tuple[torch.Tensor, list]:
     return torch.stack(tensors), records
 
 
-def _array_to_image(array: np.ndarray) -> Image.Image:
-    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)
-    if array.dtype != np.uint8:
-        array = np.clip(np.asarray(array, dtype=np.float64), 0, 1) * 255.0
-        array = np.round(array).astype(np.uint8)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3):
-        raise InputError(f"an image array must be (H, W) or (H, W, 3), got shape {array.shape}")
-    return Image.fromarray(array).convert("RGB")
-
-
 def explain(model, images, methods=None, target=None, batch_size: int = 16, device=None,
             params: dict | None = None, precision="fp32") -> ExplainResult:
     """Explain images with one or more methods, all from one pass per batch.
@@ -200,8 +181,9 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
     ----------
     model : ImageModel, nn.Module or str
         An adapter from :func:`vitlens.load_model`, a supported module, or a model spec.
-    images : path, PIL image, array, tensor, or a sequence of them
-        Tensors are taken as preprocessed model input.
+    images : path, bytes, PIL image, array, tensor, or a sequence of them
+        Float tensors are taken as preprocessed model input; every other form is decoded as its image
+        file would be (see :func:`prepare_inputs`).
     methods : str or sequence of str, optional
         Method names, ``'all'`` (default) or a comma-separated string.
     target : optional

@@ -145,7 +145,6 @@ def test_training_mode_and_frozen_parameters():
     for p in module.parameters():
         p.requires_grad_(False)
     model = load_text_model(module)
-    module.train()
     ids, mask = random_batch()
     result = run_text_batch(model, TextBatch.from_ids(ids, mask), {"chefer": {"start_layer": 0}})
     assert module.training and all(m.training for m in module.modules())
@@ -157,3 +156,23 @@ def test_unsupported_module_is_a_one_line_error():
     with pytest.raises(ModelError) as info:
         load_text_model(torch.nn.Linear(3, 3))
     assert "\n" not in str(info.value) and "BERT" in str(info.value)
+
+
+
+def test_load_text_model_and_explanations_give_the_module_back_in_its_own_training_mode():
+    """A module in training mode (one layer deliberately in eval) comes back exactly so from load_text_model
+    and from an explanation, which is that of the model in eval mode (dropout 0.1 off)."""
+    module = tiny_text_model("bert", True).train()
+    module.bert.encoder.layer[0].eval()
+    flags = {name: m.training for name, m in module.named_modules()}
+    model = load_text_model(module)
+    assert {name: m.training for name, m in module.named_modules()} == flags
+    ids, mask = random_batch()
+    methods = {"rollout": {}, "chefer": {"start_layer": 0}}
+    explained = run_text_batch(model, TextBatch.from_ids(ids, mask), methods)
+    assert {name: m.training for name, m in module.named_modules()} == flags
+    reference = run_text_batch(load_text_model(tiny_text_model("bert", True).eval()), TextBatch.from_ids(ids, mask),
+                               methods)
+    for name in methods:
+        for mine, ref in zip(explained.token_maps[name], reference.token_maps[name]):
+            assert torch.equal(mine, ref), name

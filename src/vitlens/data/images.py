@@ -19,7 +19,8 @@ from PIL import Image, ImageOps
 
 from vitlens.errors import InputError
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "decode_image", "is_image_file", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "decode_image", "image_from_array", "image_from_pil", "is_image_file",
+           "load_image", "to_rgb_image"]
 
 #: File name endings (lower case, with the dot) that are treated as images when listing folders.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -194,6 +195,122 @@ def decode_image(source: str | os.PathLike[str] | IO[bytes], name: str, reduce=N
         raise fail("permission denied") from exc
     except _DECODE_ERRORS as exc:
         raise fail(f"truncated or corrupt image data ({_short_reason(exc)})") from exc
+
+
+def to_rgb_image(item, name: str | None = None) -> Image.Image:
+    """Any image a user holds in memory or on disk -> the 8-bit RGB image :func:`load_image` gives for its file.
+
+    The one entry point of the API's inputs: a path (:func:`load_image`), encoded bytes or a binary
+    file object (:func:`decode_image`), a PIL image in any mode (:func:`image_from_pil`), a numpy
+    array or an integer torch tensor (:func:`image_from_array`). The same picture reaches the model
+    with the same pixels whichever form it comes in.
+
+    Raises
+    ------
+    InputError
+        One line, for an input of another type or one that cannot be read as an image.
+    """
+    if isinstance(item, (str, os.PathLike)):
+        return load_image(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        import io
+
+        return decode_image(io.BytesIO(bytes(item)), name or "the image bytes")
+    if isinstance(item, Image.Image):
+        return image_from_pil(item, name or "the PIL image")
+    if isinstance(item, np.ndarray) or _is_tensor(item):
+        return image_from_array(item, name or "the image array")
+    if hasattr(item, "read"):
+        return decode_image(item, name or getattr(item, "name", None) or "the image file object")
+    raise InputError(f"cannot explain an input of type {type(item).__name__}: give paths, bytes, PIL images, "
+                     "arrays or tensors")
+
+
+def image_from_pil(im: Image.Image, name: str = "the PIL image") -> Image.Image:
+    """A PIL image of any mode -> a new 8-bit RGB image, exactly as :func:`load_image` treats its file.
+
+    The EXIF orientation is applied (``Image.open`` leaves it to the caller; :func:`ImageOps.exif_transpose`
+    removes the tag, so an image already turned upright is not turned again); 16-bit and 32-bit
+    grayscale is scaled, float images mapped, transparency composited over white, palette, bilevel
+    and CMYK converted (see :func:`load_image`). The user's image is not changed.
+    """
+    try:
+        im.load()
+        return _to_rgb(_apply_orientation(im))
+    except _UnsupportedMode as exc:
+        raise InputError(f"cannot read image '{name}': {exc}") from exc
+    except _DECODE_ERRORS as exc:
+        raise InputError(f"cannot read image '{name}': {_short_reason(exc)}") from exc
+
+
+#: how far float pixel values may stray outside [0, 1] (arithmetic rounding) before they are refused
+_FLOAT_SLACK = 1e-3
+
+
+def image_from_array(array, name: str = "the image array") -> Image.Image:
+    """An image held as numbers -> a new 8-bit RGB image.
+
+    Parameters
+    ----------
+    array : numpy.ndarray or torch.Tensor
+        (H, W), (H, W, C) or (C, H, W) with C = 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA); a
+        (C, H, W) array is recognised by a first axis of 1, 3 or 4 and a last axis that is not
+        (``torchvision.io.read_image`` gives (3, H, W) uint8 tensors). Values by dtype:
+
+        - ``uint8``: as they are; ``bool``: 0 and 255;
+        - ``uint16``: 16-bit data, ``v * 255 / 65535`` rounded, as for a 16-bit PNG;
+        - floats: values in [0, 1], times 255 rounded (NaN, infinity and values outside [0, 1] are
+          refused: a 0..255 float array is not clipped to white);
+        - other integer dtypes (int32, int64...) are refused: whether 255 or 65535 is white cannot be told.
+
+        Alpha is composited over white, as for an RGBA file.
+
+    Raises
+    ------
+    InputError
+        One line naming the problem: shape, dtype, or range.
+    """
+    if _is_tensor(array):
+        if array.is_floating_point():
+            raise InputError(f"'{name}': a float tensor is taken as preprocessed model input, not as an image")
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)) or 0 in array.shape:
+        raise InputError(f"cannot read image '{name}': an image array must be (H, W), (H, W, C) or (C, H, W) with "
+                         f"C = 1, 2, 3 or 4, got shape {tuple(array.shape)}")
+    # uint8 (H, W) / (H, W, 2) / (H, W, 3) / (H, W, 4) are PIL's L / LA / RGB / RGBA
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(_to_uint8(array, name))))
+
+
+def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
+    """Pixel values of any supported dtype -> uint8 (see :func:`image_from_array`)."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if array.dtype == np.uint16:
+        return ((array.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        values = array.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise InputError(f"cannot read image '{name}': the array holds NaN or infinite values")
+        low, high = float(values.min()), float(values.max())
+        if low < -_FLOAT_SLACK or high > 1.0 + _FLOAT_SLACK:
+            hint = " (divide by 255)" if high <= 255.0 + _FLOAT_SLACK and low >= -_FLOAT_SLACK else ""
+            raise InputError(f"cannot read image '{name}': float pixel values must lie in [0, 1], got "
+                             f"{low:g}..{high:g}{hint}")
+        return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    raise InputError(f"cannot read image '{name}': {array.dtype} pixel values are ambiguous (is white 255 or "
+                     "65535?): give uint8 (0..255), uint16 (0..65535) or floats in [0, 1]")
+
+
+def _is_tensor(value) -> bool:
+    # torch is imported by the package anyway, but this module must not need it to decode files
+    return type(value).__module__.startswith("torch") and hasattr(value, "is_floating_point")
 
 
 def _apply_orientation(im: Image.Image) -> Image.Image:

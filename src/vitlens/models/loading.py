@@ -76,7 +76,8 @@ def load_model(spec, weights: str | os.PathLike | None = None, num_classes: int 
     Returns
     -------
     ImageModel
-        The adapter, in eval mode.
+        The adapter. A model loaded from a spec is in eval mode; a module (or adapter) the user gave
+        keeps its own training flags (every explanation runs in eval mode and restores them).
     """
     options = {k: v for k, v in (("attention_layers", attention_layers), ("readout", readout), ("prompts", prompts),
                                  ("classes", classes), ("template", template), ("tokenizer", tokenizer))
@@ -100,7 +101,8 @@ def load_model(spec, weights: str | os.PathLike | None = None, num_classes: int 
     if weights is not None:
         model.info.weights = str(Path(weights).resolve())
         model.info.weights_sha256 = file_sha256(weights)
-    model.module.eval()
+    if not isinstance(spec, (nn.Module, ImageModel)):
+        model.module.eval()  # ours: nobody else holds it
     if device is not None:
         model.to(select_device(device, option="device"))
     return model

@@ -59,7 +59,8 @@ def load_text_model(spec, tokenizer=None, device=None, pooling: str | None = Non
         model = _load_spec(str(spec), tokenizer, pooling, score or "logit")
     else:
         raise ModelError(f"cannot load a text model from a {type(spec).__name__}")
-    model.module.eval()
+    if not isinstance(spec, (nn.Module, TextModel)):
+        model.module.eval()  # ours: a user's module keeps its training flags (explanations run in eval mode)
     if device is not None:
         model.to(select_device(device, option="device"))
     return model
