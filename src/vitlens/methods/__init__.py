@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from vitlens.errors import MethodError
+from vitlens.methods.attention_gradcam import attention_gradcam
 from vitlens.methods.baselines import center_map, random_map
 from vitlens.methods.chefer import chefer_rollout
 from vitlens.methods.common import Captured, minmax, to_pixels
@@ -257,6 +258,10 @@ for _name, _fn, _summary in (
 ):
     register(MethodSpec(_name, _fn, frozenset({CAM}), True, {"layers": None}, _summary,
                         declared={"layers": CAM_LAYERS}))
+
+register(MethodSpec("attention-gradcam", attention_gradcam, frozenset({ATTENTIONS, GRADIENTS}), True, {"layer": -1},
+                    "Grad-CAM on one layer's attention, the attn_gradcam baseline of Chefer et al. (CVPR 2021)",
+                    declared={"layer": Param("layer", "the layer whose attention and gradient are used")}))
 
 register(MethodSpec("attnlrp", attnlrp, frozenset({LRP}), True, {"conv_gamma": 1.0, "lin_gamma": 0.5},
                     "AttnLRP (Achtibat et al. 2024) with Gamma rules, signed pixel relevance", signed=True,
