@@ -9,7 +9,7 @@ import vitlens
 from tests.conftest import tiny_timm_vit
 from vitlens.engine import plan, resolve_targets, run_batch
 from vitlens.errors import MethodError, TargetError
-from vitlens.methods import ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, REGISTRY, get_method, parse_methods
+from vitlens.methods import ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, PERTURB, REGISTRY, get_method, parse_methods
 
 
 @pytest.fixture
@@ -19,8 +19,13 @@ def model():
     return m
 
 
-def _all_methods():
-    return {name: spec.params() for name, spec in REGISTRY.items()}
+#: the perturbation methods with few forwards (their defaults mean hundreds per image)
+FEW_PERTURBATIONS = {"rise": {"masks": 8, "mask_batch": 8}, "occlusion": {"window": 16, "stride": 16, "mask_batch": 8}}
+
+
+def _all_methods(perturbation=True):
+    return {name: spec.params(FEW_PERTURBATIONS.get(name)) for name, spec in REGISTRY.items()
+            if perturbation or PERTURB not in spec.needs}
 
 
 def test_plan_collects_needs_legrad_layers_and_cam_layers():
@@ -38,7 +43,7 @@ def test_every_method_runs_from_one_forward(model):
     calls = []
     handle = model.module.register_forward_hook(lambda *a: calls.append(1))
     x = torch.randn(4, 3, 32, 32)
-    shared = {n: p for n, p in _all_methods().items() if not REGISTRY[n].signed}
+    shared = {n: p for n, p in _all_methods(perturbation=False).items() if not REGISTRY[n].signed}
     result = run_batch(model, x, shared, target="top2")
     assert len(calls) == 1
     assert set(result.patch_maps) == set(shared)
@@ -46,11 +51,18 @@ def test_every_method_runs_from_one_forward(model):
         assert maps.shape == (4, 2, 4, 4)
         assert torch.isfinite(maps).all()
     calls.clear()
-    result = run_batch(model, x, _all_methods(), target="top2")
-    handle.remove()
+    result = run_batch(model, x, _all_methods(perturbation=False), target="top2")
     assert len(calls) == 1 + 2  # the shared pass, attnlrp, cp-lrp
     for name in ("attnlrp", "cp-lrp"):
         assert result.patch_maps[name].shape == (4, 2, 32, 32)  # signed pixel relevance
+    calls.clear()
+    result = run_batch(model, x, _all_methods(), target="top2")
+    handle.remove()
+    # + the perturbation forwards: 8 images per forward = 2 masks / windows per image; rise 8 masks -> 4,
+    # occlusion the unperturbed images and 4 windows -> 1 + 2
+    assert len(calls) == 1 + 2 + 4 + 3
+    for name in ("rise", "occlusion"):
+        assert result.patch_maps[name].shape == (4, 2, 32, 32)
 
 
 def test_parameters_keep_no_gradients(model):

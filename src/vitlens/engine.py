@@ -13,7 +13,10 @@ per text sequence, padding removed). :func:`run_task` is the only loop:
    block and the head);
 3. every method function on every view;
 4. methods with a modified backward (AttnLRP / CP-LRP) get one more forward per distinct rule set,
-   inside :func:`vitlens.lrp.lrp_rules`, and one backward per target slot to the leaf.
+   inside :func:`vitlens.lrp.lrp_rules`, and one backward per target slot to the leaf;
+5. model-agnostic perturbation methods (RISE, occlusion) get a batched scorer of perturbed copies of
+   the input (no gradients, no capture) for the targets the first pass resolved
+   (:func:`_perturbation_pass`; image tasks only).
 
 ``precision`` (``'fp32'``, ``'bf16'``, ``'fp16'``; see :func:`check_precision`) says how the *model*
 computes: with bf16 or fp16 the shared pass's forward and LeGrad's head readouts run under
@@ -39,7 +42,8 @@ import torch
 
 from vitlens.errors import MethodError, TargetError, UsageError, one_line
 from vitlens.lrp import LRPConfig, LRPRecorder, lrp_rules
-from vitlens.methods import ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, LRP, Captured, get_method, resolve_layers
+from vitlens.methods import (ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, LRP, PERTURB, Captured, get_method,
+                             resolve_layers)
 from vitlens.models.base import ExplainableModel, ImageModel
 from vitlens.models.capture import AttentionRecorder
 from vitlens.models.layers import find_module
@@ -172,6 +176,12 @@ class ExplainTask:
     def cam_spatial(self, activation: torch.Tensor, layer: str) -> torch.Tensor:
         raise NotImplementedError
 
+    # --- optional: perturbation methods ----------------------------------------------------------
+    def perturbation_inputs(self) -> tuple:
+        """(inputs, fills): the batch the perturbation methods perturb, as the forward takes it, and the
+        fill values of hidden inputs (``{'black': (C,), 'mean': (C,)}``, see ``methods.common.FILLS``)."""
+        raise MethodError("perturbation methods (rise, occlusion) need image inputs")
+
 
 @dataclass
 class PassResult:
@@ -242,8 +252,10 @@ def run_task(task: ExplainTask, methods: dict, precision="fp32") -> PassResult:
     """
     dtype = check_precision(precision, task.model.device)
     lrp_methods = {n: p for n, p in methods.items() if LRP in get_method(n).needs}
-    shared_methods = {n: p for n, p in methods.items() if n not in lrp_methods}
+    perturb_methods = {n: p for n, p in methods.items() if PERTURB in get_method(n).needs}
+    shared_methods = {n: p for n, p in methods.items() if n not in lrp_methods and n not in perturb_methods}
     result = PassResult(maps={name: [[] for _ in range(task.num_views)] for name in methods})
+    # with perturbation methods alone the shared pass is one plain forward: it resolves the targets
     if shared_methods or not lrp_methods or task.keep_attentions:
         _shared_pass(task, shared_methods, result, dtype)
     # LRP changes the backward of the whole model: one extra pass per distinct rule set
@@ -252,6 +264,8 @@ def run_task(task: ExplainTask, methods: dict, precision="fp32") -> PassResult:
         by_config.setdefault((name, params["conv_gamma"], params["lin_gamma"]), []).append(name)
     for key, names in by_config.items():
         _lrp_pass(task, LRPConfig(*key), key, {n: methods[n] for n in names}, result)
+    if perturb_methods:
+        _perturbation_pass(task, perturb_methods, result, dtype)
     return result
 
 
@@ -336,6 +350,36 @@ def _lrp_pass(task: ExplainTask, config: LRPConfig, key: tuple, methods: dict, r
         for name in methods:
             result.lrp_values[name] = values.detach()
         del recorder
+
+
+def _perturbation_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=None) -> None:
+    """Model-agnostic methods: each gets the input, a batched scorer of perturbed copies and the fills.
+
+    The scorer explains the targets an earlier pass resolved: ``score_fn(perturbed, kind)`` takes
+    (B, G, ...) copies of the B inputs (G per input), runs them through ``task.forward`` in one pass
+    under ``no_grad`` (and autocast for bf16 / fp16), and returns (B, G, K) target scores, the softmax
+    probability (``kind='probability'``, computed in at least float32) or the logit. The method bounds G.
+    """
+    model = task.model
+    inputs, fills = task.perturbation_inputs()
+    targets = task.targets
+
+    def score_fn(perturbed: torch.Tensor, kind: str = "probability") -> torch.Tensor:
+        batch, group = perturbed.shape[:2]
+        with _autocast(model, dtype):
+            logits = task.forward(perturbed.reshape(batch * group, *perturbed.shape[2:]))
+        logits = _up(logits) if dtype is not None else logits
+        if kind == "probability":
+            logits = logits.softmax(dim=-1)
+        elif kind != "logit":
+            raise MethodError(f"unknown score {kind!r}: expected probability or logit")
+        return logits.gather(1, targets.repeat_interleave(group, dim=0)).reshape(batch, group, -1)
+
+    with model.eval_mode(), torch.no_grad():
+        for name, params in methods.items():
+            maps = get_method(name).function(inputs, score_fn, fills, **params)
+            for slot in range(maps.shape[1]):
+                result.maps[name][0].append(maps[:, slot].detach())
 
 
 def _hook_layers(model: ExplainableModel, names: list, stack: contextlib.ExitStack) -> dict:
@@ -458,6 +502,15 @@ class ImageTask(ExplainTask):
 
     def cam_spatial(self, activation, layer):
         return self.model.cam_spatial(activation, self.grid, layer)
+
+    def perturbation_inputs(self):
+        x = self.x.detach()
+        mean = torch.tensor(self.model.preprocess.mean, dtype=torch.float64)
+        std = torch.tensor(self.model.preprocess.std, dtype=torch.float64)
+        # the normalised value of a 0 ('black') pixel; the preprocessing's mean colour is 0
+        fills = {"black": ((0 - mean) / std).to(device=x.device, dtype=x.dtype),
+                 "mean": torch.zeros(len(mean), device=x.device, dtype=x.dtype)}
+        return x, fills
 
 
 @dataclass

@@ -15,12 +15,14 @@ from vitlens.errors import MethodError
 from vitlens.methods.attention_gradcam import attention_gradcam
 from vitlens.methods.baselines import center_map, random_map
 from vitlens.methods.chefer import chefer_rollout
-from vitlens.methods.common import Captured, minmax, to_pixels
+from vitlens.methods.common import FILLS, SCORES, Captured, minmax, to_pixels
 from vitlens.methods.gmar import gmar
 from vitlens.methods.gmar_pp import gmar_plus_plus
 from vitlens.methods.gradcam import gradcam, gradcam_pp, layercam, xgradcam
 from vitlens.methods.legrad import legrad, resolve_layers
 from vitlens.methods.lrp import attnlrp, cp_lrp
+from vitlens.methods.occlusion import occlusion
+from vitlens.methods.rise import rise
 from vitlens.methods.rollout import attention_rollout, raw_attention
 
 ATTENTIONS = "attentions"
@@ -28,6 +30,10 @@ GRADIENTS = "gradients"  # d(target logit)/dA per layer
 LAYER_GRADIENTS = "layer_gradients"  # LeGrad: d(layer score)/dA of the same layer
 CAM = "cam"  # activations of target layers and d(target logit)/d(activations)
 LRP = "lrp"  # a separate pass with LRP rules: input and its modified gradient
+#: model-agnostic: the method is called as ``function(inputs, score_fn, fills, **params)`` with the input batch,
+#: a batched no-grad scorer of perturbed copies and the fill colours, and returns (B, K, H, W) maps for every
+#: target slot at once (images only; see ``engine._perturbation_pass``)
+PERTURB = "perturbation"
 
 #: the kinds of values a parameter can take (see :class:`Param`)
 PARAM_KINDS = ("float", "int", "choice", "layer", "layers", "module_names")
@@ -263,6 +269,30 @@ register(MethodSpec("attention-gradcam", attention_gradcam, frozenset({ATTENTION
                     "Grad-CAM on one layer's attention, the attn_gradcam baseline of Chefer et al. (CVPR 2021)",
                     declared={"layer": Param("layer", "the layer whose attention and gradient are used")}))
 
+PERTURB_SCORE = Param("choice", "the target score of each perturbed copy: softmax probability or logit",
+                      choices=SCORES)
+PERTURB_BATCH = Param("int", "perturbed images per forward pass (bounds memory)", low=1)
+register(MethodSpec("rise", rise, frozenset({PERTURB}), True,
+                    {"masks": 1000, "cells": 7, "keep": 0.5, "seed": 0, "mask_batch": 64, "score": "probability",
+                     "baseline": "black"},
+                    "RISE: scores of randomly masked copies, averaged per pixel (Petsiuk et al. 2018)",
+                    declared={"masks": Param("int", "number of random masks N", low=1),
+                              "cells": Param("int", "the masks' coarse grid is cells x cells", low=1),
+                              "keep": Param("float", "probability that a grid cell is kept", low=0, high=1,
+                                            low_open=True),
+                              "seed": Param("int", "random seed (the same masks for every image)"),
+                              "mask_batch": PERTURB_BATCH, "score": PERTURB_SCORE,
+                              "baseline": Param("choice", "hidden pixels: black (the paper), or the "
+                                                          "normalisation mean colour", choices=FILLS)}))
+register(MethodSpec("occlusion", occlusion, frozenset({PERTURB}), True,
+                    {"window": 32, "stride": 16, "baseline": "mean", "score": "probability", "mask_batch": 64},
+                    "occlusion: score drop when a sliding window is hidden (Zeiler & Fergus 2014)",
+                    declared={"window": Param("int", "side of the square window, in input pixels", low=1),
+                              "stride": Param("int", "step between windows, in input pixels", low=1),
+                              "baseline": Param("choice", "hidden pixels: the normalisation mean colour "
+                                                          "(0 in input space), or black", choices=FILLS),
+                              "score": PERTURB_SCORE, "mask_batch": PERTURB_BATCH}))
+
 register(MethodSpec("attnlrp", attnlrp, frozenset({LRP}), True, {"conv_gamma": 1.0, "lin_gamma": 0.5},
                     "AttnLRP (Achtibat et al. 2024) with Gamma rules, signed pixel relevance", signed=True,
                     declared={"conv_gamma": CONV_GAMMA, "lin_gamma": LIN_GAMMA}))
@@ -399,6 +429,7 @@ __all__ = [
     "LAYER_GRADIENTS",
     "LRP",
     "MethodSpec",
+    "PERTURB",
     "Param",
     "REGISTRY",
     "check_params_for_model",

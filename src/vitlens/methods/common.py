@@ -127,3 +127,23 @@ def to_pixels(patch_maps: torch.Tensor, size: tuple) -> torch.Tensor:
     # rounding steps (~1e-8 of the value) would be blown up by the min-max into visible noise.
     up = F.interpolate(patch_maps.unsqueeze(1).double(), size=tuple(size), mode="bilinear", align_corners=False)
     return minmax(up.squeeze(1)).float()
+
+
+# --- perturbation methods (RISE, occlusion): shared conventions ------------------------------------
+#: what a perturbation method scores each perturbed copy by
+SCORES = ("probability", "logit")
+#: the value hidden pixels take, in the model's input (normalised) space: 'black' is the normalised
+#: value of a 0 pixel, (0 - mean) / std per channel; 'mean' is 0, the preprocessing's mean colour
+FILLS = ("black", "mean")
+
+
+def fill_value(fills: dict, baseline: str, like: torch.Tensor) -> torch.Tensor:
+    """The (1, C, 1, 1) fill of ``baseline`` (see :data:`FILLS`) on ``like``'s device and dtype."""
+    if baseline not in fills:
+        raise MethodError(f"unknown baseline {baseline!r}: expected one of {', '.join(FILLS)}")
+    return torch.as_tensor(fills[baseline]).to(device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+
+
+def group_size(batch: int, mask_batch: int) -> int:
+    """Perturbations per image in one call of the scorer, so that a forward sees about ``mask_batch`` images."""
+    return max(1, mask_batch // max(1, batch))
