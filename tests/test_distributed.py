@@ -195,7 +195,7 @@ def test_a_refused_output_directory_is_one_line_on_every_rank(tmp_path, tiny_wei
     done = run(torchrun(2, *explain_args(reference, tiny_weights, methods="rollout")), timeout=120)
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("vitlens: ")]
-    assert len(ours) == 2 and all("different settings (methods)" in line for line in ours), done.stderr
+    assert len(ours) == 2 and all("different settings (methods." in line for line in ours), done.stderr
     # torchrun then reports the failed workers in its own words; no frame of vitlens is in it
     assert "vitlens/runner.py" not in done.stderr and "vitlens/cli.py" not in done.stderr
 

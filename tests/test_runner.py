@@ -264,14 +264,16 @@ def other_weights(tmp_path_factory) -> Path:
 
 
 CHANGES = {
-    "methods": (["--methods", "rollout"], ["--methods", "rollout,attention"], "methods"),
+    "methods": (["--methods", "rollout"], ["--methods", "rollout,attention"], "methods.attention (new)"),
     "method parameter": (["--methods", "rollout"], ["--methods", "rollout", "--param", "rollout.discard_ratio=0.9"],
-                         "methods"),
-    "target": (["--methods", "rollout"], ["--methods", "rollout", "--target", "top2"], "target"),
-    "colormap": (["--methods", "rollout"], ["--methods", "rollout", "--cmap", "viridis"], "overlay"),
-    "precision": (["--methods", "rollout"], ["--methods", "rollout", "--precision", "bf16"], "precision"),
-    "what is saved": (["--methods", "rollout"], ["--methods", "rollout", "--save", "maps"], "save"),
-    "weights": (["--methods", "rollout"], ["--methods", "rollout", "--weights", "{other}"], "model"),
+                         "methods.rollout.discard_ratio 0.0 -> 0.9"),
+    "target": (["--methods", "rollout"], ["--methods", "rollout", "--target", "top2"], 'target "pred" -> "top2"'),
+    "colormap": (["--methods", "rollout"], ["--methods", "rollout", "--cmap", "viridis"],
+                 'overlay.cmap "jet" -> "viridis"'),
+    "precision": (["--methods", "rollout"], ["--methods", "rollout", "--precision", "bf16"],
+                  'precision "fp32" -> "bf16"'),
+    "what is saved": (["--methods", "rollout"], ["--methods", "rollout", "--save", "maps"], "save ["),
+    "weights": (["--methods", "rollout"], ["--methods", "rollout", "--weights", "{other}"], "model.weights"),
 }
 
 

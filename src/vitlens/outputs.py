@@ -95,6 +95,33 @@ def tensor_to_image(x: torch.Tensor, preprocess) -> Image.Image:
     return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
+_MISSING = object()
+
+
+def settings_difference(before: dict, after: dict, limit: int = 3) -> str:
+    """The settings that differ between two runs, each named down to the value that changed.
+
+    ``methods.rollout.discard_ratio 0.9 -> 0.5``, ``methods.gradcam (new)``, ``target 'pred' -> 'top2'``:
+    at most ``limit`` of them, then how many more.
+    """
+    found: list[str] = []
+
+    def walk(old, new, path: str) -> None:
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new), key=str):
+                walk(old.get(key, _MISSING), new.get(key, _MISSING), f"{path}.{key}" if path else str(key))
+        elif old is _MISSING:
+            found.append(f"{path} (new)")
+        elif new is _MISSING:
+            found.append(f"{path} (not in this run)")
+        elif old != new:
+            found.append(f"{path} {json.dumps(old)} -> {json.dumps(new)}")
+
+    walk(before, after, "")
+    more = f", and {len(found) - limit} more" if len(found) > limit else ""
+    return "; ".join(found[:limit]) + more
+
+
 class RunWriter:
     """Writes one run directory; knows which images are already done.
 
@@ -159,11 +186,9 @@ class RunWriter:
             has_records = self.records_dir.is_dir() and any(self.records_dir.glob("*.json"))
             if previous is not None and previous != normalized and has_records:
                 if resume:
-                    changed = sorted(k for k in set(previous) | set(normalized) if previous.get(k) != normalized.get(k))
-                    raise OutputError(
-                        f"'{self.out}' holds a run with different settings ({', '.join(changed)}): "
-                        "choose another --out, or pass --force to replace it"
-                    )
+                    changed = settings_difference(previous, normalized)
+                    raise OutputError(f"'{self.out}' holds a run with different settings ({changed}): "
+                                      "choose another --out, or pass --force to replace it")
             if not resume or previous != normalized:
                 self._clear_records()
         # a directory that holds no vitlens run is never cleared: its files are not ours

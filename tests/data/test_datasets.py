@@ -126,26 +126,63 @@ def test_limit_keeps_first_n_and_keys_do_not_change(tmp_path, write_image):
 # ---------------------------------------------------------------- keys
 
 
-def test_colliding_keys_are_disambiguated_deterministically(tmp_path, write_image):
+def digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+def test_colliding_keys_each_get_a_hash_of_their_file(tmp_path, write_image):
     write_image(tmp_path / "one" / "a.jpg")
     write_image(tmp_path / "one" / "a.png")
-    write_image(tmp_path / "one" / "a-2.png")  # a real file already owns the "a-2" key
+    write_image(tmp_path / "one" / "a-2.png")  # a name that numbering would have handed to a.png
     write_image(tmp_path / "two" / "A.jpg")  # differs only by case: clashes on Windows/macOS
     specs = [str(tmp_path / "one"), str(tmp_path / "two")]
-    keys = [s.key for s in resolve_inputs(specs)]
-    assert keys == ["a", "a-3", "a-2", "A-4"]
-    assert keys == [s.key for s in resolve_inputs(specs)]
-    assert len({k.lower() for k in keys}) == len(keys)
+    samples = resolve_inputs(specs)
+    keys = {Path(s.path).relative_to(tmp_path).as_posix(): s.key for s in samples}
+    # a.png's file name is its own within the clash; a.jpg and A.jpg are the same name on Windows / macOS
+    assert keys == {"one/a.jpg": f"a-{digest(str(tmp_path / 'one' / 'a.jpg'))}", "one/a.png": f"a-{digest('a.png')}",
+                    "one/a-2.png": "a-2", "two/A.jpg": f"A-{digest(str(tmp_path / 'two' / 'A.jpg'))}"}
+    assert [s.key for s in samples] == [s.key for s in resolve_inputs(specs)]
+    assert len({k.lower() for k in keys.values()}) == len(keys)
+
+
+def test_the_same_relative_path_under_two_roots_is_told_apart_by_the_whole_path(tmp_path, write_image):
+    for root in ("one", "two"):
+        write_image(tmp_path / root / "cat.jpg")
+    samples = resolve_inputs([str(tmp_path / "one"), str(tmp_path / "two")])
+    assert [s.key for s in samples] == [f"cat-{digest(s.path)}" for s in samples]
+    assert len({s.key for s in samples}) == 2
+
+
+def test_an_images_key_does_not_depend_on_the_other_files(tmp_path, write_image):
+    """Names that lose characters never share a key, so adding files never renames an image's outputs (it did:
+    'café.jpg', 'naïve.jpg' and a third such name were 'caf', 'na_ve'... and then re-numbered)."""
+    folder = tmp_path / "photos"
+    names = ["café 猫.jpg", "naïve.jpg", "a b.jpg", "a_b.jpg", "a?b.jpg", "Ελλάδα.png", "plain.jpg"]
+    keys_alone = {}
+    for name in names:
+        write_image(folder / name)
+        keys_alone[name] = {Path(s.path).name: s.key for s in resolve_inputs([str(folder)])}[name]
+    keys_together = {Path(s.path).name: s.key for s in resolve_inputs([str(folder)])}
+    assert keys_together == keys_alone
+    assert keys_together["café 猫.jpg"] == f"café_猫-{digest('café 猫.jpg')}"
+    assert keys_together["naïve.jpg"] == "naïve" and keys_together["Ελλάδα.png"] == "Ελλάδα"
+    assert keys_together["a_b.jpg"] == "a_b" and keys_together["plain.jpg"] == "plain"
+    assert len(set(keys_together.values())) == len(names)
 
 
 @pytest.mark.parametrize(
     ("relative", "key"),
     [
-        ("cats/img 01.JPEG", "cats__img_01"),
+        ("cats/img_01.JPEG", "cats__img_01"),
+        ("cats/img 01.JPEG", f"cats__img_01-{digest('cats/img 01.JPEG')}"),
         ("a\\b\\c.png", "a__b__c"),
-        ("ünïcode (1)/x&y.jpg", "_n_code_1___x_y"),
-        (".secret.png", "_secret"),
-        ("con.jpg", "con_"),
+        ("ünïcode (1)/x&y.jpg", f"ünïcode_1___x_y-{digest('ünïcode (1)/x&y.jpg')}"),
+        ("ünïcode/猫.jpg", "ünïcode__猫"),
+        ("cafe\u0301.jpg", "café"),  # macOS' decomposed form: the same key as the composed one
+        (".secret.png", f"_secret-{digest('.secret.png')}"),
+        ("con.jpg", f"con_-{digest('con.jpg')}"),
         ("noext", "noext"),
         ("___.png", "___"),
     ],
@@ -157,6 +194,8 @@ def test_make_key_is_file_name_safe(relative, key):
 def test_make_key_shortens_long_names_uniquely():
     a, b = make_key("x" * 300 + "a.png"), make_key("x" * 300 + "b.png")
     assert len(a) <= 120 and len(b) <= 120 and a != b
+    c, d = make_key("猫" * 100 + "a.png"), make_key("猫" * 100 + "b.png")
+    assert len(c.encode("utf-8")) <= 120 and c != d and c.startswith("猫" * 37)
 
 
 def test_sample_is_frozen_and_normalises_boxes():
