@@ -435,7 +435,7 @@ def test_manifest_contents(tmp_path, capsys, tiny, tiny_weights, tiny_model):
     assert manifest["save"] == ["overlays", "maps", "originals"]
     assert manifest["target"] == "pred" and manifest["vitlens_version"] == vitlens.__version__
     run_json = json.loads((out / "run.json").read_text())
-    assert {k: v for k, v in manifest.items() if k not in ("images", "summary")} == run_json
+    assert {k: v for k, v in manifest.items() if k not in ("images", "summary", "warnings")} == run_json
 
     expected = vitlens.explain(tiny_model, [folder / "one.png", folder / "two.png"], methods="rollout")
     images = manifest["images"]

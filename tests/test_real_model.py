@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import warnings
 
 import torch
 
 import vitlens
 from tests.conftest import SHARED_DATA, requires_shared
+from vitlens.api import DegenerateMapWarning
 from vitlens.data import load_image
 
 pytestmark = requires_shared
@@ -41,7 +43,10 @@ def test_catdog_maps_follow_the_class(real_vit):
     Split used: rows 0-111 of the 224x224 model input (upper half) vs rows 112-223.
     """
     image = load_image(SHARED_DATA / "demo_images" / "chefer_catdog.png")
-    result = vitlens.explain(real_vit, [image], methods="all", target=torch.tensor([[243, 282]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateMapWarning)  # a trained model: every map shows something
+        result = vitlens.explain(real_vit, [image], methods="all", target=torch.tensor([[243, 282]]))
+    assert result.map_warnings() == [] and result.degenerate_maps() == []
     assert result.predictions[0].index == 243
     for name in CLASS_SPECIFIC:
         dog_map, cat_map = result.maps[name][0, 0], result.maps[name][0, 1]

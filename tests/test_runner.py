@@ -298,7 +298,8 @@ def test_changed_settings_are_refused_without_force(tmp_path, capsys, tiny, othe
     assert stdout.startswith("explained 2 image(s), 0 already done, 0 failed")
     manifest = manifest_of(out)
     run_json = json.loads((out / "run.json").read_text())
-    assert {k: v for k, v in manifest.items() if k not in ("images", "summary")} == run_json
+    assert {k: v for k, v in manifest.items() if k not in ("images", "summary", "warnings")} == run_json
+    assert manifest["warnings"] == []
     for image in manifest["images"]:
         record = out / "records" / f"{image['key']}.json"
         assert record.stat().st_mtime_ns != before[f"records/{image['key']}.json"][0]  # recomputed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 from vitlens.cliargs import (check_count, check_overlay, check_params_requested, check_signed_display, check_target,
                              select_device)
+from vitlens.diagnostics import degenerate_kind, flat_scores, likely_cause, summarise
 from vitlens.engine import check_precision, precision_name, run_batch
 from vitlens.errors import InputError
 from vitlens.methods import check_params_for_model, get_method, parse_methods, to_pixels
@@ -89,6 +91,31 @@ class ExplainResult:
 
     def __len__(self) -> int:
         return self.targets.shape[0]
+
+    def degenerate_maps(self, index: int | None = None) -> list[dict]:
+        """The maps that show nothing (:mod:`vitlens.diagnostics`): constant, all-zero or non-finite raw maps.
+
+        One dict per such map: ``index`` (image), ``slot`` (target), ``method``, ``kind``, ``cause`` (the
+        likely reason in words) and ``image`` (the input's path, or ``input N``); only image ``index``'s
+        maps when it is given.
+        """
+        found = []
+        images = range(len(self)) if index is None else [index]
+        for method in self.methods:
+            raw = self.patch_maps[method]
+            for index in images:
+                flat = flat_scores(self.probabilities[index])
+                for slot in range(raw.shape[1]):
+                    kind = degenerate_kind(raw[index, slot])
+                    if kind is not None:
+                        found.append({"index": index, "slot": slot, "method": method, "kind": kind,
+                                      "cause": likely_cause(kind, flat, self.precision),
+                                      "image": self.inputs[index].source or f"input {index}"})
+        return found
+
+    def map_warnings(self) -> list[str]:
+        """One line per method and kind of degenerate map (empty when every map shows something)."""
+        return summarise((m["method"], m["kind"], m["cause"], m["image"]) for m in self.degenerate_maps())
 
     def target_predictions(self, i: int) -> list:
         """The explained targets of image ``i`` as :class:`Prediction` objects."""
@@ -173,8 +200,12 @@ def prepare_inputs(model: ImageModel, images) -> tuple[torch.Tensor, list]:
     return torch.stack(tensors), records
 
 
+class DegenerateMapWarning(UserWarning):
+    """Some explanation maps are constant, all zero or not finite (see :meth:`ExplainResult.map_warnings`)."""
+
+
 def explain(model, images, methods=None, target=None, batch_size: int = 16, device=None,
-            params: dict | None = None, precision="fp32") -> ExplainResult:
+            params: dict | None = None, precision="fp32", warn: bool = True) -> ExplainResult:
     """Explain images with one or more methods, all from one pass per batch.
 
     Parameters
@@ -207,6 +238,10 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
         cannot run on autocast's mixed dtypes. A dtype torch's autocast does not support on the model's
         device type (bf16 on a GPU without bfloat16, fp16 where torch's CPU autocast lacks it) and an unknown name are
         one-line ``UsageError``s, raised before any work.
+
+    warn : bool
+        Emit one :class:`DegenerateMapWarning` when some maps are constant, all zero or not finite, naming
+        the methods, the first image and the likely cause (:meth:`ExplainResult.map_warnings`; default True).
 
     Returns
     -------
@@ -253,7 +288,7 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
     probabilities = all_logits.float().softmax(dim=-1)
     top = probabilities.argmax(dim=-1)
     predictions = [Prediction(int(i), model.class_name(int(i)), float(probabilities[b, i])) for b, i in enumerate(top)]
-    return ExplainResult(
+    result = ExplainResult(
         model=model,
         methods=names,
         maps={n: torch.cat(v) for n, v in maps.items()},
@@ -267,6 +302,11 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
         extras={n: {k: torch.cat(v) for k, v in d.items()} for n, d in extras.items()},
         precision=precision,
     )
+    if warn:
+        lines = result.map_warnings()
+        if lines:
+            warnings.warn("maps that show nothing: " + "; ".join(lines), DegenerateMapWarning, stacklevel=2)
+    return result
 
 
-__all__ = ["ExplainResult", "InputRecord", "Prediction", "explain", "prepare_inputs"]
+__all__ = ["DegenerateMapWarning", "ExplainResult", "InputRecord", "Prediction", "explain", "prepare_inputs"]

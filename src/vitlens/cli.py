@@ -370,6 +370,13 @@ def _print_summary(summary) -> None:
     print(f"outputs: {summary.out_dir}  manifest: {summary.manifest}")
     if summary.report:
         print(f"report: {summary.report}")
+    _print_warnings(summary.warnings)
+
+
+def _print_warnings(lines: list) -> None:
+    """Maps that show nothing, one line each on stderr (also in the manifest and the report)."""
+    for line in lines:
+        print(f"vitlens: warning: {line}", file=sys.stderr)
 
 
 def _name_classes_from_index(model, path) -> None:
@@ -411,7 +418,8 @@ def cmd_compare(args, model=None) -> int:
     _check_for_model(model, methods, params, target)
     if isinstance(target, list):  # several classes of each image: one row per (image, class)
         target = torch.tensor([class_indices(model, target)] * len(images))
-    result = vitlens.explain(model, images, methods=methods, target=target, params=params)
+    result = vitlens.explain(model, images, methods=methods, target=target, params=params, warn=False)
+    _print_warnings(result.map_warnings())
     signed = {m for m in methods if get_method(m).signed and args.signed_display == "signed"}
     rows = []
     for i, image in enumerate(images):

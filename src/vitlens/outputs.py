@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from vitlens.cliargs import OVERLAY_MAX_SIDE, SIGNED_CMAP, check_signed_display, parse_save
+from vitlens.diagnostics import summarise
 from vitlens.errors import OutputError
 from vitlens.models import describe
 from vitlens.methods import get_method
@@ -172,6 +173,7 @@ class RunWriter:
             self._prepare(resume)
         self.order: list[str] = []
         self._order_lock = threading.Lock()
+        self.warnings: list[str] = []  # about degenerate maps, set by finish()
 
     # --- settings and resume -----------------------------------------------------------------
     def _prepare(self, resume: bool) -> None:
@@ -254,6 +256,8 @@ class RunWriter:
         canvas, canvas_box = fit_within(image, crop_box, self.overlay_max_side) if "overlays" in self.save \
             else (None, None)
         outputs = []
+        # maps that show nothing are written like the others but say so (the manifest sums them up)
+        degenerate = {(d["method"], d["slot"]): d for d in result.degenerate_maps(index)}
         for method in self.methods:
             for slot, target in enumerate(result.targets[index].tolist()):
                 stem = f"{key}__{target}"
@@ -274,6 +278,9 @@ class RunWriter:
                     map_file = f"maps/{method}/{stem}.npy"
                     write_atomic(self.out / map_file, lambda fh, a=raw: np.save(fh, a))
                     entry["map"] = map_file
+                flagged = degenerate.get((method, slot))
+                if flagged is not None:
+                    entry["warning"] = {"kind": flagged["kind"], "cause": flagged["cause"]}
                 for extra_name, values in result.extras.get(method, {}).items():
                     entry[extra_name] = round(float(values[index, slot]), 6)
                 outputs.append(entry)
@@ -326,6 +333,10 @@ class RunWriter:
             if record is not None:
                 images.append(record)
         manifest = {**self.settings, "images": images}
+        self.warnings = summarise((o["method"], o["warning"]["kind"], o["warning"]["cause"],
+                                   r.get("path") or r.get("key")) for r in images for o in r.get("outputs", [])
+                                  if isinstance(o.get("warning"), dict))
+        manifest["warnings"] = self.warnings
         manifest["summary"] = {
             "images": len(images),
             "ok": sum(1 for r in images if r["status"] == "ok"),

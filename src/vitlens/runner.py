@@ -76,6 +76,7 @@ class RunSummary:
     manifest: Path | None = None
     report: Path | None = None
     seconds: float = 0.0
+    warnings: list = field(default_factory=list)  # one line per method and kind of map that shows nothing
 
 
 def _load(sample: Sample, reduce=None):
@@ -255,9 +256,9 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
             from vitlens.render import write_report
 
             report = write_report(writer.out)
-        return manifest, report
+        return manifest, report, writer.warnings
 
-    summary.manifest, summary.report = group.run_on_main(write_manifest)
+    summary.manifest, summary.report, summary.warnings = group.run_on_main(write_manifest)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -285,7 +286,7 @@ def _explain_batch(batch, loaded, writer, model, methods, params, target, summar
         batch_target = torch.tensor([list(target.classes)] * len(images))
     try:
         result = explain(model, images, methods=methods, target=batch_target, batch_size=len(images), params=params,
-                         precision=precision)
+                         precision=precision, warn=False)  # the run sums degenerate maps up once, at its end
     except (TargetError, MethodError):
         raise  # a wrong --target or method setting concerns the whole run, not these images: stop
     except VitlensError as exc:

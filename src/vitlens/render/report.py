@@ -243,6 +243,16 @@ def _gallery_html(rows: list[_Row], methods: list[str]) -> str:
     )
 
 
+def _warnings_html(manifest: dict) -> str:
+    """The run's warnings about maps that show nothing (constant, all zero, not finite), above the gallery."""
+    lines = [str(line) for line in manifest.get("warnings") or []]
+    if not lines:
+        return ""
+    items = "".join(f"<li>{esc(line)}</li>" for line in lines)
+    return (f'<section id="warnings" class="warnings"><h2>Maps that show nothing ({len(lines)})</h2>'
+            f"<ul>{items}</ul></section>")
+
+
 def _failed_html(images: list[dict]) -> str:
     failed = [im for im in images if im.get("status") != "ok"]
     if not failed:
@@ -302,6 +312,7 @@ td.info{text-align:left!important;min-width:220px;max-width:320px;font-size:13px
 .ok{color:#138a36;font-weight:700}.bad{color:#c4320a;font-weight:700}
 img.cell{display:block;width:150px;height:150px;object-fit:contain;cursor:zoom-in;border-radius:3px;background:#eef0f3}
 img.cell:focus{outline:2px solid var(--accent)}
+.warnings{border-left:4px solid #d08700;background:#fff8e6;padding:4px 12px;margin:8px 0}
 .na{display:inline-block;width:150px;line-height:150px;color:var(--muted);background:#eef0f3;border-radius:3px}
 #failed ul{background:#fff;border:1px solid var(--line);border-radius:6px;padding:10px 10px 10px 28px}
 .error{color:#c4320a}.status{color:var(--muted)}
@@ -387,7 +398,7 @@ def render_report(manifest: dict, title: str | None = None) -> str:
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>"
-        f"{_header_html(manifest, methods, counts, title)}"
+        f"{_header_html(manifest, methods, counts, title)}{_warnings_html(manifest)}"
         f"{_gallery_html(rows, methods)}{_failed_html(images)}{_metrics_html(manifest.get('metrics'))}"
         '<div id="lightbox" class="lightbox" role="dialog" aria-modal="true" aria-label="Enlarged image" hidden>'
         '<figure><img id="lightbox-img" alt=""><figcaption id="lightbox-caption"></figcaption></figure></div>'
