@@ -212,3 +212,23 @@ def test_evaluate_ranks_lrp_pixels_by_their_signed_relevance(tmp_path, capsys, t
         curve = records[sample.path]["curves"]["attnlrp"]["insertion"]
         assert np.allclose(curve, expected["signed"]["insertion"]["curve"][i].numpy(), atol=1e-4)
     assert not torch.equal(expected["signed"]["insertion"]["curve"], expected["positive"]["insertion"]["curve"])
+
+
+def test_patch_granularity_on_a_cnn_is_one_line_before_anything_is_written(tmp_path, tin):
+    """A CNN has no patches: `--granularity patch` is refused in one line (it used to raise NotImplementedError
+    from deep inside the perturbation metrics, after the run directory was written)."""
+    import torchvision
+
+    from vitlens.metrics import MetricError
+
+    torch.manual_seed(0)
+    model = vitlens.load_model(torchvision.models.resnet18(num_classes=2).eval())
+    out = tmp_path / "run"
+    with pytest.raises(MetricError) as info:
+        run_evaluate(resolve_inputs([f"tinyimagenet:{tin}"]), model, ["gradcam"], metrics="deletion",
+                     granularity="patch", out_dir=out, progress=False)
+    assert "--granularity patch needs a model with patches" in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+    summary = run_evaluate(resolve_inputs([f"tinyimagenet:{tin}"]), model, ["gradcam"], metrics="deletion",
+                           metric_params={"deletion": {"steps": 2}}, out_dir=out, progress=False, html=False)
+    assert summary.run.explained == 3

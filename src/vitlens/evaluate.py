@@ -32,6 +32,7 @@ from vitlens.methods import get_method
 from vitlens.metrics import (BOXES, MASKS, MODEL, OBJECTS, RANDOMIZE, REEXPLAIN, MetricError, boxes_to_input,
                              cascading_randomization, energy_in_box, get_metric, mask_to_input, mean_ci, parse_metrics,
                              perturbation_metrics, pointing_game, segmentation_scores)
+from vitlens.metrics.perturbation import patch_size_of
 from vitlens.render.atomic import write_atomic, write_text_atomic
 
 CI_METHOD = "t"
@@ -590,6 +591,9 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
     options = {name: get_metric(name).params(metric_params.get(name)) for name in metric_names}
     if granularity not in ("pixel", "patch"):
         raise MetricError(f"unknown granularity '{granularity}': choose pixel or patch")
+    if granularity == "patch" and patch_size_of(model) is None:
+        raise MetricError(f"--granularity patch needs a model with patches (a ViT); {type(model.module).__name__} "
+                          "has none: use --granularity pixel")
     check_count(perturb_batch_size, "perturb_batch_size")  # before run_explain writes anything
     target = _single_target(target)
     check_requirements(samples, metric_names, masks_dir, source, metric_params)

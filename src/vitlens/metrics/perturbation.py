@@ -119,6 +119,14 @@ def unit_ranks(maps: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return ranks
 
 
+def patch_size_of(model) -> tuple | None:
+    """The model's patch size, or None for a model without patches (a CNN) or a plain callable."""
+    try:
+        return getattr(model, "patch_size", None)
+    except NotImplementedError:  # ImageModel's default: the CNN adapter has no patch grid
+        return None
+
+
 def unit_maps(maps: torch.Tensor, input_size: tuple, granularity: str, patch: tuple | None) -> torch.Tensor:
     """Maps (N, h, w) at the resolution perturbation units are ranked at.
 
@@ -498,7 +506,7 @@ def perturbation_metrics(model, inputs: torch.Tensor, maps: dict, targets: torch
         labels = torch.full((B,), -1, dtype=torch.long)
     labels = torch.as_tensor([(-1 if l is None else int(l)) for l in list(labels)], dtype=torch.long)
     if patch is None and granularity == "patch":
-        patch = getattr(model, "patch_size", None)
+        patch = patch_size_of(model)
     pb = PerturbationBatch(model, inputs, mean=mean, std=std, seed=seed, batch_size=batch_size)
     input_size = tuple(inputs.shape[-2:])
     plans: dict = {}
@@ -609,6 +617,7 @@ __all__ = [
     "drop_increase",
     "insertion",
     "negative_perturbation",
+    "patch_size_of",
     "perturbation_metrics",
     "positive_perturbation",
     "trapezoid",
