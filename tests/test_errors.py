@@ -175,6 +175,7 @@ CLI_CASES = {
     "evaluate: several targets per image": {},
     "evaluate: unknown metric": {},
     "evaluate: perturbation batch below 1": {},
+    "evaluate: patches of a model without patches": {},
     "compare: unknown target name": {},
     "compare: --out is a folder": {},
     "compare: unknown colormap": {},
@@ -359,6 +360,11 @@ API_CASES = {
     "api: run with an unknown target": _run_with_unknown_target,
     "api: overlay opacity outside 0..1": lambda ctx: vitlens.explain(ctx["model"], "cat.png",
                                                                      methods="rollout").save("out", alpha=5),
+    "api: unknown signed display": lambda ctx: vitlens.explain(ctx["model"], "cat.png", methods="rollout").save(
+        "out", signed_display="both"),
+    "api: float pixels outside 0..1": lambda ctx: vitlens.explain(ctx["model"], np.full((8, 8, 3), 200.0)),
+    "api: integer pixels of unknown range": lambda ctx: vitlens.explain(ctx["model"],
+                                                                        np.zeros((8, 8, 3), dtype=np.int64)),
     "api: text pair count mismatch": lambda ctx: _explain_text(ctx)(
         ctx["text_model"](), ["A man plays.", "A dog runs."], pairs=["Someone plays."]),
     "api: text batch size below 1": lambda ctx: _explain_text(ctx)(ctx["text_model"](), "A man plays.",
