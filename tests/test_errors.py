@@ -145,6 +145,7 @@ CLI_CASES = {
     "not a layer index": {},
     "ill-formed layer selection": {},
     "ill-formed Grad-CAM layers": {},
+    "not true or false": {},
     "more layers than the model has": {},
     "layer index beyond the model": {},
     "unknown Grad-CAM target layer": {},

@@ -261,7 +261,8 @@ def run_task(task: ExplainTask, methods: dict, precision="fp32") -> PassResult:
     # LRP changes the backward of the whole model: one extra pass per distinct rule set
     by_config: dict = {}
     for name, params in lrp_methods.items():
-        by_config.setdefault((name, params["conv_gamma"], params["lin_gamma"]), []).append(name)
+        key = (name, params["conv_gamma"], params["lin_gamma"], params.get("attention_gamma", True))
+        by_config.setdefault(key, []).append(name)
     for key, names in by_config.items():
         _lrp_pass(task, LRPConfig(*key), key, {n: methods[n] for n in names}, result)
     if perturb_methods:

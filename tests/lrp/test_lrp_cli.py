@@ -21,7 +21,7 @@ def test_explain_with_gamma_options_writes_signed_overlays(tmp_path, capsys):
                  "--quiet"])
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["methods"]["attnlrp"] == {"conv_gamma": 0.25, "lin_gamma": 0.1}
+    assert manifest["methods"]["attnlrp"] == {"conv_gamma": 0.25, "lin_gamma": 0.1, "attention_gamma": True}
     for output in manifest["images"][0]["outputs"]:
         assert Image.open(out / output["overlay"]).size == Image.open(CATDOG).size
         assert abs(output["target_logit"]) > 0 and "relevance_sum" in output

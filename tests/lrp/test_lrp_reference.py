@@ -47,8 +47,11 @@ def lrp_layer_norm(x, ln, R):
     return x * centred_grad
 
 
-def reference_relevance(module, x, target, variant, conv_gamma, lin_gamma):
-    """Pixel relevance (H, W) of one image for a one-block timm ViT, rules written out."""
+def reference_relevance(module, x, target, variant, conv_gamma, lin_gamma, attn_gamma=None):
+    """Pixel relevance (H, W) of one image for a one-block timm ViT, rules written out.
+
+    ``attn_gamma``: the Gamma of the attention's qkv and output projections (default ``lin_gamma``)."""
+    attn_gamma = lin_gamma if attn_gamma is None else attn_gamma
     m = module
     p = m.patch_embed.proj
     C = p.out_channels
@@ -94,7 +97,7 @@ def reference_relevance(module, x, target, variant, conv_gamma, lin_gamma):
     R_r1 = R_r1 + lrp_layer_norm(r1, blk.norm2, R_h2)
     R_tokens = tokens / r1 * R_r1
     R_proj = proj / r1 * R_r1
-    R_merged = lrp_linear(merged, blk.attn.proj.weight, blk.attn.proj.bias, R_proj, lin_gamma)
+    R_merged = lrp_linear(merged, blk.attn.proj.weight, blk.attn.proj.bias, R_proj, attn_gamma)
     R_o = R_merged.reshape(N, K, d).permute(1, 0, 2)  # (K, N, d)
     # o[i, e] = sum_j A[i, j] v[j, e]; contribution c[i, j, e] = A_ij v_je R_o_ie / o_ie
     contrib = A[..., None] * v[:, None, :, :] * (R_o / o)[:, :, None, :]  # (K, N_i, N_j, d)
@@ -110,7 +113,7 @@ def reference_relevance(module, x, target, variant, conv_gamma, lin_gamma):
         R_q = 0.5 * c2.sum(dim=2)
         R_k = 0.5 * c2.sum(dim=1)
     R_qkv = torch.stack([R_q, R_k, R_v]).permute(2, 0, 1, 3).reshape(N, 3 * C)
-    R_h1 = lrp_linear(h1, blk.attn.qkv.weight, blk.attn.qkv.bias, R_qkv, lin_gamma)
+    R_h1 = lrp_linear(h1, blk.attn.qkv.weight, blk.attn.qkv.bias, R_qkv, attn_gamma)
     R_tokens = R_tokens + lrp_layer_norm(tokens, blk.norm1, R_h1)
     R_t0 = t0 / tokens[1:] * R_tokens[1:]  # the position embedding (a constant) absorbs its share
     R_patches = lrp_linear(patches, Wc, p.bias, R_t0, conv_gamma)

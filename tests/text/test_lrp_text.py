@@ -96,8 +96,8 @@ def test_lrp_leaves_the_model_and_other_methods_unchanged():
 
 
 def test_text_lrp_defaults_use_the_plain_gradient_on_linear_layers():
-    assert text_params("attnlrp") == {"conv_gamma": 1.0, "lin_gamma": 0.0}
-    assert text_params("cp-lrp", {"lin_gamma": 0.25}) == {"conv_gamma": 1.0, "lin_gamma": 0.25}
+    assert text_params("attnlrp") == {"conv_gamma": 1.0, "lin_gamma": 0.0, "attention_gamma": True}
+    assert text_params("cp-lrp", {"lin_gamma": 0.25}) == {"conv_gamma": 1.0, "lin_gamma": 0.25, "attention_gamma": True}
 
 
 def test_minilm_cli_attnlrp_gives_signed_token_scores(capsys, tmp_path, minilm):

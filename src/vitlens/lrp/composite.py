@@ -7,6 +7,10 @@ projections, which are called as modules in the adapters' explicit attention, an
 Gamma(``conv_gamma``), every LayerNorm the std-detached form, every element-wise activation
 module the identity rule, and attention the AttnLRP (uniform rule on Q K^T and A V) or CP-LRP
 (Q and K constant) form. Everything is undone when the block ends; no class is touched.
+With ``attention_gamma=False`` the attention's projections (the linear layers inside attention modules,
+:func:`attention_projections`, and the packed projections applied through :meth:`LRPRecorder.linear`) keep
+the plain LRP-0 rule instead of Gamma(``lin_gamma``): LXT's torchvision setup, whose zennit hooks never fire
+inside ``nn.MultiheadAttention`` (it uses its projection weights without calling them as modules).
 
 Decoder language models add three module kinds: Hugging Face's ``Conv1D`` (GPT-2's projections,
 ``x @ W + b`` with W of shape (in, out): a linear layer, so Gamma(``lin_gamma``) on W^T), RMSNorm
@@ -53,6 +57,9 @@ class LRPConfig:
     variant: str = "attnlrp"  # or "cp-lrp"
     conv_gamma: float = 1.0
     lin_gamma: float = 0.5
+    #: Gamma(``lin_gamma``) on the attention's q/k/v and output projections too (True), or the plain LRP-0
+    #: rule there (False: what LXT's torchvision setup computes, see :func:`attention_projections`)
+    attention_gamma: bool = True
 
     def __post_init__(self):
         if self.variant not in ("attnlrp", "cp-lrp"):
@@ -60,6 +67,13 @@ class LRPConfig:
         for name in ("conv_gamma", "lin_gamma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.attention_gamma, bool):
+            raise ValueError(f"attention_gamma must be True or False, got {self.attention_gamma!r}")
+
+    @property
+    def projection_gamma(self) -> float:
+        """The Gamma of the attention projections: ``lin_gamma``, or 0 (LRP-0) without ``attention_gamma``."""
+        return self.lin_gamma if self.attention_gamma else 0.0
 
 
 class LRPRecorder(AttentionRecorder):
@@ -82,7 +96,8 @@ class LRPRecorder(AttentionRecorder):
         return uniform_matmul(probs, v)
 
     def linear(self, x, weight, bias):
-        return gamma_linear(x, weight, bias, self.config.lin_gamma)
+        # only attention projections go through the recorder (packed in_proj, BEiT / EVA qkv)
+        return gamma_linear(x, weight, bias, self.config.projection_gamma)
 
 
 def _is_activation(module: nn.Module) -> bool:
@@ -222,19 +237,44 @@ def _activation_forward(module: nn.Module):
     return forward
 
 
+def is_attention_module(module: nn.Module) -> bool:
+    """``nn.MultiheadAttention``, or a module whose class name ends in ``Attention`` (timm ``Attention`` /
+    ``EvaAttention``, Hugging Face ``ViTAttention``, ``BertAttention``, ``GPT2Attention``, ``LlamaAttention``...)."""
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+
+
+def attention_projections(model: nn.Module) -> set:
+    """The ids of the linear layers (``nn.Linear``, Hugging Face ``Conv1D``) inside attention modules: the
+    q/k/v (or packed qkv) and output projections, which ``attention_gamma=False`` leaves to LRP-0.
+
+    Packed projections that are parameters, not modules (``nn.MultiheadAttention.in_proj_weight``, BEiT's and
+    EVA's biased qkv), go through :meth:`LRPRecorder.linear`, which applies the same choice.
+    """
+    found = set()
+    for module in model.modules():
+        if is_attention_module(module):
+            found.update(id(sub) for sub in module.modules() if isinstance(sub, nn.Linear) or _is_conv1d(sub))
+    return found
+
+
 @contextlib.contextmanager
 def lrp_rules(model: nn.Module, config: LRPConfig) -> Iterator[None]:
     """Within the block, ``model`` computes the same outputs with LRP rules in its backward."""
+    projections = set() if config.attention_gamma else attention_projections(model)
+
+    def lin_gamma(module):
+        return config.projection_gamma if id(module) in projections else config.lin_gamma
+
     with contextlib.ExitStack() as stack:
         for module in model.modules():
             if isinstance(module, nn.Linear):
-                stack.enter_context(swapped_forward(module, _linear_forward(module, config.lin_gamma)))
+                stack.enter_context(swapped_forward(module, _linear_forward(module, lin_gamma(module))))
             elif isinstance(module, nn.Conv2d):
                 stack.enter_context(swapped_forward(module, _conv_forward(module, config.conv_gamma)))
             elif isinstance(module, nn.LayerNorm):
                 stack.enter_context(swapped_forward(module, _layer_norm_forward(module)))
             elif _is_conv1d(module):
-                stack.enter_context(swapped_forward(module, _conv1d_forward(module, config.lin_gamma)))
+                stack.enter_context(swapped_forward(module, _conv1d_forward(module, lin_gamma(module))))
             elif _rms_norm_eps(module) is not None:
                 stack.enter_context(swapped_forward(module, _rms_norm_forward(module, _rms_norm_eps(module))))
             elif _is_gated_mlp(module):

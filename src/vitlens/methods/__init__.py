@@ -36,7 +36,7 @@ LRP = "lrp"  # a separate pass with LRP rules: input and its modified gradient
 PERTURB = "perturbation"
 
 #: the kinds of values a parameter can take (see :class:`Param`)
-PARAM_KINDS = ("float", "int", "choice", "layer", "layers", "module_names")
+PARAM_KINDS = ("float", "int", "choice", "layer", "layers", "module_names", "bool")
 
 
 def show_value(value) -> str:
@@ -58,7 +58,8 @@ class Param:
     * ``layers``: LeGrad's layer selection: ``'all'``, ``'lastN'``, an int N (the last N layers), or
       layer indices as a list or a comma-separated string (see :func:`resolve_layers`);
     * ``module_names``: Grad-CAM target layers by module name (``'default'``, ``'blocks.11.norm1'``,
-      a comma-separated string or a list); the names are checked against the model.
+      a comma-separated string or a list); the names are checked against the model;
+    * ``bool``: True or False (``true`` / ``false`` on a command line), nothing else.
 
     ``low_open`` / ``high_open`` make a bound exclusive.
     """
@@ -93,6 +94,8 @@ class Param:
             return "a layer index (negative counts from the end)"
         if self.kind == "layers":
             return "'all', 'lastN', N (the last N layers) or layer indices ('3,5' or [3, 5])"
+        if self.kind == "bool":
+            return "true or false"
         return "'default' or module names (comma-separated, or a list)"
 
     def validate(self, method: str, name: str, value):
@@ -122,6 +125,8 @@ class Param:
             return value if isinstance(value, str) and value in self.choices else _INVALID
         if self.kind == "layers":
             return _checked_layers(value)
+        if self.kind == "bool":
+            return value if isinstance(value, bool) else _INVALID
         return _checked_module_names(value)
 
 
@@ -217,6 +222,10 @@ RESIDUAL = Param("float", "weight of the identity added to each layer's attentio
 HEAD_NORM = Param("choice", "norm of each head's gradient that weighs the heads", choices=("l1", "l2"))
 CONV_GAMMA = Param("float", "Gamma rule strength of Conv2d layers (0: the plain LRP-0 rule)", low=0)
 LIN_GAMMA = Param("float", "Gamma rule strength of Linear layers (0: the plain LRP-0 rule)", low=0)
+ATTENTION_GAMMA = Param("bool", "Gamma(lin_gamma) also on the attention's q/k/v and output projections; false: "
+                                "LRP-0 there, as LXT's torchvision setup")
+LRP_DEFAULTS = {"conv_gamma": 1.0, "lin_gamma": 0.5, "attention_gamma": True}
+LRP_DECLARED = {"conv_gamma": CONV_GAMMA, "lin_gamma": LIN_GAMMA, "attention_gamma": ATTENTION_GAMMA}
 CAM_LAYERS = Param("module_names", "target layer(s), several are fused; None: the last block's norm of a ViT, the "
                                    "last spatial layer of a CNN")
 
@@ -293,12 +302,12 @@ register(MethodSpec("occlusion", occlusion, frozenset({PERTURB}), True,
                                                           "(0 in input space), or black", choices=FILLS),
                               "score": PERTURB_SCORE, "mask_batch": PERTURB_BATCH}))
 
-register(MethodSpec("attnlrp", attnlrp, frozenset({LRP}), True, {"conv_gamma": 1.0, "lin_gamma": 0.5},
+register(MethodSpec("attnlrp", attnlrp, frozenset({LRP}), True, dict(LRP_DEFAULTS),
                     "AttnLRP (Achtibat et al. 2024) with Gamma rules, signed pixel relevance", signed=True,
-                    declared={"conv_gamma": CONV_GAMMA, "lin_gamma": LIN_GAMMA}))
-register(MethodSpec("cp-lrp", cp_lrp, frozenset({LRP}), True, {"conv_gamma": 1.0, "lin_gamma": 0.5},
+                    declared=dict(LRP_DECLARED)))
+register(MethodSpec("cp-lrp", cp_lrp, frozenset({LRP}), True, dict(LRP_DEFAULTS),
                     "CP-LRP: relevance through the values only, Gamma rules, signed pixel relevance", signed=True,
-                    declared={"conv_gamma": CONV_GAMMA, "lin_gamma": LIN_GAMMA}))
+                    declared=dict(LRP_DECLARED)))
 register(MethodSpec("random", random_map, frozenset(), False, {"seed": 0},
                     "baseline: uniform noise per patch, seeded per image",
                     declared={"seed": Param("int", "random seed (mixed with each image's fingerprint)")}))

@@ -38,7 +38,7 @@ class Captured:
     inputs : Tensor or None
         The preprocessed input batch (B, 3, H, W), detached (used by the baseline maps).
     input_relevance : dict
-        ``{(variant, conv_gamma, lin_gamma): (x, modified gradient)}`` from LRP passes.
+        ``{(variant, conv_gamma, lin_gamma, attention_gamma): (x, modified gradient)}`` from LRP passes.
     cam : dict
         ``{layer name: (activations, gradients)}``, each (B, C, h, w), for the Grad-CAM family.
     cam_layers : list of str

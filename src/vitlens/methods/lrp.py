@@ -18,11 +18,13 @@ def _relevance(captured: Captured, key) -> torch.Tensor:
     return (x * grad).sum(dim=1)
 
 
-def attnlrp(captured: Captured, conv_gamma: float = 1.0, lin_gamma: float = 0.5) -> torch.Tensor:
-    """AttnLRP relevance (B, H, W)."""
-    return _relevance(captured, ("attnlrp", conv_gamma, lin_gamma))
+def attnlrp(captured: Captured, conv_gamma: float = 1.0, lin_gamma: float = 0.5,
+            attention_gamma: bool = True) -> torch.Tensor:
+    """AttnLRP relevance (B, H, W). ``attention_gamma=False``: LRP-0 on the attention's projections."""
+    return _relevance(captured, ("attnlrp", conv_gamma, lin_gamma, attention_gamma))
 
 
-def cp_lrp(captured: Captured, conv_gamma: float = 1.0, lin_gamma: float = 0.5) -> torch.Tensor:
-    """CP-LRP relevance (B, H, W)."""
-    return _relevance(captured, ("cp-lrp", conv_gamma, lin_gamma))
+def cp_lrp(captured: Captured, conv_gamma: float = 1.0, lin_gamma: float = 0.5,
+           attention_gamma: bool = True) -> torch.Tensor:
+    """CP-LRP relevance (B, H, W). ``attention_gamma=False``: LRP-0 on the attention's projections."""
+    return _relevance(captured, ("cp-lrp", conv_gamma, lin_gamma, attention_gamma))
