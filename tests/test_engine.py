@@ -39,20 +39,21 @@ def test_plan_collects_needs_legrad_layers_and_cam_layers():
 
 
 def test_every_method_runs_from_one_forward(model):
-    """All methods share one forward; each LRP rule set adds exactly one forward of its own."""
+    """All methods share one forward; each LRP rule set (transformer-attribution's relevance pass among them) adds
+    exactly one forward of its own."""
     calls = []
     handle = model.module.register_forward_hook(lambda *a: calls.append(1))
     x = torch.randn(4, 3, 32, 32)
     shared = {n: p for n, p in _all_methods(perturbation=False).items() if not REGISTRY[n].signed}
     result = run_batch(model, x, shared, target="top2")
-    assert len(calls) == 1
+    assert len(calls) == 1 + 1  # the shared pass and transformer-attribution's relevance pass
     assert set(result.patch_maps) == set(shared)
     for maps in result.patch_maps.values():
         assert maps.shape == (4, 2, 4, 4)
         assert torch.isfinite(maps).all()
     calls.clear()
     result = run_batch(model, x, _all_methods(perturbation=False), target="top2")
-    assert len(calls) == 1 + 2  # the shared pass, attnlrp, cp-lrp
+    assert len(calls) == 1 + 1 + 2  # the shared pass, the relevance pass, attnlrp, cp-lrp
     for name in ("attnlrp", "cp-lrp"):
         assert result.patch_maps[name].shape == (4, 2, 32, 32)  # signed pixel relevance
     calls.clear()
@@ -60,7 +61,7 @@ def test_every_method_runs_from_one_forward(model):
     handle.remove()
     # + the perturbation forwards: 8 images per forward = 2 masks / windows per image; rise 8 masks -> 4,
     # occlusion the unperturbed images and 4 windows -> 1 + 2
-    assert len(calls) == 1 + 2 + 4 + 3
+    assert len(calls) == 1 + 1 + 2 + 4 + 3
     for name in ("rise", "occlusion"):
         assert result.patch_maps[name].shape == (4, 2, 32, 32)
 

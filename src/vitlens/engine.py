@@ -14,7 +14,11 @@ per text sequence, padding removed). :func:`run_task` is the only loop:
 3. every method function on every view;
 4. methods with a modified backward (AttnLRP / CP-LRP) get one more forward per distinct rule set,
    inside :func:`vitlens.lrp.lrp_rules`, and one backward per target slot to the leaf;
-5. model-agnostic perturbation methods (RISE, occlusion) get a batched scorer of perturbed copies of
+5. transformer attribution (Chefer, CVPR 2021) gets, before the shared pass, one forward with the rules of
+   :mod:`vitlens.lrp.chefer` and one backward per target slot to every attention map (the LRP relevance
+   at each map, :func:`_attention_relevance_pass`); its function then runs in the shared pass with the
+   ordinary gradients;
+6. model-agnostic perturbation methods (RISE, occlusion) get a batched scorer of perturbed copies of
    the input (no gradients, no capture) for the targets the first pass resolved
    (:func:`_perturbation_pass`; image tasks only).
 
@@ -42,8 +46,9 @@ import torch
 
 from vitlens.errors import MethodError, TargetError, UsageError, one_line
 from vitlens.lrp import LRPConfig, LRPRecorder, lrp_rules
-from vitlens.methods import (ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, LRP, PERTURB, Captured, get_method,
-                             resolve_layers)
+from vitlens.lrp.chefer import CheferRecorder, chefer_rules
+from vitlens.methods import (ATTENTION_RELEVANCE, ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, LRP, PERTURB, Captured,
+                             get_method, resolve_layers)
 from vitlens.models.base import ExplainableModel, ImageModel
 from vitlens.models.capture import AttentionRecorder
 from vitlens.models.layers import find_module
@@ -255,9 +260,13 @@ def run_task(task: ExplainTask, methods: dict, precision="fp32") -> PassResult:
     perturb_methods = {n: p for n, p in methods.items() if PERTURB in get_method(n).needs}
     shared_methods = {n: p for n, p in methods.items() if n not in lrp_methods and n not in perturb_methods}
     result = PassResult(maps={name: [[] for _ in range(task.num_views)] for name in methods})
+    # Chefer's relevance pass first: the shared pass hands its relevance to the methods with the gradients
+    relevance = None
+    if any(ATTENTION_RELEVANCE in get_method(n).needs for n in shared_methods):
+        relevance = _attention_relevance_pass(task)
     # with perturbation methods alone the shared pass is one plain forward: it resolves the targets
     if shared_methods or not lrp_methods or task.keep_attentions:
-        _shared_pass(task, shared_methods, result, dtype)
+        _shared_pass(task, shared_methods, result, dtype, relevance)
     # LRP changes the backward of the whole model: one extra pass per distinct rule set
     by_config: dict = {}
     for name, params in lrp_methods.items():
@@ -270,8 +279,11 @@ def run_task(task: ExplainTask, methods: dict, precision="fp32") -> PassResult:
     return result
 
 
-def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=None) -> None:
+def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=None, relevance=None) -> None:
     """One forward (+ one backward per target) shared by every method without a modified backward.
+
+    ``relevance`` (from :func:`_attention_relevance_pass`, per target slot) goes to the methods as
+    ``Captured.attention_relevance``.
 
     With an autocast ``dtype`` the forward and LeGrad's head readouts run under autocast, the
     backward passes outside it; ``up`` casts what was captured to float32 for the methods.
@@ -321,7 +333,8 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
                 layer_gradients[(pool, layer)] = up(_grads(score, [recorder.attentions[layer]])[0])
             readout = up(recorder.readout) if recorder.readout is not None else None  # an image-dependent head
             captured = Captured(attentions, gradients, readout, model.num_prefix_tokens, (0, 0), layer_gradients,
-                                cam, list(default_cam))
+                                cam, list(default_cam),
+                                attention_relevance=relevance[slot] if relevance is not None else None)
             for view, view_captured in enumerate(task.views(captured)):
                 for name, params in methods.items():
                     result.maps[name][view].append(get_method(name).function(view_captured, **params).detach())
@@ -351,6 +364,44 @@ def _lrp_pass(task: ExplainTask, config: LRPConfig, key: tuple, methods: dict, r
         for name in methods:
             result.lrp_values[name] = values.detach()
         del recorder
+
+
+def _attention_relevance_pass(task: ExplainTask) -> list:
+    """LRP relevance at every attention map with Chefer's rules, per target slot: a list over slots of lists
+    over layers of (B, heads, N, N) tensors R^A = A * (modified gradient at A), detached.
+
+    One forward from the leaf with :func:`vitlens.lrp.chefer.chefer_rules` on the model and its attention
+    under :class:`~vitlens.lrp.chefer.CheferRecorder`, then per slot one backward of sum_b y_c / y_c (the
+    initial relevance one-hot at the target, whatever the logit's value) to the attention maps only. Resolves
+    the targets when no pass has yet. Always in the model's own dtype (never under autocast), like LRP.
+    """
+    model = task.model
+    try:  # each block's pre-attention norm: its input is the residual stream
+        stream = [find_module(model.module, name) for name in model.block_norm_names()]
+    except MethodError as exc:
+        raise MethodError(f"transformer-attribution needs the blocks' pre-attention norms: {exc}") from None
+    with model.eval_mode(), torch.enable_grad():
+        leaf = task.leaf().requires_grad_(True)
+        recorder = CheferRecorder()
+        # a generic attention model's dry run knows whether its blocks take (N, B, C) (sequence first)
+        seq_first = any(getattr(getattr(model, "survey", None), "seq_first", {}).values())
+        with chefer_rules(model.module, stream, leaf.shape[0], seq_first) as adds, model.capture(recorder):
+            output = task.forward(leaf)
+        if adds.found != 2 * model.num_layers:
+            raise MethodError(f"transformer-attribution: found {adds.found} residual connections in "
+                              f"{type(model.module).__name__} where {2 * model.num_layers} (two per block) were "
+                              "expected: its blocks are not pre-norm residual blocks")
+        values = task.scores(output, lrp=True)
+        attentions = [a.detach() for a in recorder.attentions]
+        relevance = []
+        for slot in range(values.shape[1]):
+            value = values[:, slot]
+            # d/dy_c of y_c / y_c is 1 / y_c: in Gradient x Input form the relevance at the logit is then 1
+            one_hot = torch.where(value != 0, value / torch.where(value != 0, value, 1).detach(), 0).sum()
+            grads = _grads(one_hot, recorder.attentions)
+            relevance.append([a * g for a, g in zip(attentions, grads)])
+        del recorder
+    return relevance
 
 
 def _perturbation_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=None) -> None:

@@ -12,14 +12,17 @@ one-hot at the target logit (the engine differentiates y_c / y_c, see
   (:func:`alpha1_linear`); divisions as the reference's ``safe_divide``: a / (b + 1e-9), 0 where b = 0;
 * LayerNorm / RMSNorm, Softmax, GELU (every activation module), Dropout: identity (relevance passes
   unchanged, position by position);
-* both attention products (Q K^T and A V): the z-rule over both operands, then halved for each
-  (:func:`~vitlens.lrp.rules.uniform_matmul` is exactly that in this form); the relevance at the
-  attention probabilities A, R^A = A * (gradient at A), is what the method reads;
+* both attention products (Q K^T before the scale, and A V): the z-rule over both operands with the
+  reference's stabiliser, then halved for each (:func:`halved_z_matmul`); the relevance at the attention
+  probabilities A, R^A = A * (gradient at A), is what the method reads;
 * the residual adds x + f(x) of every block: the z-rule split, then each branch rescaled so that its
   total is proportional to the absolute value of its z-rule total and the two add up to the incoming
-  total (per image; :func:`residual_add`);
+  total (per image; :func:`residual_add`); the stream that feeds both the skip and the branch sums the two
+  relevances with the reference's ``Clone`` stabiliser, R = X (R_1 + R_2) / (X + 1e-9);
 * anything else linear (index selection of the class token, reshapes, layer scale, average pooling):
-  the plain gradient, which is the z-rule in this form; a tensor used twice sums its relevances (Clone).
+  the plain gradient, which is the z-rule in this form;
+* the gate product of a gated MLP (SwiGLU: EVA-02, DINOv2; not in the paper's ViT) gets the z-rule halved
+  like the attention products (:func:`~vitlens.lrp.rules.uniform_mul`).
 
 Rules below the first attention block (the patch embedding's z^B rule, the position embedding's add)
 do not enter the relevance at any attention map and are not applied. The residual adds are found

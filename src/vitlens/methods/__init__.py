@@ -24,12 +24,15 @@ from vitlens.methods.lrp import attnlrp, cp_lrp
 from vitlens.methods.occlusion import occlusion
 from vitlens.methods.rise import rise
 from vitlens.methods.rollout import attention_rollout, raw_attention
+from vitlens.methods.transformer_attribution import transformer_attribution
 
 ATTENTIONS = "attentions"
 GRADIENTS = "gradients"  # d(target logit)/dA per layer
 LAYER_GRADIENTS = "layer_gradients"  # LeGrad: d(layer score)/dA of the same layer
 CAM = "cam"  # activations of target layers and d(target logit)/d(activations)
 LRP = "lrp"  # a separate pass with LRP rules: input and its modified gradient
+#: LRP relevance at every attention map, from one relevance pass with Chefer's rules (``vitlens.lrp.chefer``)
+ATTENTION_RELEVANCE = "attention_relevance"
 #: model-agnostic: the method is called as ``function(inputs, score_fn, fills, **params)`` with the input batch,
 #: a batched no-grad scorer of perturbed copies and the fill colours, and returns (B, K, H, W) maps for every
 #: target slot at once (images only; see ``engine._perturbation_pass``)
@@ -308,6 +311,10 @@ register(MethodSpec("attnlrp", attnlrp, frozenset({LRP}), True, dict(LRP_DEFAULT
 register(MethodSpec("cp-lrp", cp_lrp, frozenset({LRP}), True, dict(LRP_DEFAULTS),
                     "CP-LRP: relevance through the values only, Gamma rules, signed pixel relevance", signed=True,
                     declared=dict(LRP_DECLARED)))
+register(MethodSpec("transformer-attribution", transformer_attribution,
+                    frozenset({ATTENTIONS, GRADIENTS, ATTENTION_RELEVANCE}), True, {"start_layer": 1},
+                    "LRP relevance x gradient of each attention map, rolled out (Chefer et al., CVPR 2021)",
+                    declared={"start_layer": START_LAYER}))
 register(MethodSpec("random", random_map, frozenset(), False, {"seed": 0},
                     "baseline: uniform noise per patch, seeded per image",
                     declared={"seed": Param("int", "random seed (mixed with each image's fingerprint)")}))
@@ -412,7 +419,11 @@ def parse_methods(methods, model=None) -> list[str]:
     (``model.unsupported_methods()``, e.g. LeGrad on a model whose head vitlens cannot trace).
     """
     has_attention = getattr(model, "has_attention", True)
-    refused = model.unsupported_methods() if model is not None and has_attention else {}
+    refused = dict(model.unsupported_methods()) if model is not None and has_attention else {}
+    if "attnlrp" in refused:  # the relevance pass needs the same rules on the model as AttnLRP
+        for name, spec in REGISTRY.items():
+            if ATTENTION_RELEVANCE in spec.needs:
+                refused.setdefault(name, f"its LRP relevance pass is refused as AttnLRP is: {refused['attnlrp']}")
 
     def check(name, spec):
         if not has_attention and (ATTENTIONS in spec.needs or LAYER_GRADIENTS in spec.needs or LRP in spec.needs):
@@ -429,6 +440,7 @@ def parse_methods(methods, model=None) -> list[str]:
 
 __all__ = [
     "ATTENTIONS",
+    "ATTENTION_RELEVANCE",
     "BASELINES",
     "CAM",
     "CNN_METHODS",

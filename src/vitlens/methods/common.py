@@ -43,6 +43,9 @@ class Captured:
         ``{layer name: (activations, gradients)}``, each (B, C, h, w), for the Grad-CAM family.
     cam_layers : list of str
         The default target layers (those used when a method names none).
+    attention_relevance : list of Tensor or None
+        LRP relevance at the attention probabilities per layer, (B, K, N, N), for this target, from the
+        relevance pass with Chefer's rules (``transformer-attribution``).
     """
 
     attentions: list
@@ -55,6 +58,7 @@ class Captured:
     cam_layers: list = field(default_factory=list)
     inputs: torch.Tensor | None = None
     input_relevance: dict = field(default_factory=dict)
+    attention_relevance: list | None = None
 
 
 def fuse_heads(attention: torch.Tensor, how: str = "mean") -> torch.Tensor:
