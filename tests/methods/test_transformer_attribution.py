@@ -320,3 +320,21 @@ def test_cli_bad_start_layer_is_one_line_exit_2(tmp_path, capsys, tiny, value, f
     assert len(lines) == 1 and "Traceback" not in err, err
     assert fragment in lines[0] and f"method '{NAME}'" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["timm-deit-distilled", "timm-registers", "timm-avg-pool", "timm-eva02", "timm-beit",
+                                  "hf-deit-teacher", "hf-dinov2", "hf-dinov2-registers-swiglu-non-square", "hf-beit"])
+def test_every_lrp_family_batched_equals_alone(case):
+    """Every family AttnLRP runs on finds its residual stream (two adds per block) and gives per-image maps."""
+    from tests.models.test_adapters import CASES
+
+    build, size, _ = CASES[case]
+    model = vitlens.load_model(build())
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(7))
+    batch = vitlens.explain(model, x, methods=[NAME], target=[1, 4], params={NAME: {"start_layer": 0}})
+    maps = batch.patch_maps[NAME]
+    assert torch.isfinite(maps).all() and float(maps.abs().max()) > 0
+    for i, target in enumerate([1, 4]):
+        alone = vitlens.explain(model, x[i:i + 1], methods=[NAME], target=target, params={NAME: {"start_layer": 0}})
+        torch.testing.assert_close(maps[i], alone.patch_maps[NAME][0], atol=1e-5 * float(maps[i].abs().max()),
+                                   rtol=1e-4)
