@@ -197,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="timm:NAME.TAG the weights belong to")
     p.add_argument("file", help="checkpoint file (.pth/.pt/.bin/.safetensors)")
 
+    p = sub.add_parser("download", help="fetch TinyImageNet-200 or CUB-200-2011: verify, resume, extract, check")
+    p.add_argument("dataset", help="tinyimagenet or cub200")
+    p.add_argument("dir", help="folder that receives tiny-imagenet-200/ or CUB_200_2011/ (created if needed)")
+    p.add_argument("--base-url", metavar="URL",
+                   help="fetch URL/<archive name> instead of the official server (default: $VITLENS_DOWNLOAD_BASE, "
+                        "else the official URL)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("text", help="text transformers: attention views, head statistics, token attributions")
     text_cli.add_arguments(p)
     return parser
@@ -590,6 +598,21 @@ def cmd_demo(args) -> int:
     return 1 if summary.failed else 0
 
 
+def cmd_download(args) -> int:
+    from vitlens.data.download import download_dataset
+
+    result = download_dataset(args.dataset, args.dir, base_url=args.base_url, progress=not args.quiet)
+    if result.downloaded:
+        print(f"{result.name}: downloaded {result.archive} ({result.bytes / 1e6:.1f} MB), md5 verified, extracted "
+              f"to {result.root}")
+    else:
+        print(f"{result.name}: already downloaded and verified in {result.root}; nothing to do")
+    counts = ", ".join(f"{count} {split}" for split, count in result.images.items())
+    print(f"layout checked: {counts} images, each with its box")
+    print(f"use: {result.spec}")
+    return 0
+
+
 def cmd_text(args) -> int:
     return text_cli.run(args)
 
@@ -602,6 +625,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "methods": cmd_methods,
     "cache-weights": cmd_cache_weights,
+    "download": cmd_download,
     "text": cmd_text,
 }
 

@@ -31,6 +31,10 @@ class OutputError(VitlensError):
     """An output location that cannot be written."""
 
 
+class DownloadError(VitlensError):
+    """A dataset download that failed: server unreachable, connection dropped, wrong checksum, unsafe archive."""
+
+
 class UsageError(VitlensError, ValueError):
     """An option or argument with a value that cannot work: a device this machine does not have, a batch
     size below 1, an overlay opacity outside [0, 1], an unknown colormap...
