@@ -124,6 +124,49 @@ def _tiny_clip_dir(monkeypatch):
         tiny_tokenizer().save_pretrained("tiny-clip")
 
 
+def _no_proxy(monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _offline_download(monkeypatch):
+    """No network for `vitlens download`: the archives' server is a closed port on this machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _no_proxy(monkeypatch)
+    monkeypatch.setenv("VITLENS_DOWNLOAD_BASE", f"http://127.0.0.1:{port}")
+
+
+def _corrupt_download(monkeypatch):
+    """A server on this machine that answers one request with bytes that are not the archive, then stops."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the http.server name)
+            body = b"not the archive\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    _no_proxy(monkeypatch)
+    monkeypatch.setenv("VITLENS_DOWNLOAD_BASE", f"http://127.0.0.1:{httpd.server_address[1]}")
+
+
+def _foreign_dataset_folder(monkeypatch):
+    (Path("photos") / "tiny-imagenet-200").mkdir()
+
+
 #: row name -> what the row needs besides its command: a monkeypatch setup, the MiniLM package
 CLI_CASES = {
     "CLIP-style model without prompts": {"setup": _tiny_clip_dir},
@@ -181,6 +224,11 @@ CLI_CASES = {
     "compare: --out is a folder": {},
     "compare: unknown colormap": {},
     "demo: device that is not a device": {},
+    "download: unknown dataset": {},
+    "download: DIR is a file": {},
+    "download: the dataset folder is already there, not from vitlens": {"setup": _foreign_dataset_folder},
+    "download: offline or server unreachable": {"setup": _offline_download},
+    "download: wrong checksum": {"setup": _corrupt_download},
     "text: empty text": {},
     "text: empty pair": {},
     "text: neither a text nor --file": {},
@@ -396,7 +444,14 @@ API_CASES = {
     "api: hf-dataset row beyond the split": lambda ctx: _in_hf_folder(
         _load_sample(path="hf-dataset:imagenet-hf:train#7"), "imagenet-hf"),
     "api: hf-dataset sample path without a row": lambda ctx: _load_sample(path="hf-dataset:imagenet-hf")(),
+    "api: download of an unknown dataset": lambda ctx: _download_dataset()("imagenet", "data"),
 }
+
+
+def _download_dataset():
+    from vitlens.data.download import download_dataset
+
+    return download_dataset
 
 
 def _explain_text(ctx):
