@@ -11,7 +11,8 @@ per text sequence, padding removed). :func:`run_task` is the only loop:
    every layer's attention and every Grad-CAM activation (shared by GMAR, GMAR++, Chefer and the
    Grad-CAM family), and, for LeGrad, one partial backward per requested layer (each traverses one
    block and the head);
-3. every method function on every view;
+3. every method function on every view; gradient methods asked for with ``libragrad=True`` get steps 1-3
+   once more with LibraGrad's backward on the instance (:mod:`vitlens.lrp.libragrad`);
 4. methods with a modified backward (AttnLRP / CP-LRP) get one more forward per distinct rule set,
    inside :func:`vitlens.lrp.lrp_rules`, and one backward per target slot to the leaf;
 5. transformer attribution (Chefer, CVPR 2021) gets, before the shared pass, one forward with the rules of
@@ -46,6 +47,7 @@ import torch
 
 from vitlens.errors import MethodError, TargetError, UsageError, one_line
 from vitlens.lrp import LRPConfig, LRPRecorder, lrp_rules
+from vitlens.lrp.libragrad import LIBRAGRAD, LibraRecorder, libragrad_refusal
 from vitlens.lrp.chefer import CheferRecorder, chefer_rules
 from vitlens.methods import (ATTENTION_RELEVANCE, ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, LRP, PERTURB, Captured,
                              get_method, resolve_layers)
@@ -259,14 +261,21 @@ def run_task(task: ExplainTask, methods: dict, precision="fp32") -> PassResult:
     lrp_methods = {n: p for n, p in methods.items() if LRP in get_method(n).needs}
     perturb_methods = {n: p for n, p in methods.items() if PERTURB in get_method(n).needs}
     shared_methods = {n: p for n, p in methods.items() if n not in lrp_methods and n not in perturb_methods}
+    # LibraGrad versions of gradient methods: a second shared pass with LibraGrad's backward (lrp/libragrad.py)
+    libra_methods = {n: p for n, p in shared_methods.items() if p.get("libragrad")}
+    shared_methods = {n: p for n, p in shared_methods.items() if n not in libra_methods}
+    if libra_methods and libragrad_refusal(task.model):
+        raise MethodError(f"method '{next(iter(libra_methods))}': libragrad: {libragrad_refusal(task.model)}")
     result = PassResult(maps={name: [[] for _ in range(task.num_views)] for name in methods})
     # Chefer's relevance pass first: the shared pass hands its relevance to the methods with the gradients
     relevance = None
     if any(ATTENTION_RELEVANCE in get_method(n).needs for n in shared_methods):
         relevance = _attention_relevance_pass(task)
     # with perturbation methods alone the shared pass is one plain forward: it resolves the targets
-    if shared_methods or not lrp_methods or task.keep_attentions:
-        _shared_pass(task, shared_methods, result, dtype, relevance)
+    if shared_methods or not (lrp_methods or libra_methods) or task.keep_attentions:
+        _shared_pass(task, _without_libragrad(shared_methods), result, dtype, relevance)
+    if libra_methods:
+        _shared_pass(task, _without_libragrad(libra_methods), result, dtype, libra=True)
     # LRP changes the backward of the whole model: one extra pass per distinct rule set
     by_config: dict = {}
     for name, params in lrp_methods.items():
@@ -279,8 +288,19 @@ def run_task(task: ExplainTask, methods: dict, precision="fp32") -> PassResult:
     return result
 
 
-def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=None, relevance=None) -> None:
+def _without_libragrad(methods: dict) -> dict:
+    """The parameters the method functions take: ``libragrad`` says which pass runs them, nothing more."""
+    return {name: {k: v for k, v in params.items() if k != "libragrad"} for name, params in methods.items()}
+
+
+def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=None, relevance=None,
+                 libra: bool = False) -> None:
     """One forward (+ one backward per target) shared by every method without a modified backward.
+
+    With ``libra`` the same pass runs with LibraGrad's backward (:data:`vitlens.lrp.libragrad.LIBRAGRAD` set on
+    the instance for the forward, attention always computed by vitlens with queries and keys detached): the
+    gradients every method reads are then LibraGrad's. Outputs are the same; the methods' maps are their
+    LibraGrad versions.
 
     ``relevance`` (from :func:`_attention_relevance_pass`, per target slot) goes to the methods as
     ``Captured.attention_relevance``.
@@ -293,9 +313,13 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
     default_cam = task.default_cam_layers() if any(CAM in get_method(m).needs for m in methods) else []
     needs, layer_requests, cam_names = plan(methods, model.num_layers, default_cam)
     want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM} & needs)
-    capture = ATTENTIONS in needs or task.keep_attentions
+    capture = ATTENTIONS in needs or task.keep_attentions or libra
     with model.eval_mode(), torch.set_grad_enabled(want_gradients), contextlib.ExitStack() as stack:
-        recorder = AttentionRecorder(keep_block_outputs=LAYER_GRADIENTS in needs)
+        if libra:
+            recorder = LibraRecorder()
+            stack.enter_context(lrp_rules(model.module, LIBRAGRAD))
+        else:
+            recorder = AttentionRecorder(keep_block_outputs=LAYER_GRADIENTS in needs)
         if capture:
             stack.enter_context(model.capture(recorder))
         activations = _hook_layers(model, cam_names, stack)

@@ -195,6 +195,7 @@ def reference_params(method, resolved):
     """The keyword arguments of the formulas above from a method's full parameters (defaults filled in):
     GMAR's norm is in the method's name, not a parameter."""
     params = dict(resolved)
+    assert params.pop("libragrad", False) is False  # the ordinary gradients (LibraGrad: test_libragrad.py)
     if method in ("gmar-l1", "gmar-l2"):
         params.pop("norm")
     return params

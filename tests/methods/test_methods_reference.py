@@ -299,6 +299,7 @@ CASES += [("chefer", {}), ("chefer", {"start_layer": 1})]
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_matches_float64_reference(f64, method, params):
     full = REGISTRY[method].params(params)
+    assert full.pop("libragrad", False) is False  # the ordinary gradients (LibraGrad: tests/methods/test_libragrad.py)
     if method in ("gmar-l1", "gmar-l2"):
         full.pop("norm")
     expected = reference(method, full, f64["cap"])
@@ -330,6 +331,7 @@ def test_defaults_match_reference(f64):
     result = vitlens.explain(f64["model"], f64["x"], methods=attention_methods, target=TARGETS)
     for name in result.methods:
         params = REGISTRY[name].params()
+        assert params.pop("libragrad", False) is False  # the ordinary gradients
         if name in ("gmar-l1", "gmar-l2"):
             params.pop("norm")
         assert_scaled_close(result.patch_maps[name][:, 0].numpy(), reference(name, params, f64["cap"]))
@@ -371,7 +373,9 @@ def _captured(attentions, gradients=None, layer_gradients=None):
 
 def _run(name, captured, **params):
     spec = REGISTRY[name]
-    out = spec.function(captured, **spec.params(params))
+    params = spec.params(params)
+    assert params.pop("libragrad", False) is False  # the engine's pass choice, not the function's parameter
+    out = spec.function(captured, **params)
     assert out.shape == (1, 1, 2)
     return out[0, 0].numpy()
 

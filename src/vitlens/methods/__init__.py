@@ -281,6 +281,16 @@ register(MethodSpec("attention-gradcam", attention_gradcam, frozenset({ATTENTION
                     "Grad-CAM on one layer's attention, the attn_gradcam baseline of Chefer et al. (CVPR 2021)",
                     declared={"layer": Param("layer", "the layer whose attention and gradient are used")}))
 
+#: gradient methods that read their gradients from a LibraGrad pass with ``libragrad=True`` (Mehri et al., CVPR
+#: 2025; ``vitlens.lrp.libragrad``): the paper's "Libra GenAtt" (chefer), "Libra GradCAM"... (LeGrad is left out:
+#: its per-layer scores read the head after the forward, outside the pass's rules)
+LIBRAGRAD_METHODS = ("gmar-l1", "gmar-l2", "gmar++", "chefer", "attention-gradcam", "gradcam", "gradcam++",
+                     "xgradcam", "layercam")
+LIBRAGRAD = Param("bool", "read the gradients from a LibraGrad pass (balanced gradient flow, Mehri et al. 2025)")
+for _name in LIBRAGRAD_METHODS:
+    REGISTRY[_name].defaults["libragrad"] = False
+    REGISTRY[_name].declared["libragrad"] = LIBRAGRAD
+
 PERTURB_SCORE = Param("choice", "the target score of each perturbed copy: softmax probability or logit",
                       choices=SCORES)
 PERTURB_BATCH = Param("int", "perturbed images per forward pass (bounds memory)", low=1)
@@ -379,6 +389,11 @@ def check_params_for_model(methods: Mapping, num_layers: int | None, model=None)
     """
     for name, params in methods.items():
         spec = get_method(name)
+        if model is not None and (params or {}).get("libragrad"):
+            from vitlens.lrp.libragrad import libragrad_refusal
+
+            if libragrad_refusal(model):
+                raise MethodError(f"method '{name}': libragrad: {libragrad_refusal(model)}")
         for key, value in (params or {}).items():
             param = spec.declared.get(key)
             if param is None:
