@@ -170,3 +170,26 @@ def test_command_line_sets_and_lists_the_option(tmp_path, tiny, capsys):
                  "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "vitlens: error: method 'cp-lrp': attention_gamma must be true or false, got 1"
+
+
+def test_the_projections_of_the_other_families():
+    """Text encoders and decoders, EVA and BEiT: exactly the q/k/v (or packed qkv) and output projections of
+    each attention block, never an MLP layer of the same name (GPT-2's attention and MLP both have c_proj)."""
+    from tests.text.conftest import tiny_decoder, tiny_text_model
+
+    cases = {
+        "bert": (tiny_text_model("bert"), {"query", "key", "value", "dense"}, 4),
+        "distilbert": (tiny_text_model("distilbert"), {"q_lin", "k_lin", "v_lin", "out_lin"}, 4),
+        "gpt2": (tiny_decoder("gpt2"), {"c_attn", "c_proj"}, 2),
+        "llama": (tiny_decoder("llama"), {"q_proj", "k_proj", "v_proj", "o_proj"}, 4),
+        "eva02": (tiny_timm_vit(name="eva02_tiny_patch14_224", img_size=28, patch_size=14, embed_dim=32, depth=2,
+                                num_heads=2), {"qkv", "proj"}, 2),
+        "beit": (tiny_timm_vit(name="beit_base_patch16_224", embed_dim=32, depth=2, num_heads=2), {"qkv", "proj"}, 2),
+    }
+    for family, (module, expected, per_layer) in cases.items():
+        found = attention_projections(module)
+        names = [name for name, sub in module.named_modules() if id(sub) in found]
+        assert len(names) == 2 * per_layer, family  # two layers each
+        assert {name.split(".")[-1] for name in names} == expected, family
+        assert all(any(part.endswith("attn") or part.endswith("attention") for part in name.lower().split("."))
+                   for name in names), (family, names)
