@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from vitlens.methods.common import Captured, readout_rows
+from vitlens.methods.common import Captured, rollout_readout, through_identity_plus
 
 
 def chefer_rollout(captured: Captured, start_layer: int = 0) -> torch.Tensor:
     """Chefer grad x attention rollout patch map (B, h, w)."""
-    relevance = None
-    for attention, gradient in zip(captured.attentions[start_layer:], captured.gradients[start_layer:]):
-        layer = (gradient * attention).clamp_min(0).mean(dim=1)
-        if relevance is None:
-            n = layer.shape[-1]
-            relevance = torch.eye(n, dtype=layer.dtype, device=layer.device).expand_as(layer).clone()
-        relevance = relevance + layer @ relevance
-    return readout_rows(relevance, captured)
+    layers = [lambda a=a, g=g: (g * a).clamp_min(0).mean(dim=1)
+              for a, g in zip(captured.attentions[start_layer:], captured.gradients[start_layer:])]
+    return rollout_readout(layers, captured, through_identity_plus)

@@ -72,24 +72,46 @@ def fuse_heads(attention: torch.Tensor, how: str = "mean") -> torch.Tensor:
     raise MethodError(f"unknown head fusion {how!r}: expected mean, max or min")
 
 
-def add_residual(matrix: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """Row-normalise (M + alpha * I): the residual connection in Abnar & Zuidema's model.
+def readout_vector(captured: Captured, like: torch.Tensor) -> torch.Tensor:
+    """The classifier's token readout ``w`` as a (B, N) row per image, in ``like``'s dtype and device."""
+    weights = captured.readout.to(device=like.device, dtype=like.dtype)
+    return weights.expand(like.shape[0], -1) if weights.dim() == 1 else weights
 
-    With rows of M summing to 1 and alpha = 1 this is (M + I) / 2. Rows that are all zero
-    (possible after discarding) become the identity row.
+
+def through_residual(row: torch.Tensor, matrix: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``row @ Â`` with ``Â = rownorm(M + alpha I)``, the residual connection of Abnar & Zuidema's model.
+
+    With s_i the row sums of M + alpha I: ``(v Â)_j = sum_i (v_i / s_i) M_ij + alpha v_j / s_j``, so
+    neither Â nor an identity matrix is built. With rows of M summing to 1 and alpha = 1, Â is
+    (M + I) / 2; a row of M that is all zero (possible after discarding) is the identity row of Â
+    (alpha > 0) or stays zero (alpha = 0). ``row`` (B, N), ``matrix`` (B, N, N): O(N^2) per image
+    instead of the O(N^3) of a product of matrices.
     """
-    n = matrix.shape[-1]
-    eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
-    augmented = matrix + alpha * eye
-    return augmented / augmented.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(matrix.dtype).tiny)
+    sums = matrix.sum(dim=-1) + alpha
+    scaled = torch.where(sums > 0, row / sums.clamp_min(torch.finfo(matrix.dtype).tiny), 0.0)
+    return torch.bmm(scaled.unsqueeze(1), matrix).squeeze(1) + alpha * scaled
 
 
-def compose(matrices: list) -> torch.Tensor:
-    """R = M_L ... M_2 M_1 (left multiplication: token updates z^l = A^l z^{l-1})."""
-    result = matrices[0]
-    for m in matrices[1:]:
-        result = m @ result
-    return result
+def through_identity_plus(row: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``row @ (I + matrix)`` for Chefer's unnormalised rollout: ``v + v M``."""
+    return row + torch.bmm(row.unsqueeze(1), matrix).squeeze(1)
+
+
+def rollout_readout(layers, captured: Captured, step) -> torch.Tensor:
+    """``w^T M_L ... M_s`` on the patches, (B, h, w), applied right to left as a row vector.
+
+    ``layers`` are the per-layer matrices (B, N, N) in model order (first = layer s), or zero-argument
+    callables that build them, so a layer's matrix exists only while it is applied; ``step(row, matrix)``
+    is ``row @ M_l`` (:func:`through_residual` or :func:`through_identity_plus`). Only the readout rows
+    of the rollout are ever used, so the (N, N) product of every layer is never formed: O(L N^2)
+    instead of O(L N^3).
+    """
+    row = None
+    for layer in reversed(list(layers)):
+        matrix = layer() if callable(layer) else layer
+        row = readout_vector(captured, matrix) if row is None else row
+        row = step(row, matrix)
+    return patches_to_grid(row[:, captured.num_prefix:], captured.grid)
 
 
 def readout_rows(matrix: torch.Tensor, captured: Captured) -> torch.Tensor:

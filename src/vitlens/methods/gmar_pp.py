@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from vitlens.errors import MethodError
-from vitlens.methods.common import EPS, Captured, add_residual, compose, readout_rows
+from vitlens.methods.common import EPS, Captured, rollout_readout, through_residual
 from vitlens.methods.gmar import normalized_head_weights
 
 
@@ -39,11 +39,14 @@ def gmar_plus_plus(captured: Captured, norm: str = "l2", residual: float = 1.0, 
     """GMAR++ patch map (B, h, w)."""
     if normalize not in ("none", "layer"):
         raise MethodError(f"unknown normalize {normalize!r}: expected 'none' or 'layer'")
-    matrices = []
-    for attention, gradient in zip(captured.attentions[start_layer:], captured.gradients[start_layer:]):
+
+    def layer(attention, gradient):
         weighted = gradient_weighted_attention(attention, gradient, norm)
         if normalize == "layer":
             mean_row_sum = weighted.sum(dim=-1).mean(dim=-1)
             weighted = weighted / (mean_row_sum[:, None, None] + EPS)
-        matrices.append(add_residual(weighted, residual))
-    return readout_rows(compose(matrices), captured)
+        return weighted
+
+    layers = [lambda a=a, g=g: layer(a, g) for a, g in zip(captured.attentions[start_layer:],
+                                                           captured.gradients[start_layer:])]
+    return rollout_readout(layers, captured, lambda row, matrix: through_residual(row, matrix, residual))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from vitlens.errors import MethodError
-from vitlens.methods.common import Captured, add_residual, compose, fuse_heads, readout_rows
+from vitlens.methods.common import Captured, fuse_heads, readout_rows, rollout_readout, through_residual
 
 
 def discard_lowest(fused: torch.Tensor, ratio: float, num_prefix: int) -> torch.Tensor:
@@ -43,11 +43,9 @@ def attention_rollout(captured: Captured, head_fusion: str = "mean", discard_rat
     layers = captured.attentions[start_layer:]
     if not layers:
         raise MethodError(f"start_layer {start_layer} leaves no layers (model has {len(captured.attentions)})")
-    matrices = []
-    for attention in layers:
-        fused = discard_lowest(fuse_heads(attention, head_fusion), discard_ratio, captured.num_prefix)
-        matrices.append(add_residual(fused, residual))
-    return readout_rows(compose(matrices), captured)
+    fused = [lambda a=attention: discard_lowest(fuse_heads(a, head_fusion), discard_ratio, captured.num_prefix)
+             for attention in layers]
+    return rollout_readout(fused, captured, lambda row, matrix: through_residual(row, matrix, residual))
 
 
 def raw_attention(captured: Captured, layer: int = -1) -> torch.Tensor:

@@ -14,17 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from vitlens.methods.common import Captured, readout_rows
+from vitlens.methods.common import Captured, rollout_readout, through_identity_plus
 
 
 def transformer_attribution(captured: Captured, start_layer: int = 1) -> torch.Tensor:
     """Chefer's transformer attribution patch map (B, h, w)."""
-    relevance = None
-    layers = zip(captured.attention_relevance[start_layer:], captured.gradients[start_layer:])
-    for attention_relevance, gradient in layers:
-        layer = (gradient * attention_relevance).clamp_min(0).mean(dim=1)
-        if relevance is None:
-            n = layer.shape[-1]
-            relevance = torch.eye(n, dtype=layer.dtype, device=layer.device).expand_as(layer).clone()
-        relevance = relevance + layer @ relevance
-    return readout_rows(relevance, captured)
+    layers = [lambda r=r, g=g: (g * r).clamp_min(0).mean(dim=1)
+              for r, g in zip(captured.attention_relevance[start_layer:], captured.gradients[start_layer:])]
+    return rollout_readout(layers, captured, through_identity_plus)
