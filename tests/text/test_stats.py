@@ -141,3 +141,100 @@ def test_statistics_identify_a_previous_token_head_and_an_induction_head():
     # without token ids no row counts for induction; an encoder's uniform head looks at the past only half the time
     assert head_statistics(heads[None])["induction"][0, 1] == 0
     assert _stats(patterns["uniform"])["causal"] == pytest.approx((n + 1) / (2 * n))
+
+
+# ------------------------------------------------------------------------------------------ dilated heads
+def _dilated_head(n: int, d: int, window: int = 2) -> np.ndarray:
+    """Uniform over the keys i + k d, 1 <= |k| <= window (the token itself when it has none)."""
+    a = np.zeros((n, n))
+    for i in range(n):
+        keys = [i + k * d for k in range(-window, window + 1) if k and 0 <= i + k * d < n]
+        a[i, keys or [i]] = 1.0 / max(len(keys), 1)
+    return a
+
+
+@pytest.mark.parametrize("d", [2, 3, 5])
+def test_dilated_score_finds_the_dilation_of_a_dilated_head(d):
+    n = 24
+    stats = _stats(_dilated_head(n, d))
+    assert stats["dilated"] == pytest.approx(1.0)
+    assert stats["dilation"] == d
+    # a dilated head is not local (for d >= 3 none of its keys lies within |i - j| <= 2)
+    if d >= 3:
+        assert stats["local"] == 0.0
+
+
+def test_dilated_score_of_the_other_patterns():
+    n = 16
+    patterns = reference_patterns(n)
+    assert _stats(patterns["diagonal"])["dilated"] == 0.0
+    assert _stats(patterns["previous"])["dilated"] == 0.0
+    # uniform rows: the share of keys at offsets +-2, +-4 (d = 2 has the most keys inside the sequence)
+    expected = np.mean([sum(0 <= i + o < n for o in (-4, -2, 2, 4)) / n for i in range(n)])
+    uniform = _stats(patterns["uniform"])
+    assert uniform["dilated"] == pytest.approx(expected) and uniform["dilation"] == 2
+    # the Longformer reference (offsets k * 3, |k| <= 2, itself included): all but the self share
+    ref = _stats(patterns["dilated"])
+    own = np.mean([1 / sum(0 <= i + 3 * k < n for k in range(-2, 3)) for i in range(n)])
+    assert ref["dilation"] == 3 and ref["dilated"] == pytest.approx(1 - own)
+
+
+def test_dilated_pools_sequences_before_choosing_the_dilation():
+    """Two sequences dilated at 2 and 3: the pooled score is the best single d over all rows, not a mix."""
+    a, b = _dilated_head(12, 2), _dilated_head(20, 3)
+    pooled = HeadStatistics().add(a[None, None]).add(b[None, None]).result()
+    per_d = {d: (HeadStatistics().add(a[None, None]).result(), HeadStatistics().add(b[None, None]).result())
+             for d in (2, 3)}
+    assert pooled["dilation"][0, 0] == 3  # 20 rows at d = 3 outweigh 12 at d = 2
+    assert per_d[2][0]["dilated"][0, 0] == pytest.approx(1.0)
+    # at d = 3 sequence a (dilation 2) puts its mass at offsets +-6 only
+    mass_a_at_3 = np.mean([sum(a[i, j] for j in range(12) if j != i and (j - i) % 3 == 0 and abs(j - i) <= 6)
+                           for i in range(12)])
+    assert pooled["dilated"][0, 0] == pytest.approx((12 * mass_a_at_3 + 20 * 1.0) / 32)
+
+
+# ------------------------------------------------------------------------------------------ input forms
+def test_hugging_face_attentions_tuple_gives_one_row_per_layer():
+    """outputs.attentions of a real model (a tuple of (B, H, N, N) per layer) is read per layer, not averaged."""
+    import torch
+
+    from tests.text.conftest import left_padded_batch, tiny_decoder
+
+    module = tiny_decoder("gpt2")
+    module.config._attn_implementation = "eager"  # HF returns its probabilities only from eager attention
+    ids, mask = left_padded_batch((6, 4))
+    with torch.no_grad():
+        out = module(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert isinstance(out.attentions, tuple) and len(out.attentions) == 2
+    stats = head_statistics(out.attentions, attention_mask=mask)
+    assert stats["entropy"].shape == (2, 4)
+    # the same as the per-sequence form with the padding cut out
+    per_seq = [torch.stack([a[b] for a in out.attentions])[..., mask[b].bool(), :][..., mask[b].bool()]
+               for b in range(2)]
+    expected = head_statistics([p.numpy() for p in per_seq], layout="sequences")
+    for name in STATS:
+        np.testing.assert_allclose(stats[name], expected[name], atol=1e-12, err_msg=name)
+    # stacked layers (L, B, H, N, N) and a list with layout='layers' are the same thing
+    np.testing.assert_allclose(head_statistics(torch.stack(out.attentions), attention_mask=mask)["entropy"],
+                               stats["entropy"])
+    np.testing.assert_allclose(head_statistics(list(out.attentions), attention_mask=mask, layout="layers")["entropy"],
+                               stats["entropy"])
+    # every decoder head is causal: a check that the padding rows were removed (padded rows are not)
+    np.testing.assert_allclose(stats["causal"], 1.0, atol=1e-6)
+
+
+def test_ambiguous_and_malformed_shapes_are_refused_in_one_line():
+    from vitlens.errors import UsageError
+
+    same = [np.full((2, 3, 5, 5), 0.2)] * 4
+    with pytest.raises(UsageError, match="is ambiguous: pass layout='layers'") as info:
+        head_statistics(same)
+    assert "\n" not in str(info.value)
+    assert head_statistics(same, layout="sequences")["entropy"].shape == (2, 3)
+    assert head_statistics(same, layout="layers")["entropy"].shape == (4, 3)
+    with pytest.raises(UsageError, match="must all be"):
+        head_statistics((np.full((1, 3, 5, 5), 0.2), np.full((1, 3, 4, 4), 0.25)))
+    with pytest.raises(UsageError, match="expected"):
+        head_statistics(np.zeros((1, 1, 1, 3, 5, 5)))
+    with pytest.raises(UsageError, match="not square"):
+        head_statistics(np.zeros((2, 1, 3, 5, 4)))

@@ -20,6 +20,14 @@ sums to 1) and each layer and head:
                     *follow* an earlier occurrence (token[j-1] == token[i], j < i): the induction-head
                     pattern "... A B ... A -> B" (Olsson et al. 2022); needs the token ids, rows without
                     an earlier occurrence do not count
+* ``dilated``       max over dilations d = 2 .. ``max_dilation`` (default 8) of the mean over rows of the
+                    mass on the keys j = i + k d, 1 <= |k| <= w (the same window w as ``local``; the
+                    token itself excluded): Longformer's dilated sliding window (Beltagy et al. 2020,
+                    sec. 3.1) read as a score. 1 for a head that attends only at distances d, 2d (for
+                    one d >= 2); 0 for the diagonal and previous-token heads; 4/n for uniform rows
+                    (w = 2); a local head (uniform in |i - j| <= 2) scores 2/5 at d = 2, so read it with
+                    ``local``
+* ``dilation``      the d >= 2 at which ``dilated`` is reached (the smallest one on ties)
 
 Several sequences are pooled by weighting each sequence by its number of rows (n, or n - 1 for
 ``previous``, the rows with an earlier occurrence for ``induction``), i.e. every real query row of
@@ -36,10 +44,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from vitlens.errors import UsageError
+
 STATS = ("entropy", "entropy_norm", "distance", "special", "cls", "sep", "local", "previous", "global", "causal",
-         "induction")
+         "induction", "dilated", "dilation")
+#: dilations d = 2 .. MAX_DILATION searched by the ``dilated`` score
+MAX_DILATION = 8
 #: the statistics shown in the heatmap figure
-SHOWN = ("entropy_norm", "distance", "special", "local", "previous", "global", "induction")
+SHOWN = ("entropy_norm", "distance", "special", "local", "previous", "global", "induction", "dilated")
 PATTERNS = ("uniform", "diagonal", "previous", "local", "global", "causal", "dilated")
 
 
@@ -67,7 +79,19 @@ def induction_targets(ids) -> np.ndarray:
     return targets & (np.arange(n)[None, :] < np.arange(n)[:, None])
 
 
-def sequence_sums(attention, special=None, cls=None, sep=None, window: int = 2, ids=None) -> tuple[dict, dict]:
+def dilation_masks(n: int, window: int = 2, max_dilation: int = MAX_DILATION) -> np.ndarray:
+    """(D, n, n) bool, D = max_dilation - 1: key j is at offset k d from query i, 1 <= |k| <= window, for
+    d = 2 .. max_dilation (the keys a dilated sliding window of dilation d reads, the token itself excluded)."""
+    i = np.arange(n)
+    offset = i[None, :] - i[:, None]
+    masks = []
+    for d in range(2, max(max_dilation, 2) + 1):
+        masks.append((offset != 0) & (offset % d == 0) & (np.abs(offset) <= window * d))
+    return np.stack(masks)
+
+
+def sequence_sums(attention, special=None, cls=None, sep=None, window: int = 2, ids=None,
+                  max_dilation: int = MAX_DILATION) -> tuple[dict, dict]:
     """Row sums of every statistic for one sequence, and the row counts they average over.
 
     Parameters
@@ -79,7 +103,10 @@ def sequence_sums(attention, special=None, cls=None, sep=None, window: int = 2, 
     ids : int array (n,), optional
         Token ids, for ``induction`` (without them it counts no rows).
     """
-    a = np.asarray(attention, dtype=np.float64)
+    a = _as_array(attention)
+    if a.ndim > 4 or a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise UsageError(f"one sequence's attention must be (L, H, n, n), (H, n, n) or (n, n), got shape "
+                         f"{tuple(a.shape)}")
     while a.ndim < 4:
         a = a[None]
     n = a.shape[-1]
@@ -112,6 +139,9 @@ def sequence_sums(attention, special=None, cls=None, sep=None, window: int = 2, 
     else:
         sums["induction"] = np.zeros(a.shape[:2])
         counts["induction"] = 0.0
+    # per dilation d: (L, H, D) row sums; the max over d is taken after pooling (HeadStatistics.result)
+    sums["dilated"] = np.einsum("lhij,dij->lhd", a, dilation_masks(n, window, max_dilation).astype(np.float64))
+    sums["dilation"] = np.zeros(a.shape[:2])
     return sums, counts
 
 
@@ -136,27 +166,94 @@ class HeadStatistics:
         """stat name -> (L, H) array of means."""
         if not self.sequences:
             raise ValueError("no sequences added")
-        return {name: np.asarray(self.sums[name]) / self.counts[name] if self.counts[name] else
-                np.zeros_like(np.asarray(self.sums[name])) for name in STATS}
+        out = {name: np.asarray(self.sums[name]) / self.counts[name] if self.counts[name] else
+               np.zeros_like(np.asarray(self.sums[name])) for name in STATS}
+        by_dilation = out["dilated"]  # (L, H, D): mean mass at dilation d = 2 + index
+        out["dilated"] = by_dilation.max(-1)
+        out["dilation"] = (by_dilation.argmax(-1) + 2).astype(np.float64)
+        return out
 
 
-def head_statistics(attentions, special=None, cls=None, sep=None, window: int = 2, ids=None) -> dict:
-    """Statistics of one sequence (an (L, H, n, n) array) or of a list of sequences.
+def head_statistics(attentions, special=None, cls=None, sep=None, window: int = 2, ids=None,
+                    attention_mask=None, layout: str | None = None) -> dict:
+    """Per-head statistics of attention given in any of the usual forms; stat name -> (L, H) array.
 
-    ``special``/``cls``/``sep``/``ids`` are one mask (id list) per sequence (or one for a single array).
-    Returns stat name -> (L, H) array.
+    ``attentions`` is one of
+
+    * Hugging Face's ``outputs.attentions``: a **tuple** with one (B, H, N, N) tensor per layer (or a
+      list with ``layout='layers'``), or those layers stacked, (L, B, H, N, N); the B sequences are
+      pooled (rows of padding removed with ``attention_mask`` (B, N), else every position is a token);
+    * one sequence, (L, H, n, n) (an (H, n, n) or (n, n) array is one layer / one head);
+    * a **list** of sequences, each (L, H, n_s, n_s) (``layout='sequences'``; lengths may differ).
+
+    A list of equal-shaped 4-D arrays could be either layers or sequences: it is refused unless
+    ``layout`` says which. Tensors of any float dtype (bf16 included) are read as float64.
+    ``special``/``cls``/``sep``/``ids`` are one mask (id list) per sequence (or one for a single one).
     """
-    if isinstance(attentions, np.ndarray) or hasattr(attentions, "shape"):
-        attentions, special, cls, sep, ids = [attentions], [special], [cls], [sep], [ids]
+    if layout not in (None, "layers", "sequences"):
+        raise UsageError(f"layout must be 'layers' or 'sequences', got {layout!r}")
+    sequences, single = _sequences(attentions, layout, attention_mask)
+    if single:  # one sequence: the masks and ids are its own
+        special, cls, sep, ids = [special], [cls], [sep], [ids]
     acc = HeadStatistics(window)
-    count = len(attentions)
+    count = len(sequences)
     special = special if special is not None else [None] * count
     cls = cls if cls is not None else [None] * count
     sep = sep if sep is not None else [None] * count
     ids = ids if ids is not None else [None] * count
-    for a, sp, c, s, t in zip(attentions, special, cls, sep, ids):
-        acc.add(np.asarray(a), sp, c, s, t)
+    for a, sp, c, s, t in zip(sequences, special, cls, sep, ids):
+        acc.add(a, sp, c, s, t)
     return acc.result()
+
+
+def _as_array(values) -> np.ndarray:
+    """A numpy float64 array of a tensor (any dtype, any device; bf16 included) or an array."""
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def _sequences(attentions, layout, attention_mask) -> tuple[list, bool]:
+    """The forms :func:`head_statistics` accepts -> (a list of (L, H, n, n) arrays, one per sequence;
+    whether the input was one sequence)."""
+    if isinstance(attentions, (tuple, list)):
+        if not attentions:
+            raise UsageError("no attention given")
+        arrays = [_as_array(a) for a in attentions]
+        shapes = {a.shape for a in arrays}
+        if layout is None:
+            if isinstance(attentions, tuple):
+                layout = "layers"  # Hugging Face's outputs.attentions
+            elif len(shapes) > 1 or arrays[0].ndim != 4:
+                layout = "sequences"
+            else:
+                raise UsageError(f"a list of {len(arrays)} arrays of shape {arrays[0].shape} is ambiguous: pass "
+                                 "layout='layers' (one (B, H, N, N) per layer, as Hugging Face's outputs.attentions) "
+                                 "or layout='sequences' (one (L, H, n, n) per sequence)")
+        if layout == "sequences":
+            return arrays, False
+        if len(shapes) > 1 or arrays[0].ndim != 4:
+            raise UsageError("attention layers must all be (B, H, N, N), got shapes "
+                             + ", ".join(str(tuple(s)) for s in sorted(shapes)))
+        stacked = np.stack(arrays)  # (L, B, H, N, N)
+    else:
+        stacked = _as_array(attentions)
+        if layout == "sequences":
+            raise UsageError("layout='sequences' needs a list with one (L, H, n, n) array per sequence")
+        if stacked.ndim <= 4 and layout != "layers":
+            return [stacked], True
+        if stacked.ndim != 5:
+            raise UsageError(f"attention of shape {tuple(stacked.shape)}: expected (L, B, H, N, N) stacked layers, "
+                             "(L, H, n, n) for one sequence, or a tuple of (B, H, N, N) layers")
+    if stacked.shape[-1] != stacked.shape[-2]:
+        raise UsageError(f"attention of shape {tuple(stacked.shape)} is not square in its last two dimensions")
+    batch = stacked.shape[1]
+    if attention_mask is None:
+        return [stacked[:, b] for b in range(batch)], batch == 1
+    mask = _as_array(attention_mask).astype(bool)
+    if mask.shape != (batch, stacked.shape[-1]):
+        raise UsageError(f"attention_mask of shape {mask.shape} for {batch} sequences of {stacked.shape[-1]} tokens")
+    return [stacked[:, b][..., mask[b], :][..., mask[b]] for b in range(batch)], batch == 1
 
 
 def stats_rows(stats: dict) -> list:
@@ -197,7 +294,7 @@ def reference_statistics(n: int, special=None, cls=None, sep=None, window: int =
     global_tokens = np.flatnonzero(special_mask).tolist() or [0]
     out = {}
     for name, pattern in reference_patterns(n, window, dilation, global_tokens).items():
-        stats = head_statistics(pattern[None, None], special_mask, cls, sep, window)
+        stats = head_statistics(pattern[None, None], special_mask, cls, sep, window)  # one sequence
         out[name] = {stat: float(stats[stat][0, 0]) for stat in STATS}
     return out
 
@@ -212,5 +309,6 @@ def induction_pattern(ids) -> np.ndarray:
     return targets / targets.sum(-1, keepdims=True)
 
 
-__all__ = ["HeadStatistics", "PATTERNS", "SHOWN", "STATS", "head_statistics", "induction_pattern", "induction_targets",
-           "reference_patterns", "reference_statistics", "sequence_sums", "stats_rows"]
+__all__ = ["HeadStatistics", "MAX_DILATION", "PATTERNS", "SHOWN", "STATS", "dilation_masks", "head_statistics",
+           "induction_pattern", "induction_targets", "reference_patterns", "reference_statistics", "sequence_sums",
+           "stats_rows"]
