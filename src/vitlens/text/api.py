@@ -128,15 +128,17 @@ class TextResult:
         """Per item, the first sequence's scores of ``method`` for the first target, (n,)."""
         return [item.sequences[0].scores[method][0] for item in self.items]
 
-    def save(self, out, views="all", formats=("png", "svg"), layer: int = -1, query=None) -> dict:
-        """Write every item's views (one directory per item when there are several)."""
+    def save(self, out, views="all", formats=("png", "svg"), layer: int = -1, query=None, head=None,
+             scale: str = "auto") -> dict:
+        """Write every item's views (one directory per item when there are several); ``head``, ``scale``:
+        see :func:`write_item`."""
         views = parse_views(views)
         root = ensure_dir(out)
         written: dict = {}
         for i, item in enumerate(self.items):
             directory = root if len(self.items) == 1 else root / f"{i + 1:04d}"
             for view, paths in write_item(item, directory, views, self.methods, self.model, formats, layer,
-                                          query).items():
+                                          query, head, scale).items():
                 written.setdefault(view, []).extend(paths)
         return written
 
@@ -327,6 +329,45 @@ def resolve_query(sequence: SequenceResult, query) -> int:
     raise InputError(f"query token {query!r} is not in the text (tokens: {' '.join(sequence.display[:20])}...)")
 
 
+def query_positions(item: "TextItem", query) -> list:
+    """Per sequence of ``item``, the query token's position, or None where that sequence lacks it.
+
+    A query given by text is looked for in every sequence (both texts of a plain encoder's pair); a
+    position applies to every sequence long enough. None anywhere is fine; nowhere is a one-line
+    :class:`InputError` naming the tokens of every sequence.
+    """
+    found = []
+    for seq in item.sequences:
+        try:
+            found.append(resolve_query(seq, query))
+        except InputError:
+            found.append(None)
+    if all(q is None for q in found):
+        if len(item.sequences) == 1:
+            resolve_query(item.sequences[0], query)  # its own message
+        shown = " | ".join(" ".join(seq.display[:12]) + ("..." if len(seq.display) > 12 else "")
+                           for seq in item.sequences)
+        raise InputError(f"query token {query!r} is in neither text (tokens: {shown})")
+    return found
+
+
+def parse_head(head, num_layers: int, num_heads: int) -> tuple:
+    """``'L.H'`` (or a (layer, head) pair) -> (layer, head), negative indices counted from the end."""
+    if isinstance(head, str):
+        parts = head.strip().split(".")
+        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+            raise InputError(f"--head {head!r}: give LAYER.HEAD, e.g. 2.5 (layer 2, head 5)")
+        head = tuple(int(p) for p in parts)
+    try:
+        layer, index = (int(v) for v in head)
+    except (TypeError, ValueError):
+        raise InputError(f"head {head!r}: give (layer, head) or 'LAYER.HEAD'") from None
+    if not -num_layers <= layer < num_layers or not -num_heads <= index < num_heads:
+        raise InputError(f"head {layer}.{index} is out of range: the model has {num_layers} layers x {num_heads} "
+                         f"heads (0.0 to {num_layers - 1}.{num_heads - 1})")
+    return layer % num_layers, index % num_heads
+
+
 def _resolve_layer(layer: int, layers: int) -> int:
     if not -layers <= layer < layers:
         raise InputError(f"layer {layer} is out of range: the model has {layers} layers (0-{layers - 1})")
@@ -368,11 +409,15 @@ def item_caption(item: TextItem) -> str:
 
 
 def write_item(item: TextItem, out, views, methods, model: TextModel, formats=("png", "svg"), layer: int = -1,
-               query=None) -> dict:
+               query=None, head=None, scale: str = "auto", query_required: bool = True) -> dict:
     """Write the requested views of one item into directory ``out``; returns view -> [paths].
 
-    ``query`` (the query view's token): a position or a token's text; None means the token the
-    model reads its output from (the first token of an encoder, the last one of a causal decoder).
+    ``query`` (the query view's token): a position or a token's text, looked for in every sequence
+    (the view is written for each sequence that has it; ``query_required=False`` skips an item that
+    has it nowhere instead of refusing it); None means the token the model reads its output from (the
+    first token of an encoder, the last one of a causal decoder). ``head`` (``'L.H'`` or (layer, head))
+    adds one head's view, ``head-L{l}-H{h}[-sN]``; ``scale`` is the attention heatmaps' colour scale
+    (:func:`vitlens.text.views.scale_attention`).
     """
     if query is None:
         query = -1 if getattr(model, "is_causal", False) else 0
@@ -380,12 +425,18 @@ def write_item(item: TextItem, out, views, methods, model: TextModel, formats=("
     from vitlens.text import views as text_views
 
     views = parse_views(views)
-    # a layer or query token the item does not have is refused before the first file is written
+    # a layer, head or query token the item does not have is refused before the first file is written
     if "heads" in views or "headview" in views:
         _resolve_layer(layer, model.num_layers)
+    text_views.resolve_scale(scale, 1)
+    head = parse_head(head, model.num_layers, model.num_heads) if head is not None else None
+    queries = [None] * len(item.sequences)
     if "query" in views:
-        for seq in item.sequences:
-            resolve_query(seq, query)
+        try:
+            queries = query_positions(item, query)
+        except InputError:
+            if query_required:
+                raise
     out = ensure_dir(out)
     written: dict = {}
     multi = len(item.sequences) > 1
@@ -396,7 +447,7 @@ def write_item(item: TextItem, out, views, methods, model: TextModel, formats=("
         page = text_html.tokens_page_html([{"heading": heading, "caption": item_caption(item), "rows": rows}],
                                           meta=meta)
         written["tokens"] = [write_text_atomic(out / "tokens.html", page)]
-        fig = text_views.tokens_figure(rows, title=_shorten(heading, 90))
+        fig = text_views.tokens_figure(rows, title=_shorten(heading, 90) + _explained_suffix(item))
         written["tokens"] += text_views.save_figure(fig, out / "tokens", formats)
         write_text_atomic(out / "attributions.json", json.dumps(
             {"model": model.describe(), "methods": methods, **item.to_dict()}, indent=1, ensure_ascii=False))
@@ -406,20 +457,34 @@ def write_item(item: TextItem, out, views, methods, model: TextModel, formats=("
         raise OutputError("attention views need the captured attention: explain with keep_attentions=True")
     for s, seq in enumerate(item.sequences):
         suffix = f"-s{s + 1}" if multi else ""
-        name = f"'{_shorten(item.text if s == 0 else item.pair or item.text, 60)}'"
+        if not multi and item.pair is not None:  # a classifier's pair: one sequence holds both texts
+            name = f"'{_shorten(item.text, 40)}' | '{_shorten(item.pair, 40)}'"
+        else:
+            name = f"'{_shorten(item.text if s == 0 else item.pair or item.text, 60)}'"
         if "heads" in views:
             lay = _resolve_layer(layer, seq.attention.shape[0])
             fig = text_views.heads_figure(seq.attention[lay], seq.labels, lay,
-                                          title=f"layer {lay}, every head: {name}")
+                                          title=f"layer {lay}, every head: {name}", scale=scale)
             written.setdefault("heads", []).extend(text_views.save_figure(fig, out / f"heads-layer{lay}{suffix}",
                                                                           formats))
         if "overview" in views:
-            fig = text_views.overview_figure(seq.attention, title=f"every layer (rows) and head (columns): {name}")
+            fig = text_views.overview_figure(seq.attention, title=f"every layer (rows) and head (columns): {name}",
+                                             scale=scale)
             written.setdefault("overview", []).extend(text_views.save_figure(fig, out / f"overview{suffix}", formats))
-        if "query" in views:
-            q = resolve_query(seq, query)
+        if "query" in views and queries[s] is not None:
+            q = queries[s]
             fig = text_views.query_figure(seq.attention, seq.labels, q)
             written.setdefault("query", []).extend(text_views.save_figure(fig, out / f"query-{q}{suffix}", formats))
+        if head is not None:
+            lay, h = head
+            one = HeadStatistics().add(seq.attention[lay:lay + 1, h:h + 1], seq.special, seq.cls, seq.sep,
+                                       seq.ids).result()
+            shown = {k: float(one[k][0, 0]) for k in ("entropy_norm", "local", "previous", "global", "dilated",
+                                                      "dilation")}
+            fig = text_views.head_figure(seq.attention[lay, h], seq.labels, lay, h, scale=scale, stats=shown,
+                                         title=f"layer {lay}, head {h}: {name}")
+            written.setdefault("head", []).extend(text_views.save_figure(fig, out / f"head-L{lay}-H{h}{suffix}",
+                                                                         formats))
     if "headview" in views:
         sequences = [{"title": f"{seq.title}: {_shorten(seq.text(), 60)}", "tokens": seq.labels,
                       "special": seq.special, "attention": seq.attention} for seq in item.sequences]
@@ -433,6 +498,14 @@ def write_item(item: TextItem, out, views, methods, model: TextModel, formats=("
         written["stats"] = write_stats(acc, out, item.sequences, formats,
                                        title=f"attention statistics: {_shorten(heading, 70)}")
     return written
+
+
+def _explained_suffix(item: TextItem) -> str:
+    """What the token attributions explain, for a title: a decoder's next token(s) or a class."""
+    if not item.targets:
+        return ""
+    what = "next token" if "next-token" in item.value_name else "class"
+    return f" \u2192 {what} " + ", ".join(t.name for t in item.targets)
 
 
 def write_stats(acc: HeadStatistics, out, sequences, formats=("png", "svg"), title: str = "") -> list:
@@ -472,10 +545,11 @@ def _shorten(text: str, limit: int) -> str:
 
 def attention_views(model, text: str, pair: str | None = None, out=".", views="all", methods="all", target=None,
                     objective=None, layer: int = -1, query=None, formats=("png", "svg"), truncate: bool = False,
-                    params: dict | None = None) -> dict:
+                    params: dict | None = None, head=None, scale: str = "auto") -> dict:
     """Explain one text and write its views into ``out``; returns view -> [written paths].
 
-    ``views``: any of tokens, heads, overview, query, headview, stats (or 'all'). The ``tokens``
+    ``views``: any of tokens, heads, overview, query, headview, stats (or 'all'); ``head='L.H'`` adds
+    one head's view, ``scale`` is the heatmaps' colour scale (see :func:`write_item`). The ``tokens``
     view (attributions) is left out for a plain encoder without ``pair`` or ``objective`` (it has
     nothing to explain); asking for it explicitly is an error.
     """
@@ -489,7 +563,7 @@ def attention_views(model, text: str, pair: str | None = None, out=".", views="a
     methods = methods if "tokens" in asked else []
     result = explain_text(model, text, pairs=pair, methods=methods, target=target, objective=objective,
                           truncate=truncate, params=params)
-    return write_item(result.items[0], out, asked, result.methods, model, formats, layer, query)
+    return write_item(result.items[0], out, asked, result.methods, model, formats, layer, query, head, scale)
 
 
 __all__ = ["Prediction", "SequenceResult", "TextItem", "TextResult", "VIEWS", "attention_views", "explain_text",

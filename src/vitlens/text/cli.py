@@ -62,9 +62,14 @@ def add_arguments(p) -> None:
                    help="plain encoders with --pair: the scalar to explain (default: similarity = cosine)")
     p.add_argument("--layer", type=int, default=-1, help="layer of the heads view and first layer of the head view "
                                                          "(default: the last)")
-    p.add_argument("--query", default=None, help="query token of the query view: a position or the token's text "
-                                                 "(default: the token the model reads: [CLS] of an encoder, the last "
-                                                 "token of a decoder)")
+    p.add_argument("--query", default=None, help="query token of the query view: a position or the token's text, "
+                                                 "looked for in both texts of a pair (default: the token the model "
+                                                 "reads: [CLS] of an encoder, the last token of a decoder)")
+    p.add_argument("--head", default=None, metavar="L.H",
+                   help="also write one head's view (head-LL-HH.png): layer L, head H, e.g. 2.5 or -1.0")
+    p.add_argument("--scale", default="auto", choices=["auto", "linear", "sqrt", "log", "percentile"],
+                   help="colour scale of the attention heatmaps, each relative to its head's max (default: auto = "
+                        "linear up to 64 tokens, percentile above)")
     p.add_argument("--format", default="png,svg", help="figure formats: png, svg or both (default: %(default)s)")
     p.add_argument("--out", default="text-results", help="output directory (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -101,6 +106,10 @@ def run(args) -> int:
     out = check_out_dir(args.out)  # creates nothing: a mistake found below leaves no trace
     model = _load(args)
     _check_layer(args.layer, model.num_layers)
+    if args.head is not None:
+        from vitlens.text.api import parse_head
+
+        parse_head(args.head, model.num_layers, model.num_heads)
     has_pairs = args.pair is not None or bool(rows and any(r["pair"] is not None for r in rows))
     methods, note = _methods(args, model, views, has_pairs)
     if params and not methods:
@@ -232,7 +241,8 @@ def _run_single(args, model, methods, params, target, views, formats, out) -> in
                           objective=args.objective if not model.is_classifier else None, params=params,
                           truncate=args.truncate)
     item = result.items[0]
-    written = write_item(item, out, views, result.methods, model, formats, args.layer, args.query)
+    written = write_item(item, out, views, result.methods, model, formats, args.layer, args.query, args.head,
+                         args.scale)
     files = sorted({str(p) for paths in written.values() for p in paths})
     if not args.quiet:
         print(f"model: {model.info.spec} ({model.kind_name}, {model.num_layers} layers x {model.num_heads} heads)")
@@ -286,7 +296,8 @@ def _run_batch(args, model, methods, params, target, views, formats, out, rows) 
             done += 1
             directory = out / f"{row['line']:04d}"
             if item_views:
-                write_item(item, directory, item_views, methods, model, formats, args.layer, args.query)
+                write_item(item, directory, item_views, methods, model, formats, args.layer, args.query, args.head,
+                           args.scale, query_required=False)
             if acc is not None:
                 for seq in item.sequences:
                     acc.add(seq.attention, seq.special, seq.cls, seq.sep, seq.ids)

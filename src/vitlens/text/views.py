@@ -8,8 +8,11 @@
   reference patterns' values for comparison
 * :func:`tokens_figure`  coloured tokens (token attributions), wrapped like text
 
-Long inputs: tick labels are thinned to at most ``MAX_LABELS`` per axis and every heatmap keeps its
-full resolution (a 512-token input renders; its labels are every 8th token).
+Long inputs: tick labels are thinned to every k-th token, k = ceil(n / ``MAX_LABELS``), so that at
+most 64 labels share an axis (a 512-token input is labelled every 8th token) and every heatmap keeps
+its full resolution. Attention heatmaps take a colour ``scale`` (:func:`scale_attention`); the
+default ``auto`` is linear up to ``AUTO_LINEAR_UP_TO`` tokens and the percentile scale above, where rows
+of 512 weights around 1/512 next to an attention sink of 0.6 would otherwise be drawn black.
 """
 
 from __future__ import annotations
@@ -33,8 +36,14 @@ STAT_TITLES = {
     "entropy": "entropy (nats)", "entropy_norm": "entropy / ln n", "distance": "mean distance (tokens)",
     "special": "to special tokens", "cls": "to [CLS]", "sep": "to [SEP]", "local": "local (|i-j| <= w)",
     "previous": "to previous token", "global": "global (top key share)", "causal": "to past and self (j <= i)",
-    "induction": "induction (after an earlier copy)",
+    "induction": "induction (after an earlier copy)", "dilated": "dilated (best d >= 2)",
 }
+#: colour scales of the attention heatmaps (see :func:`scale_attention`)
+SCALES = ("auto", "linear", "sqrt", "log", "percentile")
+#: ``auto`` draws maps of more tokens than this on the percentile scale
+AUTO_LINEAR_UP_TO = 64
+#: the log scale spans this many decades below each map's maximum
+LOG_DECADES = 3.0
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -86,37 +95,108 @@ def _cell_inches(n: int) -> float:
     return float(np.clip(0.16 * n + 1.2, 2.2, 6.0))
 
 
-def heads_figure(attention, labels, layer: int, title: str = "") -> Figure:
-    """All heads of one layer: ``attention`` (H, n, n), rows = queries, columns = keys."""
+def resolve_scale(scale: str, n: int) -> str:
+    """The colour scale a heatmap of ``n`` tokens is drawn with (``auto`` -> linear or log)."""
+    if scale not in SCALES:
+        from vitlens.errors import UsageError
+
+        raise UsageError(f"unknown attention scale {scale!r}: use {', '.join(SCALES)}")
+    if scale == "auto":
+        return "percentile" if n > AUTO_LINEAR_UP_TO else "linear"
+    return scale
+
+
+def scale_attention(values, scale: str = "auto") -> np.ndarray:
+    """One attention map (n, n) (or any array) mapped to [0, 1] for colour, relative to its own maximum m.
+
+    * ``linear``: a / m (the weights as they are; long maps look dark: a row's typical weight is 1/n)
+    * ``sqrt``: (a / m) ** 0.5 (a power scale, gamma 0.5)
+    * ``log``: 1 + log10(a / m) / 3, clipped to [0, 1]: three decades below the maximum (m / 1000 and
+      less is drawn as 0)
+    * ``percentile``: a / q99 clipped to 1, q99 = the 99th percentile of the map's non-zero weights (the
+      top 1 % saturate)
+    * ``auto`` (default): linear up to ``AUTO_LINEAR_UP_TO`` (64) tokens, percentile above (a sink or a
+      diagonal saturates, the spread of the other weights shows)
+    """
+    a = np.asarray(values, dtype=np.float64)
+    scale = resolve_scale(scale, a.shape[-1] if a.ndim else 1)
+    top = float(a.max()) if a.size else 0.0
+    if top <= 0:
+        return np.zeros_like(a)
+    if scale == "linear":
+        return np.clip(a / top, 0, 1)
+    if scale == "sqrt":
+        return np.sqrt(np.clip(a / top, 0, 1))
+    if scale == "log":
+        with np.errstate(divide="ignore"):
+            return np.clip(1.0 + np.log10(np.clip(a / top, 0, 1)) / LOG_DECADES, 0, 1)
+    positive = a[a > 0]
+    q = float(np.percentile(positive, 99)) if positive.size else top
+    return np.clip(a / (q if q > 0 else top), 0, 1)
+
+
+def scale_caption(scale: str, n: int) -> str:
+    """How the colours of an attention map were scaled, for a figure's title."""
+    return {"linear": "colour 0 to each head's max", "sqrt": "colour: sqrt of weight / head max",
+            "log": f"colour: log scale, {LOG_DECADES:g} decades below each head's max",
+            "percentile": "colour 0 to each head's 99th percentile"}[resolve_scale(scale, n)]
+
+
+def heads_figure(attention, labels, layer: int, title: str = "", scale: str = "auto") -> Figure:
+    """All heads of one layer: ``attention`` (H, n, n), rows = queries, columns = keys.
+
+    Every heatmap is labelled, every k-th token for long inputs (:func:`_tick_positions`), and drawn on
+    the colour ``scale`` (:func:`scale_attention`), each head relative to its own maximum."""
     a = np.asarray(attention, dtype=np.float32)
     heads, n = a.shape[0], a.shape[-1]
     cols = min(heads, 4)
     rows = math.ceil(heads / cols)
     cell = _cell_inches(n)
-    show_labels = n <= 2 * MAX_LABELS
     fig = _figure(cols * cell + 1.0, rows * cell + 0.8)
     cmap = get_cmap(ATTENTION_CMAP)
     for h in range(heads):
         ax = fig.add_subplot(rows, cols, h + 1)
         top = max(float(a[h].max()), 1e-6)
-        ax.imshow(a[h], cmap=cmap, vmin=0.0, vmax=top, interpolation="nearest" if n <= 128 else "antialiased")
+        ax.imshow(scale_attention(a[h], scale), cmap=cmap, vmin=0.0, vmax=1.0,
+                  interpolation="nearest" if n <= 128 else "antialiased")
         ax.set_title(f"head {h} (max {top:.2f})", fontsize=9)
-        if show_labels:
-            _label_axes(ax, labels, rows=h % cols == 0, cols=h >= heads - cols)
-        else:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(title or f"layer {layer}: attention of every head (rows attend to columns; colour scale 0 to "
-                 "each head's max)", fontsize=11)
+        _label_axes(ax, labels, rows=h % cols == 0, cols=h >= heads - cols)
+    caption = scale_caption(scale, n)
+    fig.suptitle(f"{title} ({caption})" if title else
+                 f"layer {layer}: attention of every head (rows attend to columns; {caption})", fontsize=11)
     return fig
 
 
-def _mosaic(cells: np.ndarray, gap: int) -> np.ndarray:
-    """(R, C, n, n) cells, each scaled to its own maximum, into one (R*(n+gap)-gap, C*(n+gap)-gap) image
-    with NaN gaps (drawn in the background colour)."""
+def head_figure(attention, labels, layer: int, head: int, title: str = "", scale: str = "auto",
+                stats: dict | None = None) -> Figure:
+    """One head: ``attention`` (n, n), a large labelled heatmap with a colour bar, and the head's statistics
+    (``stats``: name -> value) under the title."""
+    a = np.asarray(attention, dtype=np.float32)
+    n = a.shape[-1]
+    side = float(np.clip(0.2 * n + 2.0, 4.0, 10.0))
+    fig = _figure(side + 1.6, side + 1.4)
+    ax = fig.add_axes((0.14, 0.1, 0.72, 0.72))
+    image = ax.imshow(scale_attention(a, scale), cmap=get_cmap(ATTENTION_CMAP), vmin=0.0, vmax=1.0,
+                      interpolation="nearest" if n <= 128 else "antialiased")
+    _label_axes(ax, labels, fontsize=9 if n <= 24 else None)
+    ax.set_xlabel("key (attended to)", fontsize=8)
+    ax.set_ylabel("query", fontsize=8)
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    bar.ax.tick_params(labelsize=6)
+    bar.set_label(scale_caption(scale, n) + f" (max {float(a.max()):.2f})", fontsize=7)
+    lines = [title or f"layer {layer}, head {head}"]
+    if stats:
+        lines.append(", ".join(f"{name} {value:.2f}" if name != "dilation" else f"{name} {int(value)}"
+                               for name, value in stats.items()))
+    fig.suptitle("\n".join(lines), fontsize=10)
+    return fig
+
+
+def _mosaic(cells: np.ndarray, gap: int, scale: str = "linear") -> np.ndarray:
+    """(R, C, n, n) cells, each scaled to its own maximum (on the colour ``scale``), into one
+    (R*(n+gap)-gap, C*(n+gap)-gap) image with NaN gaps (drawn in the background colour)."""
     rows, cols, n = cells.shape[0], cells.shape[1], cells.shape[-1]
-    top = cells.reshape(rows, cols, -1).max(-1)[..., None, None]
-    scaled = cells / np.where(top > 0, top, 1.0)
+    scaled = np.stack([np.stack([scale_attention(cells[r, c], scale) for c in range(cols)]) for r in range(rows)])
     out = np.full((rows * (n + gap) - gap, cols * (n + gap) - gap), np.nan, dtype=np.float32)
     for r in range(rows):
         for c in range(cols):
@@ -124,14 +204,14 @@ def _mosaic(cells: np.ndarray, gap: int) -> np.ndarray:
     return out
 
 
-def overview_figure(attentions, title: str = "") -> Figure:
+def overview_figure(attentions, title: str = "", scale: str = "auto") -> Figure:
     """Layers x heads: ``attentions`` (L, H, n, n), one small heatmap per head, each on its own scale.
 
     Drawn as one mosaic image (fast in PNG and SVG, even for 12 x 12 heads of 512 tokens)."""
     a = np.asarray(attentions, dtype=np.float32)
     layers, heads, n = a.shape[0], a.shape[1], a.shape[-1]
     gap = max(1, n // 8)
-    mosaic = _mosaic(a, gap)
+    mosaic = _mosaic(a, gap, scale)
     cell = 0.9
     fig = _figure(heads * cell + 1.2, layers * cell + 1.0)
     ax = fig.add_axes((0.08, 0.04, 0.9, 0.86))
@@ -342,5 +422,5 @@ def tokens_figure(rows: list, title: str = "", width_in: float = 10.0) -> Figure
     return fig
 
 
-__all__ = ["FORMATS", "heads_figure", "overview_figure", "query_figure", "save_figure", "scale_scores",
-           "stats_figure", "token_colours", "tokens_figure"]
+__all__ = ["FORMATS", "SCALES", "head_figure", "heads_figure", "overview_figure", "query_figure", "resolve_scale",
+           "save_figure", "scale_attention", "scale_scores", "stats_figure", "token_colours", "tokens_figure"]
