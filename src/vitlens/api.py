@@ -14,8 +14,9 @@ from PIL import Image
 from vitlens.cliargs import (check_count, check_overlay, check_params_requested, check_signed_display, check_target,
                              select_device)
 from vitlens.diagnostics import degenerate_kind, flat_scores, likely_cause, summarise
-from vitlens.engine import check_precision, precision_name, run_batch
-from vitlens.errors import InputError
+from vitlens.engine import check_precision, plan, precision_name, run_batch
+from vitlens.errors import InputError, ResourceError
+from vitlens.memory import bytes_per_image, default_budget, images_per_pass, parse_size
 from vitlens.methods import check_params_for_model, get_method, parse_methods, to_pixels
 from vitlens.models import ImageModel, load_model
 
@@ -205,7 +206,7 @@ class DegenerateMapWarning(UserWarning):
 
 
 def explain(model, images, methods=None, target=None, batch_size: int = 16, device=None,
-            params: dict | None = None, precision="fp32", warn: bool = True) -> ExplainResult:
+            params: dict | None = None, precision="fp32", warn: bool = True, memory_budget=None) -> ExplainResult:
     """Explain images with one or more methods, all from one pass per batch.
 
     Parameters
@@ -239,6 +240,11 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
         device type (bf16 on a GPU without bfloat16, fp16 where torch's CPU autocast lacks it) and an unknown name are
         one-line ``UsageError``s, raised before any work.
 
+    memory_budget : int, str or None
+        The most memory one pass may use, in bytes or as ``'8GB'`` / ``'512MiB'``; default 80 % of the
+        memory free on the model's device. A batch whose estimated peak (:mod:`vitlens.memory`) exceeds
+        it is explained in smaller chunks (the maps are the same); on CUDA a chunk that still runs out of
+        memory is halved and tried again, down to one image.
     warn : bool
         Emit one :class:`DegenerateMapWarning` when some maps are constant, all zero or not finite, naming
         the methods, the first image and the likely cause (:meth:`ExplainResult.map_warnings`; default True).
@@ -262,16 +268,34 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
     if device is not None:
         model.to(select_device(device, option="device"))
     check_precision(precision, model.device)  # autocast supports the dtype on this device type
+    budget = parse_size(memory_budget)
     batch, records = prepare_inputs(model, images)
+    if budget is None:
+        budget = default_budget(model.device)
+    needs = plan(resolved, model.num_layers if model.has_attention else 0)[0]
+    chunk_size = images_per_pass(batch_size, bytes_per_image(model, needs, tuple(batch.shape[-2:])), budget)
     per_image_targets = isinstance(target, (list, tuple)) or (isinstance(target, torch.Tensor) and target.dim() >= 1)
     maps: dict = {n: [] for n in names}
     patch_maps: dict = {n: [] for n in names}
     extras: dict = {}
     targets, logits = [], []
-    for start in range(0, batch.shape[0], batch_size):
-        chunk = batch[start:start + batch_size].to(device=model.device, dtype=model.dtype)
+    start = 0
+    while start < batch.shape[0]:
+        chunk = batch[start:start + chunk_size].to(device=model.device, dtype=model.dtype)
         chunk_target = target[start:start + chunk.shape[0]] if per_image_targets else target
-        result = run_batch(model, chunk, resolved, chunk_target, precision=precision)
+        try:
+            result = run_batch(model, chunk, resolved, chunk_target, precision=precision)
+        except torch.OutOfMemoryError:
+            if chunk.shape[0] == 1:
+                raise ResourceError(f"out of memory explaining one image on {model.device} with "
+                                    f"{', '.join(names)}: try fewer methods, --precision bf16 or a smaller "
+                                    "input") from None
+            chunk_size = max(1, chunk.shape[0] // 2)  # and the same images again
+            del chunk
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        start += chunk.shape[0]
         for name in names:
             raw = result.patch_maps[name]
             b, k, h, w = raw.shape

@@ -35,6 +35,10 @@ class DownloadError(VitlensError):
     """A dataset download that failed: server unreachable, connection dropped, wrong checksum, unsafe archive."""
 
 
+class ResourceError(VitlensError):
+    """Not enough memory for even one image (a batch is split and retried before this is raised)."""
+
+
 class UsageError(VitlensError, ValueError):
     """An option or argument with a value that cannot work: a device this machine does not have, a batch
     size below 1, an overlay opacity outside [0, 1], an unknown colormap...

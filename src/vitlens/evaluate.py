@@ -544,7 +544,7 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
                  progress: bool = True, seed: int = 0, html: bool = True, masks_dir=None,
                  source: str = "the inputs", save=None, overlay_max_side: int | None = OVERLAY_MAX_SIDE,
                  io_workers: int | None = None, group=None, precision="fp32",
-                 signed_display: str = "signed") -> EvalSummary:
+                 signed_display: str = "signed", memory_budget=None) -> EvalSummary:
     """Explain ``samples`` and score every method; write the run directory and the metric tables.
 
     Parameters
@@ -572,7 +572,7 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
         Tie-breaking in the rankings, the noise baseline, the randomisation of the sanity check.
     masks_dir : path, optional
         ``<key>.png`` or ``<image stem>.png`` foreground masks for ``segmentation``.
-    save, overlay_max_side, io_workers, group, precision, signed_display
+    save, overlay_max_side, io_workers, group, precision, signed_display, memory_budget
         As for :func:`vitlens.runner.run_explain`. ``precision`` is that of every explanation (the
         re-explanations of sensitivity, specificity and sanity too); the perturbed images of the
         faithfulness metrics are scored in the model's own precision, so that a metric measures the
@@ -609,7 +609,8 @@ def run_evaluate(samples: list, model, methods: list, params: dict | None = None
                       progress=progress, html=False, settings=settings, record_extra=scorer, save=save,
                       overlay_max_side=overlay_max_side, io_workers=io_workers, group=group,
                       # boxes and masks are in the file's pixels
-                      reduced_decoding=False, precision=precision, signed_display=signed_display)
+                      reduced_decoding=False, precision=precision, signed_display=signed_display,
+                      memory_budget=memory_budget)
     out = Path(out_dir)
     report_wanted = html and {"overlays", "originals"} <= set(parse_save(save))
 

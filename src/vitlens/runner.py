@@ -31,6 +31,7 @@ from vitlens.data.images import ORIGINAL_SIZE
 from vitlens.distributed import Group, current
 from vitlens.engine import check_precision, precision_name
 from vitlens.errors import InputError, MethodError, TargetError, UsageError, VitlensError
+from vitlens.memory import parse_size
 from vitlens.cliargs import (OVERLAY_MAX_SIDE, check_count, check_overlay, check_params_requested,
                              check_signed_display, check_target, parse_save)
 from vitlens.methods import check_params_for_model, get_method
@@ -135,7 +136,8 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
                 alpha: float = 0.5, html: bool = False, settings: dict | None = None,
                 record_extra=None, save=None, overlay_max_side: int | None = OVERLAY_MAX_SIDE,
                 io_workers: int | None = None, group: Group | None = None,
-                reduced_decoding: bool = True, precision="fp32", signed_display: str = "signed") -> RunSummary:
+                reduced_decoding: bool = True, precision="fp32", signed_display: str = "signed",
+                memory_budget=None) -> RunSummary:
     """Explain every sample and write the run directory (see :mod:`vitlens.outputs`).
 
     ``target`` is what :func:`vitlens.explain` accepts for one image, or ``'label'`` to explain each
@@ -148,7 +150,9 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
     With ``reduced_decoding`` (and capped overlays) a JPEG far larger than the model and the overlay
     need is decoded at 1/2, 1/4 or 1/8 scale (:func:`decoding_size`), which bounds the memory a
     huge photo takes; records still give the file's size and the crop box in its pixels.
-    ``signed_display`` is how the overlays of signed methods are drawn (see :class:`~vitlens.outputs.RunWriter`).
+    ``memory_budget`` bounds what one pass of :func:`vitlens.explain` may use (a batch over it is explained
+    in chunks; default 80 % of the free memory). ``signed_display`` is how the overlays of signed methods
+    are drawn (see :class:`~vitlens.outputs.RunWriter`).
     ``precision`` (``fp32``, ``bf16``, ``fp16``) is the one :func:`vitlens.explain` computes in; it is
     a setting of the run (a run resumes only with the same precision).
 
@@ -170,6 +174,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
         check_count(io_workers, "io_workers")
     check_overlay(cmap, alpha, prefix="")
     signed_display = check_signed_display(signed_display, option="signed_display")
+    parse_size(memory_budget)
     kinds = parse_save(save)
     if html and not {"overlays", "originals"} <= set(kinds):
         raise UsageError("the HTML report shows overlays on originals: keep overlays and originals in --save, "
@@ -230,7 +235,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
             if todo:
                 loaded = [f.result() for f in futures] if futures is not None else [_load(s, reduce) for s in batch]
                 _explain_batch(batch, loaded, writer, model, methods, params, target, summary, record_extra,
-                               writes, precision)
+                               writes, precision, memory_budget)
             bar.update(len(batch))
         writes.drain()
         finished = True
@@ -264,7 +269,7 @@ def run_explain(samples: list, model, methods: list, params: dict | None = None,
 
 
 def _explain_batch(batch, loaded, writer, model, methods, params, target, summary, record_extra=None,
-                   writes: _Writes | None = None, precision="fp32") -> None:
+                   writes: _Writes | None = None, precision="fp32", memory_budget=None) -> None:
     good, images, targets = [], [], []
     for sample, (image, error) in zip(batch, loaded):
         if error is None and target == "label" and sample.label is None:
@@ -286,7 +291,8 @@ def _explain_batch(batch, loaded, writer, model, methods, params, target, summar
         batch_target = torch.tensor([list(target.classes)] * len(images))
     try:
         result = explain(model, images, methods=methods, target=batch_target, batch_size=len(images), params=params,
-                         precision=precision, warn=False)  # the run sums degenerate maps up once, at its end
+                         precision=precision, warn=False,  # the run sums degenerate maps up once, at its end
+                         memory_budget=memory_budget)
     except (TargetError, MethodError):
         raise  # a wrong --target or method setting concerns the whole run, not these images: stop
     except VitlensError as exc:
