@@ -94,6 +94,7 @@ def model_sizes(model, input_size) -> tuple[int, int]:
     if key not in cached:
         recorder = AttentionRecorder(keep_block_outputs=True)
         x = torch.zeros(1, 3, *key, device=model.device, dtype=model.dtype)
+        model.check_input(x)  # a size the model cannot take: its one-line error, not the model's assertion
         with torch.no_grad(), model.eval_mode(), model.capture(recorder):
             model.logits(x)
         attention = sum(a[0].numel() for a in recorder.attentions) * 4
