@@ -83,7 +83,8 @@ def test_batch_form_csv_with_failures(capsys, tmp_path, tiny_classifier_dir):
     assert manifest["items"][1]["targets"][0]["index"] == 0
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert [r["line"] for r in rows] == ["2", "4"]
-    assert (out / "tokens.html").read_text().count('<td class="method">') == 4  # 2 inputs x 2 methods
+    # 2 inputs x 2 methods x (tokens, words)
+    assert (out / "tokens.html").read_text().count('<td class="method">') == 8
     assert (out / "stats.png").stat().st_size > 0 and (out / "stats.csv").is_file()
     assert (out / "0002" / "tokens.png").is_file()
 

@@ -33,6 +33,7 @@ from vitlens.text.batch import TextBatch
 from vitlens.text.loading import load_text_model
 from vitlens.text.task import parse_text_methods, resolve_objective, run_text_batch, text_params
 from vitlens.text.stats import STATS, HeadStatistics, reference_statistics, stats_rows
+from vitlens.text.words import WordScores, check_aggregate, parse_spans, spans_view, words_view
 
 VIEWS = ("tokens", "heads", "overview", "query", "headview", "stats")
 
@@ -57,6 +58,13 @@ class SequenceResult:
         (L, H, n, n) attention of the real tokens.
     ids : list of int or None
         The real tokens' ids.
+    word_ids, offsets : list or None
+        Per real token: its word's index (None for special tokens) and its (start, end) character range
+        in its text (None without a fast tokenizer's offsets).
+    words : WordScores or None
+        The scores aggregated to words (``word_aggregate``: sum or max), special tokens excluded.
+    spans : WordScores or None
+        The scores of the character spans asked for (``spans=``), on the first text's sequence.
     """
 
     title: str
@@ -72,6 +80,10 @@ class SequenceResult:
     attention: np.ndarray | None = None
     #: token ids of the real tokens (for the induction statistic)
     ids: list | None = None
+    word_ids: list | None = None
+    offsets: list | None = None
+    words: WordScores | None = None
+    spans: WordScores | None = None
 
     def text(self) -> str:
         """The sequence as the model read it (non-special tokens, sub-words joined)."""
@@ -85,8 +97,13 @@ class SequenceResult:
         return "".join(parts)
 
     def to_dict(self) -> dict:
-        return {"title": self.title, "tokens": self.tokens, "special": self.special,
-                "scores": {m: np.round(v.astype(np.float64), 8).tolist() for m, v in self.scores.items()}}
+        out = {"title": self.title, "tokens": self.tokens, "special": self.special,
+               "scores": {m: np.round(v.astype(np.float64), 8).tolist() for m, v in self.scores.items()}}
+        if self.words is not None:
+            out["words"] = self.words.to_dict()
+        if self.spans is not None:
+            out["spans"] = self.spans.to_dict()
+        return out
 
 
 @dataclass
@@ -182,7 +199,8 @@ def _as_list(values, what: str):
 
 def explain_text(model, texts, pairs=None, methods="all", target=None, objective=None, params: dict | None = None,
                  batch_size: int = 16, truncate: bool = False, keep_attentions: bool = True,
-                 max_length: int | None = None, target_token=None) -> TextResult:
+                 max_length: int | None = None, target_token=None, word_aggregate: str = "sum",
+                 spans=None) -> TextResult:
     """Token attributions (and the captured attention) for texts.
 
     Parameters
@@ -206,8 +224,16 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
         the pooled embeddings (``f(emb)`` or ``f(emb_a, emb_b)`` with pairs) giving one value per text.
     params : dict
         method -> parameter overrides.
+    word_aggregate : {'sum', 'max'}
+        How each sequence's ``words`` view (:class:`vitlens.text.words.WordScores`) combines the scores of
+        a word's tokens (special tokens excluded).
+    spans : str or list of (start, end), optional
+        Character ranges [start, end) of each text (``'0:5,10:22'``): a ``spans`` view on the first
+        text's sequence, its overlapping tokens aggregated the same way (needs a fast tokenizer).
     """
     model = model if isinstance(model, TextModel) else load_text_model(model)
+    check_aggregate(word_aggregate)
+    spans = parse_spans(spans) if spans is not None else None
     causal = getattr(model, "is_causal", False)
     texts = _as_list(texts, "texts")
     pairs = _as_list(pairs, "pairs")
@@ -254,7 +280,10 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
         batch = model.encode(chunk + chunk_pairs if separate else chunk, None if separate else chunk_pairs,
                              truncate=truncate, max_length=max_length)
         result = run_text_batch(model, batch, resolved, chunk_target, obj, keep_attentions)
-        items.extend(_items(model, batch, result, chunk, chunk_pairs, separate, obj))
+        chunk_items = _items(model, batch, result, chunk, chunk_pairs, separate, obj)
+        for item in chunk_items:
+            _add_words(item, separate, word_aggregate, spans)
+        items.extend(chunk_items)
     return TextResult(model, names, resolved, items, None if obj is None else obj.name)
 
 
@@ -283,6 +312,19 @@ def _items(model, batch: TextBatch, result, texts, pairs, separate, objective) -
     return items
 
 
+def _add_words(item: TextItem, separate: bool, aggregate: str, spans) -> None:
+    """Each sequence's words view, and the spans view on the first text's sequence."""
+    for k, seq in enumerate(item.sequences):
+        if separate:  # a plain encoder's pair: each sequence is one text
+            texts = (item.text,) if k == 0 else (item.pair,)
+        else:
+            texts = (item.text,) if item.pair is None else (item.text, item.pair)
+        seq.words = words_view(seq, texts, aggregate)
+    if spans is not None:
+        first = item.sequences[0]
+        first.spans = spans_view(first, item.text, spans, aggregate)
+
+
 def _sequence(model, batch: TextBatch, s: int, result) -> SequenceResult:
     tokens = batch.tokens[s]
     words = batch.words[s]
@@ -309,7 +351,8 @@ def _sequence(model, batch: TextBatch, s: int, result) -> SequenceResult:
     ids = batch.input_ids[s].index_select(0, batch.real_index(s)).tolist()
     return SequenceResult("text", list(tokens), labels, display, space, list(batch.special[s]), list(batch.cls[s]),
                           list(batch.sep[s]), list(batch.segments[s]) if batch.segments else [0] * len(tokens),
-                          scores, attention, ids)
+                          scores, attention, ids, list(words),
+                          list(batch.offsets[s]) if batch.offsets else None)
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -394,6 +437,14 @@ def token_rows(item: TextItem, methods: list) -> list:
                 rows.append({"label": label, "tokens": seq.display, "space": seq.space, "special": seq.special,
                              "values": scale_scores(scores[k], seq.special, signed), "raw": scores[k],
                              "signed": signed})
+                for group in (seq.words, seq.spans):
+                    if group is None or method not in group.scores or not len(group):
+                        continue
+                    values = group.scores[method][k]
+                    plain = [False] * len(group)
+                    rows.append({"label": f"{label}, {group.kind} ({group.aggregate})", "tokens": group.text,
+                                 "space": group.space, "special": plain, "values": scale_scores(values, plain, signed),
+                                 "raw": values, "signed": signed})
     return rows
 
 

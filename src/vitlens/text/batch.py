@@ -28,6 +28,9 @@ class TextBatch:
         draw sub-word pieces without a space between them.
     segments : list of list of int
         Per real token: 0 for the first text, 1 for the second text of a pair.
+    offsets : list of list
+        Per real token: its (start, end) character range in its text (the pair's text for segment 1),
+        None for special tokens; empty when the tokenizer gives no offsets (a slow tokenizer).
     """
 
     input_ids: torch.Tensor
@@ -39,6 +42,7 @@ class TextBatch:
     sep: list
     words: list
     segments: list = field(default_factory=list)
+    offsets: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -70,6 +70,11 @@ def add_arguments(p) -> None:
     p.add_argument("--scale", default="auto", choices=["auto", "linear", "sqrt", "log", "percentile"],
                    help="colour scale of the attention heatmaps, each relative to its head's max (default: auto = "
                         "linear up to 64 tokens, percentile above)")
+    p.add_argument("--word-aggregate", choices=["sum", "max"], default="sum",
+                   help="word scores (beside the token scores): the sum (default) or the max of each word's tokens")
+    p.add_argument("--spans", default=None, metavar="START:END,...",
+                   help="also score these character ranges of the text (END exclusive), e.g. 0:5,10:22, aggregated "
+                        "like the words")
     p.add_argument("--format", default="png,svg", help="figure formats: png, svg or both (default: %(default)s)")
     p.add_argument("--out", default="text-results", help="output directory (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -103,6 +108,10 @@ def run(args) -> int:
     select_device(args.device)
     rows = _read_file(args.file) if args.file is not None else None
     params = parse_method_params(args.param)
+    if args.spans is not None:
+        from vitlens.text.words import parse_spans
+
+        parse_spans(args.spans)
     out = check_out_dir(args.out)  # creates nothing: a mistake found below leaves no trace
     model = _load(args)
     _check_layer(args.layer, model.num_layers)
@@ -239,7 +248,7 @@ def _run_single(args, model, methods, params, target, views, formats, out) -> in
 
     result = explain_text(model, args.text, pairs=args.pair, methods=methods, target=target,
                           objective=args.objective if not model.is_classifier else None, params=params,
-                          truncate=args.truncate)
+                          truncate=args.truncate, word_aggregate=args.word_aggregate, spans=args.spans)
     item = result.items[0]
     written = write_item(item, out, views, result.methods, model, formats, args.layer, args.query, args.head,
                          args.scale)
@@ -278,7 +287,7 @@ def _run_batch(args, model, methods, params, target, views, formats, out, rows) 
                         for t in per_row] if any(t is not None for t in per_row) else target
         return explain_text(model, texts, pairs=pairs, methods=methods, target=chunk_target, objective=objective,
                             params=params, batch_size=len(chunk), truncate=args.truncate,
-                            keep_attentions=needs_attention)
+                            keep_attentions=needs_attention, word_aggregate=args.word_aggregate, spans=args.spans)
 
     done = 0
     for start in range(0, len(rows), args.batch_size):

@@ -150,16 +150,21 @@ class DecoderModel(TextModel):
         limit = min(max_length or self.max_length, self.max_length)
         tok = self.tokenizer
         special_ids = set(int(i) for i in (tok.all_special_ids or []))
-        rows = []
+        fast = bool(getattr(tok, "is_fast", False))  # character offsets (word scores, spans) need a fast tokenizer
+        rows, spans = [], []
         for i, text in enumerate(texts):
-            ids = [int(t) for t in tok(text, add_special_tokens=True)["input_ids"]]
+            enc = tok(text, add_special_tokens=True, return_offsets_mapping=fast)
+            ids = [int(t) for t in enc["input_ids"]]
+            where = [tuple(int(v) for v in o) for o in enc["offset_mapping"]] if fast else [None] * len(ids)
             if len(ids) > limit:
                 if not truncate:
                     raise InputError(f"text {i + 1} has {len(ids)} tokens but the model takes at most {limit}: "
                                      "shorten it, or truncate (--truncate / truncate=True)")
-                head = ids[:1] if ids[0] in special_ids else []
-                ids = head + ids[len(ids) - (limit - len(head)):]
+                head = 1 if ids[0] in special_ids else 0
+                ids = ids[:head] + ids[len(ids) - (limit - head):]
+                where = where[:head] + where[len(where) - (limit - head):]
             rows.append(ids)
+            spans.append([None if t in special_ids else o for t, o in zip(ids, where)])
         n = max(len(r) for r in rows)
         pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
         input_ids = torch.full((len(rows), n), int(pad), dtype=torch.long)
@@ -174,7 +179,7 @@ class DecoderModel(TextModel):
             words.append(_words(tok, pieces, special[-1]))
         false = [[False] * len(r) for r in rows]
         batch = TextBatch(input_ids, mask, None, tokens, special, [list(f) for f in false], [list(f) for f in false],
-                          words, [[0] * len(r) for r in rows])
+                          words, [[0] * len(r) for r in rows], spans if fast else [])
         return batch.to(self.device)
 
     # --- running it -------------------------------------------------------------------------

@@ -186,7 +186,8 @@ class EncoderModel(TextModel):
             raise InputError(f"{len(pairs)} second texts for {len(texts)} texts: give one per text")
         limit = min(max_length or self.max_length, self.max_length)
         tok = self.tokenizer
-        enc = tok(texts, pairs, padding=True, truncation=False, return_tensors="pt",
+        fast = bool(getattr(tok, "is_fast", False))  # character offsets (word scores, spans) need a fast tokenizer
+        enc = tok(texts, pairs, padding=True, truncation=False, return_tensors="pt", return_offsets_mapping=fast,
                   return_special_tokens_mask=True, return_token_type_ids=True, verbose=False)
         lengths = enc["attention_mask"].sum(dim=1)
         if int(lengths.max()) > limit:
@@ -195,9 +196,10 @@ class EncoderModel(TextModel):
                 raise InputError(f"text {i + 1} has {int(lengths[i])} tokens but the model takes at most {limit}: "
                                  "shorten it, or truncate (--truncate / truncate=True)")
             enc = tok(texts, pairs, padding=True, truncation=True, max_length=limit, return_tensors="pt",
-                      return_special_tokens_mask=True, return_token_type_ids=True, verbose=False)
+                      return_offsets_mapping=fast, return_special_tokens_mask=True, return_token_type_ids=True,
+                      verbose=False)
         cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
-        tokens, special, cls_, sep, words, segments = [], [], [], [], [], []
+        tokens, special, cls_, sep, words, segments, offsets = [], [], [], [], [], [], []
         for s in range(enc["input_ids"].shape[0]):
             mask = enc["attention_mask"][s].bool()
             ids = enc["input_ids"][s][mask].tolist()
@@ -218,9 +220,12 @@ class EncoderModel(TextModel):
             else:
                 words.append([None if sp else j for j, sp in enumerate(special[-1])])
                 segments.append(_segments_from_sep(sep[-1]))
+            if "offset_mapping" in enc:
+                spans = enc["offset_mapping"][s][mask].tolist()
+                offsets.append([None if sp else (int(a), int(b)) for (a, b), sp in zip(spans, special[-1])])
         token_type_ids = enc.get("token_type_ids") if self._uses_token_types() else None
         batch = TextBatch(enc["input_ids"], enc["attention_mask"], token_type_ids, tokens, special, cls_, sep,
-                          words, segments)
+                          words, segments, offsets)
         return batch.to(self.device)
 
     def _uses_token_types(self) -> bool:
