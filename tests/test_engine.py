@@ -9,7 +9,8 @@ import vitlens
 from tests.conftest import tiny_timm_vit
 from vitlens.engine import plan, resolve_targets, run_batch
 from vitlens.errors import MethodError, TargetError
-from vitlens.methods import ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, PERTURB, REGISTRY, get_method, parse_methods
+from vitlens.methods import (ATTENTIONS, CAM, GRADIENTS, INPUT_GRADIENT, LAYER_GRADIENTS, PATH_GRADIENTS, PERTURB,
+                             REGISTRY, get_method, parse_methods)
 
 
 @pytest.fixture
@@ -20,12 +21,13 @@ def model():
 
 
 #: the perturbation methods with few forwards (their defaults mean hundreds per image)
-FEW_PERTURBATIONS = {"rise": {"masks": 8, "mask_batch": 8}, "occlusion": {"window": 16, "stride": 16, "mask_batch": 8}}
+FEW_PERTURBATIONS = {"rise": {"masks": 8, "mask_batch": 8}, "occlusion": {"window": 16, "stride": 16, "mask_batch": 8},
+                     "integrated-gradients": {"steps": 4, "batch": 8}}
 
 
 def _all_methods(perturbation=True):
     return {name: spec.params(FEW_PERTURBATIONS.get(name)) for name, spec in REGISTRY.items()
-            if perturbation or PERTURB not in spec.needs}
+            if perturbation or not {PERTURB, PATH_GRADIENTS} & spec.needs}
 
 
 def test_plan_collects_needs_legrad_layers_and_cam_layers():
@@ -48,8 +50,9 @@ def test_every_method_runs_from_one_forward(model):
     result = run_batch(model, x, shared, target="top2")
     assert len(calls) == 1 + 1  # the shared pass and transformer-attribution's relevance pass
     assert set(result.patch_maps) == set(shared)
-    for maps in result.patch_maps.values():
-        assert maps.shape == (4, 2, 4, 4)
+    for name, maps in result.patch_maps.items():
+        # saliency: per pixel, from the input gradient of the same backward
+        assert maps.shape == ((4, 2, 32, 32) if INPUT_GRADIENT in REGISTRY[name].needs else (4, 2, 4, 4))
         assert torch.isfinite(maps).all()
     calls.clear()
     result = run_batch(model, x, _all_methods(perturbation=False), target="top2")
@@ -60,9 +63,10 @@ def test_every_method_runs_from_one_forward(model):
     result = run_batch(model, x, _all_methods(), target="top2")
     handle.remove()
     # + the perturbation forwards: 8 images per forward = 2 masks / windows per image; rise 8 masks -> 4,
-    # occlusion the unperturbed images and 4 windows -> 1 + 2
-    assert len(calls) == 1 + 1 + 2 + 4 + 3
-    for name in ("rise", "occlusion"):
+    # occlusion the unperturbed images and 4 windows -> 1 + 2; integrated gradients 4 steps x 8 copies (4 images x 2
+    # targets), 8 per forward -> 4
+    assert len(calls) == 1 + 1 + 2 + 4 + 3 + 4
+    for name in ("rise", "occlusion", "integrated-gradients"):
         assert result.patch_maps[name].shape == (4, 2, 32, 32)
 
 

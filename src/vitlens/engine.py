@@ -21,7 +21,10 @@ per text sequence, padding removed). :func:`run_task` is the only loop:
    ordinary gradients;
 6. model-agnostic perturbation methods (RISE, occlusion) get a batched scorer of perturbed copies of
    the input (no gradients, no capture) for the targets the first pass resolved
-   (:func:`_perturbation_pass`; image tasks only).
+   (:func:`_perturbation_pass`; image tasks only);
+7. integrated gradients gets a scorer with the graph of interpolated copies of the leaf
+   (:func:`_path_pass`, images and text); saliency and input x gradient read d(target score)/d(leaf)
+   from step 2's backward (the leaf is one more tensor of the same ``autograd.grad`` call).
 
 ``precision`` (``'fp32'``, ``'bf16'``, ``'fp16'``; see :func:`check_precision`) says how the *model*
 computes: with bf16 or fp16 the shared pass's forward and LeGrad's head readouts run under
@@ -49,8 +52,8 @@ from vitlens.errors import MethodError, TargetError, UsageError, one_line
 from vitlens.lrp import LRPConfig, LRPRecorder, lrp_rules
 from vitlens.lrp.libragrad import LIBRAGRAD, LibraRecorder, libragrad_refusal
 from vitlens.lrp.chefer import CheferRecorder, chefer_rules
-from vitlens.methods import (ATTENTION_RELEVANCE, ATTENTIONS, CAM, GRADIENTS, LAYER_GRADIENTS, LRP, PERTURB, Captured,
-                             get_method, resolve_layers)
+from vitlens.methods import (ATTENTION_RELEVANCE, ATTENTIONS, CAM, GRADIENTS, INPUT_GRADIENT, LAYER_GRADIENTS, LRP,
+                             PATH_GRADIENTS, PERTURB, Captured, get_method, resolve_layers)
 from vitlens.models.base import ExplainableModel, ImageModel
 from vitlens.models.capture import AttentionRecorder
 from vitlens.models.layers import find_module
@@ -183,6 +186,21 @@ class ExplainTask:
     def cam_spatial(self, activation: torch.Tensor, layer: str) -> torch.Tensor:
         raise NotImplementedError
 
+    # --- optional: gradients at inputs a method builds (integrated gradients) --------------------
+    def score_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), K) target scores, with the graph, of inputs ``x`` that stand in for the leaf's rows
+        ``rows`` (x[i] replaces row rows[i]: an interpolated copy of it)."""
+        raise MethodError("this kind of input cannot be re-scored at other inputs")
+
+    def baselines(self) -> dict:
+        """Reference inputs of integrated gradients: name -> tensor broadcastable to the leaf."""
+        raise MethodError("this kind of input has no baselines for integrated gradients")
+
+    def input_views(self, leaf: torch.Tensor, values: torch.Tensor) -> list:
+        """The leaf and a tensor of its shape (a gradient, an attribution) -> per view ``(x, values)`` with the
+        channels in dim 1: the whole batch (B, C, H, W) for images, (1, C, 1, n) per text sequence."""
+        raise NotImplementedError
+
     # --- optional: perturbation methods ----------------------------------------------------------
     def perturbation_inputs(self) -> tuple:
         """(inputs, fills): the batch the perturbation methods perturb, as the forward takes it, and the
@@ -260,7 +278,9 @@ def run_task(task: ExplainTask, methods: dict, precision="fp32") -> PassResult:
     dtype = check_precision(precision, task.model.device)
     lrp_methods = {n: p for n, p in methods.items() if LRP in get_method(n).needs}
     perturb_methods = {n: p for n, p in methods.items() if PERTURB in get_method(n).needs}
-    shared_methods = {n: p for n, p in methods.items() if n not in lrp_methods and n not in perturb_methods}
+    path_methods = {n: p for n, p in methods.items() if PATH_GRADIENTS in get_method(n).needs}
+    shared_methods = {n: p for n, p in methods.items()
+                      if n not in lrp_methods and n not in perturb_methods and n not in path_methods}
     # LibraGrad versions of gradient methods: a second shared pass with LibraGrad's backward (lrp/libragrad.py)
     libra_methods = {n: p for n, p in shared_methods.items() if p.get("libragrad")}
     shared_methods = {n: p for n, p in shared_methods.items() if n not in libra_methods}
@@ -283,6 +303,8 @@ def run_task(task: ExplainTask, methods: dict, precision="fp32") -> PassResult:
         by_config.setdefault(key, []).append(name)
     for key, names in by_config.items():
         _lrp_pass(task, LRPConfig(*key), key, {n: methods[n] for n in names}, result)
+    if path_methods:
+        _path_pass(task, path_methods, result, dtype)
     if perturb_methods:
         _perturbation_pass(task, perturb_methods, result, dtype)
     return result
@@ -312,7 +334,7 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
     up = _up if dtype is not None else _same
     default_cam = task.default_cam_layers() if any(CAM in get_method(m).needs for m in methods) else []
     needs, layer_requests, cam_names = plan(methods, model.num_layers, default_cam)
-    want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM} & needs)
+    want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM, INPUT_GRADIENT} & needs)
     capture = ATTENTIONS in needs or task.keep_attentions or libra
     with model.eval_mode(), torch.set_grad_enabled(want_gradients), contextlib.ExitStack() as stack:
         if libra:
@@ -342,14 +364,18 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
         spatial_acts = {name: task.cam_spatial(up(act.detach()), name) for name, act in zip(cam_names, cam_inputs)}
         for slot in range(values.shape[1] if methods else 0):
             gradients, cam = None, {}
-            shared = (recorder.attentions if GRADIENTS in needs else []) + cam_inputs
+            inputs = [leaf] if INPUT_GRADIENT in needs else []
+            shared = (recorder.attentions if GRADIENTS in needs else []) + cam_inputs + inputs
+            input_gradient = None
             if shared:
                 # one backward for every method that needs d(target score)/d(something)
                 grads = _grads(values[:, slot].sum(), shared)
                 if GRADIENTS in needs:
                     gradients = [up(g) for g in grads[:len(recorder.attentions)]]
-                for name, grad in zip(cam_names, grads[len(shared) - len(cam_inputs):]):
+                for name, grad in zip(cam_names, grads[len(shared) - len(cam_inputs) - len(inputs):]):
                     cam[name] = (spatial_acts[name], task.cam_spatial(up(grad), name))
+                if inputs:  # d(target score)/d(input): saliency, input x gradient
+                    input_gradient = (leaf.detach(), up(grads[-1]))
             layer_gradients = {}
             for pool, layer in sorted(layer_requests):
                 with _autocast(model, dtype):  # the final norm and head are the model's computation
@@ -358,7 +384,8 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
             readout = up(recorder.readout) if recorder.readout is not None else None  # an image-dependent head
             captured = Captured(attentions, gradients, readout, model.num_prefix_tokens, (0, 0), layer_gradients,
                                 cam, list(default_cam),
-                                attention_relevance=relevance[slot] if relevance is not None else None)
+                                attention_relevance=relevance[slot] if relevance is not None else None,
+                                input_gradient=input_gradient)
             for view, view_captured in enumerate(task.views(captured)):
                 for name, params in methods.items():
                     result.maps[name][view].append(get_method(name).function(view_captured, **params).detach())
@@ -456,6 +483,32 @@ def _perturbation_pass(task: ExplainTask, methods: dict, result: PassResult, dty
             maps = get_method(name).function(inputs, score_fn, fills, **params)
             for slot in range(maps.shape[1]):
                 result.maps[name][0].append(maps[:, slot].detach())
+
+
+def _path_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=None) -> None:
+    """Methods that differentiate the model at inputs they build (integrated gradients).
+
+    Each gets the leaf, a scorer with the graph ``score_fn(x, rows)`` -> (len(rows), K) target scores of copies
+    ``x`` of the batch rows ``rows`` (``task.score_rows``, under autocast for bf16 / fp16, scores in float32),
+    the task's baselines and the number of target slots, and returns element-wise attributions
+    (B, K, *leaf.shape[1:]); the engine cuts them into views like the input gradient and sums each view over
+    its channels (dim 1). Explains the targets an earlier pass resolved.
+    """
+    model = task.model
+
+    def score_fn(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        with _autocast(model, dtype):
+            scores = task.score_rows(x, rows)
+        return scores.float() if dtype is not None else scores
+
+    with model.eval_mode(), torch.enable_grad():
+        leaf = task.leaf()
+        baselines = task.baselines()
+        for name, params in methods.items():
+            attributions = get_method(name).function(leaf, score_fn, baselines, result.values.shape[1], **params)
+            for slot in range(attributions.shape[1]):
+                for view, (_, part) in enumerate(task.input_views(leaf, attributions[:, slot])):
+                    result.maps[name][view].append(part.sum(dim=1).detach())
 
 
 def _hook_layers(model: ExplainableModel, names: list, stack: contextlib.ExitStack) -> dict:
@@ -572,6 +625,17 @@ class ImageTask(ExplainTask):
     def lrp_views(self, leaf, grad, key):
         return [Captured([], None, None, self.model.num_prefix_tokens, self.grid, inputs=leaf,
                          input_relevance={key: (leaf, grad)})]
+
+    def score_rows(self, x, rows):
+        return self.model.logits(x).gather(1, self.targets[rows])
+
+    def baselines(self):
+        _, fills = self.perturbation_inputs()
+        return {"zero": torch.zeros((), device=self.x.device, dtype=self.x.dtype),
+                "black": fills["black"].view(1, -1, 1, 1)}
+
+    def input_views(self, leaf, values):
+        return [(leaf, values)]
 
     def default_cam_layers(self):
         return self.model.default_cam_layers()

@@ -19,6 +19,8 @@ from vitlens.methods.common import FILLS, SCORES, Captured, minmax, to_pixels
 from vitlens.methods.gmar import gmar
 from vitlens.methods.gmar_pp import gmar_plus_plus
 from vitlens.methods.gradcam import gradcam, gradcam_pp, layercam, xgradcam
+from vitlens.methods.gradients import (IG_BASELINES, IG_RULES, SALIENCY_REDUCTIONS, input_x_gradient,
+                                       integrated_gradients, saliency)
 from vitlens.methods.legrad import legrad, resolve_layers
 from vitlens.methods.lrp import attnlrp, cp_lrp
 from vitlens.methods.occlusion import occlusion
@@ -37,6 +39,13 @@ ATTENTION_RELEVANCE = "attention_relevance"
 #: a batched no-grad scorer of perturbed copies and the fill colours, and returns (B, K, H, W) maps for every
 #: target slot at once (images only; see ``engine._perturbation_pass``)
 PERTURB = "perturbation"
+#: d(target score)/d(input) at the leaf, from the shared pass's backward (``Captured.input_gradient``)
+INPUT_GRADIENT = "input_gradient"
+#: gradients on inputs the method builds itself: called as ``function(inputs, score_fn, baselines, num_targets,
+#: **params)`` with the leaf, a scorer with the graph ``score_fn(x, rows) -> (len(rows), K)`` of copies of the
+#: batch rows ``rows`` and the task's baselines; returns (B, K, *inputs.shape[1:]) element-wise attributions,
+#: which the engine sums over the channels of each view (see ``engine._path_pass``)
+PATH_GRADIENTS = "path_gradients"
 
 #: the kinds of values a parameter can take (see :class:`Param`)
 PARAM_KINDS = ("float", "int", "choice", "layer", "layers", "module_names", "bool")
@@ -325,6 +334,24 @@ register(MethodSpec("transformer-attribution", transformer_attribution,
                     frozenset({ATTENTIONS, GRADIENTS, ATTENTION_RELEVANCE}), True, {"start_layer": 1},
                     "LRP relevance x gradient of each attention map, rolled out (Chefer et al., CVPR 2021)",
                     declared={"start_layer": START_LAYER}))
+register(MethodSpec("saliency", saliency, frozenset({INPUT_GRADIENT}), True, {"reduce": "max"},
+                    "saliency: |d score / d input| reduced over channels (Simonyan et al. 2014)",
+                    declared={"reduce": Param("choice", "how the channels of |gradient| at a pixel / token are "
+                                                        "reduced: max (the paper), l2 norm (inseq), sum",
+                                              choices=SALIENCY_REDUCTIONS)}))
+register(MethodSpec("input-x-gradient", input_x_gradient, frozenset({INPUT_GRADIENT}), True, {},
+                    "input x gradient summed over channels, signed (Shrikumar et al. 2016)", signed=True))
+register(MethodSpec("integrated-gradients", integrated_gradients, frozenset({PATH_GRADIENTS}), True,
+                    {"steps": 50, "baseline": "zero", "method": "gausslegendre", "batch": 64},
+                    "integrated gradients from a baseline, captum's (Sundararajan et al. 2017), signed", signed=True,
+                    declared={"steps": Param("int", "integration points (captum's n_steps)", low=1),
+                              "baseline": Param("choice", "reference input: zero (images: the mean colour, text: "
+                                                          "zero embeddings), black (images), unk (text: the "
+                                                          "unknown token at every position, EOS kept: inseq's)",
+                                                choices=IG_BASELINES),
+                              "method": Param("choice", "captum's quadrature rule", choices=IG_RULES),
+                              "batch": Param("int", "interpolated inputs per forward pass (captum's "
+                                                    "internal_batch_size; bounds memory)", low=1)}))
 register(MethodSpec("random", random_map, frozenset(), False, {"seed": 0},
                     "baseline: uniform noise per patch, seeded per image",
                     declared={"seed": Param("int", "random seed (mixed with each image's fingerprint)")}))
@@ -462,9 +489,11 @@ __all__ = [
     "Captured",
     "DEFAULT_METHODS",
     "GRADIENTS",
+    "INPUT_GRADIENT",
     "LAYER_GRADIENTS",
     "LRP",
     "MethodSpec",
+    "PATH_GRADIENTS",
     "PERTURB",
     "Param",
     "REGISTRY",

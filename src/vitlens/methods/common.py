@@ -46,6 +46,9 @@ class Captured:
     attention_relevance : list of Tensor or None
         LRP relevance at the attention probabilities per layer, (B, K, N, N), for this target, from the
         relevance pass with Chefer's rules (``transformer-attribution``).
+    input_gradient : (Tensor, Tensor) or None
+        The input x and d(target score)/dx for this target, channels in dim 1: (B, C, H, W) for images,
+        (1, C, 1, n) per text sequence (saliency, input x gradient).
     """
 
     attentions: list
@@ -59,6 +62,7 @@ class Captured:
     inputs: torch.Tensor | None = None
     input_relevance: dict = field(default_factory=dict)
     attention_relevance: list | None = None
+    input_gradient: tuple | None = None
 
 
 def fuse_heads(attention: torch.Tensor, how: str = "mean") -> torch.Tensor:

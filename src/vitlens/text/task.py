@@ -36,17 +36,19 @@ import torch.nn.functional as F
 from vitlens.engine import ExplainTask, resolve_targets, run_task
 from vitlens.errors import MethodError
 from vitlens.lrp.rules import uniform_mul
-from vitlens.methods import ATTENTIONS, GRADIENTS, LAYER_GRADIENTS, LRP, Captured, expand_methods, get_method
+from vitlens.methods import (ATTENTIONS, GRADIENTS, INPUT_GRADIENT, LAYER_GRADIENTS, LRP, PATH_GRADIENTS, Captured,
+                             expand_methods, get_method)
 from vitlens.text.base import TextModel
 from vitlens.text.batch import TextBatch
 
 #: what ``all`` means for text
 TEXT_METHODS = ("attention", "rollout", "gmar-l1", "gmar-l2", "gmar++", "legrad", "chefer", "attnlrp")
 #: captures the text engine can make
-TEXT_NEEDS = frozenset({ATTENTIONS, GRADIENTS, LAYER_GRADIENTS, LRP})
+TEXT_NEEDS = frozenset({ATTENTIONS, GRADIENTS, LAYER_GRADIENTS, LRP, INPUT_GRADIENT, PATH_GRADIENTS})
 #: text defaults that differ from the image ones: the plain gradient (LRP-0 / epsilon rule) on every
 #: linear layer, as LXT explains language models; Gamma is the ViT setting (override with params)
-TEXT_DEFAULTS = {"attnlrp": {"lin_gamma": 0.0}, "cp-lrp": {"lin_gamma": 0.0}}
+#: saliency reduces a token's embedding gradient by its L2 norm, as inseq aggregates token attributions
+TEXT_DEFAULTS = {"attnlrp": {"lin_gamma": 0.0}, "cp-lrp": {"lin_gamma": 0.0}, "saliency": {"reduce": "l2"}}
 
 
 def text_params(name: str, overrides: dict | None = None) -> dict:
@@ -199,14 +201,38 @@ class TextTask(ExplainTask):
         return [_sequence_captured(self.model, self.batch, s, captured) for s in range(len(self.batch))]
 
     def lrp_views(self, leaf, grad, key):
+        return [Captured([], None, None, 0, (1, xs.shape[-1]), input_relevance={key: (xs, gs)})
+                for xs, gs in self.input_views(leaf, grad)]
+
+    def input_views(self, leaf, values):
         views = []
         for s in range(len(self.batch)):
-            idx = self.batch.real_index(s)
-            n = int(idx.numel())
-            # (n, E) real tokens -> (1, E, 1, n): the LRP methods sum over dim 1 (image channels)
-            xs, gs = (t[s].index_select(0, idx).t().reshape(1, -1, 1, n) for t in (leaf, grad))
-            views.append(Captured([], None, None, 0, (1, n), input_relevance={key: (xs, gs)}))
+            # (n, E) real tokens -> (1, E, 1, n): the input methods reduce dim 1 (image channels)
+            views.append(_sequence_channels(self.batch, s, leaf, values))
         return views
+
+    def score_rows(self, x, rows):
+        if not self.model.is_classifier:
+            raise MethodError("integrated gradients explains a target score of a classifier or a causal decoder; a "
+                              "plain encoder's objective is not re-scored at interpolated inputs")
+        b = self.batch
+        sub = TextBatch(b.input_ids[rows], b.attention_mask[rows],
+                        None if b.token_type_ids is None else b.token_type_ids[rows], [], [], [], [], [])
+        return self.model.forward(sub, x).gather(1, self.targets[rows])
+
+    def baselines(self):
+        leaf = self.model.embed(self.batch.input_ids)
+        out = {"zero": torch.zeros((), device=leaf.device, dtype=leaf.dtype)}
+        tok = getattr(self.model, "tokenizer", None)
+        unk = getattr(tok, "unk_token_id", None)
+        if unk is not None:
+            # inseq's baseline: the unknown token at every position, end-of-sequence tokens kept
+            eos = getattr(tok, "eos_token_id", None)
+            ids = torch.full_like(self.batch.input_ids, int(unk))
+            if eos is not None:
+                ids = torch.where(self.batch.input_ids == eos, self.batch.input_ids, ids)
+            out["unk"] = self.model.embed(ids)
+        return out
 
 
 def run_text_batch(model: TextModel, batch: TextBatch, methods: dict, target=None, objective: Objective | None = None,
@@ -269,10 +295,22 @@ def _sequence_captured(model: TextModel, batch: TextBatch, s: int, captured: Cap
     attn = [block(a) for a in captured.attentions]
     grads = None if captured.gradients is None else [block(g) for g in captured.gradients]
     layer_grads = {key: block(g) for key, g in captured.layer_gradients.items()}
-    readout = model.readout_weights(n, device=attn[0].device, dtype=attn[0].dtype)
-    ids = batch.input_ids[s].index_select(0, idx).to(attn[0].dtype).view(1, 1, 1, n)  # for the baselines
+    # without attention (input-gradient methods alone): the readout in float32 on the batch's device
+    device, dtype = (attn[0].device, attn[0].dtype) if attn else (batch.input_ids.device, torch.float32)
+    readout = model.readout_weights(n, device=device, dtype=dtype)
+    ids = batch.input_ids[s].index_select(0, idx).to(dtype).view(1, 1, 1, n)  # for the baselines
+    input_gradient = None
+    if captured.input_gradient is not None:
+        input_gradient = _sequence_channels(batch, s, *captured.input_gradient)
     return Captured(attentions=attn, gradients=grads, readout=readout, num_prefix=0, grid=(1, n),
-                    layer_gradients=layer_grads, inputs=ids)
+                    layer_gradients=layer_grads, inputs=ids, input_gradient=input_gradient)
+
+
+def _sequence_channels(batch: TextBatch, s: int, *tensors) -> tuple:
+    """Sequence ``s``'s real tokens of (S, N, E) tensors, each as (1, E, 1, n): channels in dim 1."""
+    idx = batch.real_index(s)
+    n = int(idx.numel())
+    return tuple(t[s].index_select(0, idx).t().reshape(1, -1, 1, n) for t in tensors)
 
 
 __all__ = ["Objective", "TEXT_DEFAULTS", "TEXT_METHODS", "TextBatchResult", "TextTask", "lrp_objective",
