@@ -205,6 +205,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "else the official URL)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("finetune", help="train a new classifier head (and the backbone) on a labelled dataset; "
+                                        "writes a model folder that --model DIR loads")
+    p.add_argument("inputs", nargs="+", help="labelled dataset: imagefolder:/tinyimagenet:/cub200:/imagenet-val:/"
+                                             "hf-dataset: specs, or files/folders with --labels")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="timm:NAME[.TAG], hf:ORG/NAME or a local HF directory (default: %(default)s)")
+    p.add_argument("--weights", help="local checkpoint of the pretrained model instead of hub weights")
+    p.add_argument("--out", required=True, help="output folder: weights, class_index.txt, vitlens_model.json, "
+                                                "checkpoints/ (the same command again resumes)")
+    p.add_argument("--val", action="append", metavar="DATASET",
+                   help="validation dataset, e.g. the dataset's own :val split (default: a seeded split of the inputs)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of each class held out for validation without --val (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=3, help="default: %(default)s")
+    p.add_argument("--max-steps", type=int, help="optimizer steps in all (wins over --epochs)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="default: %(default)s")
+    p.add_argument("--warmup", type=float, default=0.1,
+                   help="share of the steps with a linear warm-up, then cosine decay (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per optimizer step over all processes (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1, help="forwards accumulated per step (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", help="fp32 (default), bf16 (CPU and GPU) or fp16 (CUDA)")
+    p.add_argument("--seed", type=int, default=0, help="split, head, shuffling, augmentation (default: %(default)s)")
+    p.add_argument("--input-size", metavar="SIZE", help="train at another input size, N or HxW (timm models)")
+    p.add_argument("--no-augment", action="store_true", help="no random resized crop and flip")
+    p.add_argument("--labels", help="labels file for imagenet-val: or plain inputs")
+    p.add_argument("--class-index", help="class order of the dataset's classes (index<TAB>class id[<TAB>words])")
+    p.add_argument("--limit", type=int, help="use only the first N inputs")
+    _add_dataset_options(p)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (also the default when its settings match)")
+    p.add_argument("--force", action="store_true", help="start over even if --out holds checkpoints")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("text", help="text transformers: attention views, head statistics, token attributions")
     text_cli.add_arguments(p)
     return parser
@@ -613,6 +650,25 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from vitlens.finetune import finetune
+
+    result = finetune(args.inputs, args.model, args.out, weights=args.weights, val=args.val,
+                      val_fraction=args.val_fraction, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
+                      warmup=args.warmup, precision=args.precision, seed=args.seed, input_size=args.input_size,
+                      augment=not args.no_augment, labels=args.labels, class_index=args.class_index,
+                      limit=args.limit, image_column=args.image_column, label_column=args.label_column,
+                      device=args.device, workers=args.workers, progress=not args.quiet, force=args.force)
+    if result.is_main:
+        accuracy = result.val_accuracy
+        print(f"fine-tuned {result.steps} steps ({result.seconds_per_step:.3f} s/step) on {result.train_images} "
+              f"images, {len(result.class_names)} classes; val accuracy {accuracy:.4f} on {result.val_images} images"
+              if accuracy is not None else f"fine-tuned {result.steps} steps")
+        print(f"model: {result.out_dir} (vitlens explain IMAGES --model {result.out_dir})")
+    return 0
+
+
 def cmd_text(args) -> int:
     return text_cli.run(args)
 
@@ -626,6 +682,7 @@ COMMANDS = {
     "methods": cmd_methods,
     "cache-weights": cmd_cache_weights,
     "download": cmd_download,
+    "finetune": cmd_finetune,
     "text": cmd_text,
 }
 

@@ -25,6 +25,7 @@ from vitlens.errors import ModelError
 from vitlens.models.base import ImageModel, ModelInfo
 from vitlens.models.preprocess import Preprocess
 from vitlens.models.registry import NotThisFamily, candidates, descriptions, spec_loader, spec_prefixes
+from vitlens.models.saved import is_saved_dir, load_saved_dir
 from vitlens.models.weights import (default_class_names, file_sha256, imagenet_class_names,  # noqa: F401
                                     load_state_dict_checked, read_weights)
 
@@ -146,7 +147,9 @@ def wrap_module(module: nn.Module, preprocess: Preprocess | None = None, class_n
 def _load_from_spec(spec: str, weights, num_classes, overrides=None, options=None) -> ImageModel:
     kind, _, name = spec.partition(":")
     loader = spec_loader("image", kind) if name else None
-    if loader is None and Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+    if loader is None and is_saved_dir(spec):  # a `vitlens finetune` output folder: vitlens_model.json
+        kind, name, loader = "vitlens-dir", spec, load_saved_dir
+    elif loader is None and Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
         kind, name, loader = "hf", spec, spec_loader("image", "hf")
     if loader is None:
         if Path(spec).exists():
