@@ -167,6 +167,21 @@ def _foreign_dataset_folder(monkeypatch):
     (Path("photos") / "tiny-imagenet-200").mkdir()
 
 
+def _labelled_folder(monkeypatch):
+    """``shapes/``: an image folder of two classes (``imagefolder:shapes``)."""
+    for name in ("round", "square"):
+        (Path("shapes") / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(Path("shapes") / name / f"{i}.png")
+
+
+def _another_finetune_run(monkeypatch):
+    """``shapes/`` and ``ft/``, which holds a fine-tuning run with another learning rate."""
+    _labelled_folder(monkeypatch)
+    Path("ft").mkdir()
+    Path("ft", "finetune.json").write_text('{"settings": {"lr": 0.5}, "finished": true}\n')
+
+
 #: row name -> what the row needs besides its command: a monkeypatch setup, the MiniLM package
 CLI_CASES = {
     "CLIP-style model without prompts": {"setup": _tiny_clip_dir},
@@ -229,6 +244,9 @@ CLI_CASES = {
     "download: the dataset folder is already there, not from vitlens": {"setup": _foreign_dataset_folder},
     "download: offline or server unreachable": {"setup": _offline_download},
     "download: wrong checksum": {"setup": _corrupt_download},
+    "finetune: a dataset without labels": {},
+    "finetune: a model family it does not fine-tune": {"setup": _labelled_folder},
+    "finetune: --out holds another run": {"setup": _another_finetune_run},
     "text: empty text": {},
     "text: empty pair": {},
     "text: neither a text nor --file": {},

@@ -104,11 +104,11 @@ def split_samples(samples: list, val_fraction: float, seed: int) -> tuple[list, 
 def _check_labelled(samples: list, what: str) -> None:
     missing = sum(1 for s in samples if s.label is None)
     if missing == len(samples):
-        raise InputError(f"{what} has no labels: fine-tuning needs labelled images (imagefolder:PATH, "
+        raise InputError(f"'{what}' has no labels: fine-tuning needs labelled images (imagefolder:PATH, "
                          "tinyimagenet:PATH:train, cub200:PATH:train, imagenet-val:PATH --labels FILE, hf-dataset:...)")
     if missing:
         example = next(s.path for s in samples if s.label is None)
-        raise InputError(f"{missing} of {len(samples)} images of {what} have no label (e.g. '{example}')")
+        raise InputError(f"{missing} of {len(samples)} images of '{what}' have no label (e.g. '{example}')")
 
 
 def _class_key(sample) -> str:
