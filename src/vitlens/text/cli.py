@@ -83,6 +83,12 @@ def add_arguments(p) -> None:
     p.add_argument("--pooling", choices=["mean", "cls"], default=None,
                    help="sentence embedding of a plain encoder (default: its sentence-transformers config, else mean)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="load the weights in this dtype (the model runs and is captured in it; the attributions are "
+                        "combined in float32) (default: as stored)")
+    p.add_argument("--device-map", default=None, choices=["auto"],
+                   help="spread a large model over the available GPUs and the CPU (needs the accelerate package); "
+                        "instead of --device")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -165,10 +171,18 @@ def _formats(text: str) -> tuple:
 
 
 def _load(args):
-    """The text model the options name (--model, --device, --pooling, --score)."""
+    """The text model the options name (--model, --device or --device-map, --dtype, --pooling, --score)."""
     from vitlens.text.loading import load_text_model
 
-    return load_text_model(args.model, device=select_device(args.device), pooling=args.pooling, score=args.score)
+    if args.device_map is not None:
+        if args.device is not None:
+            from vitlens.errors import UsageError
+
+            raise UsageError("give --device or --device-map, not both (--device-map auto places the model itself)")
+        return load_text_model(args.model, pooling=args.pooling, score=args.score, dtype=args.dtype,
+                               device_map=args.device_map)
+    return load_text_model(args.model, device=select_device(args.device), pooling=args.pooling, score=args.score,
+                           dtype=args.dtype)
 
 
 def _check_layer(layer: int, num_layers: int) -> None:
