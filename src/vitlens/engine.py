@@ -171,11 +171,12 @@ class ExplainTask:
         """The slot's target score read out of one block's output, summed over the batch (LeGrad)."""
         raise NotImplementedError
 
-    def views(self, captured: Captured) -> list:
-        """The batch-level capture -> one :class:`Captured` per view, ready for the method functions."""
+    def views(self, captured: Captured, slot: int = 0) -> list:
+        """The batch-level capture of target slot ``slot`` -> one :class:`Captured` per view, ready for the method
+        functions (a task whose slots read different tokens, a continuation's steps, cuts each slot its own way)."""
         raise NotImplementedError
 
-    def lrp_views(self, leaf: torch.Tensor, grad: torch.Tensor, key: tuple) -> list:
+    def lrp_views(self, leaf: torch.Tensor, grad: torch.Tensor, key: tuple, slot: int = 0) -> list:
         """The leaf and its modified gradient -> one :class:`Captured` per view (``input_relevance[key]``)."""
         raise NotImplementedError
 
@@ -196,7 +197,7 @@ class ExplainTask:
         """Reference inputs of integrated gradients: name -> tensor broadcastable to the leaf."""
         raise MethodError("this kind of input has no baselines for integrated gradients")
 
-    def input_views(self, leaf: torch.Tensor, values: torch.Tensor) -> list:
+    def input_views(self, leaf: torch.Tensor, values: torch.Tensor, slot: int = 0) -> list:
         """The leaf and a tensor of its shape (a gradient, an attribution) -> per view ``(x, values)`` with the
         channels in dim 1: the whole batch (B, C, H, W) for images, (1, C, 1, n) per text sequence."""
         raise NotImplementedError
@@ -386,7 +387,7 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
                                 cam, list(default_cam),
                                 attention_relevance=relevance[slot] if relevance is not None else None,
                                 input_gradient=input_gradient)
-            for view, view_captured in enumerate(task.views(captured)):
+            for view, view_captured in enumerate(task.views(captured, slot)):
                 for name, params in methods.items():
                     result.maps[name][view].append(get_method(name).function(view_captured, **params).detach())
         del recorder
@@ -409,7 +410,7 @@ def _lrp_pass(task: ExplainTask, config: LRPConfig, key: tuple, methods: dict, r
             result.output, result.values = output.detach(), values.detach()
         for slot in range(values.shape[1]):
             grad = _grads(values[:, slot].sum(), [leaf])[0]
-            for view, captured in enumerate(task.lrp_views(leaf.detach(), grad, key)):
+            for view, captured in enumerate(task.lrp_views(leaf.detach(), grad, key, slot)):
                 for name, params in methods.items():
                     result.maps[name][view].append(get_method(name).function(captured, **params).detach())
         for name in methods:
@@ -507,7 +508,7 @@ def _path_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=None)
         for name, params in methods.items():
             attributions = get_method(name).function(leaf, score_fn, baselines, result.values.shape[1], **params)
             for slot in range(attributions.shape[1]):
-                for view, (_, part) in enumerate(task.input_views(leaf, attributions[:, slot])):
+                for view, (_, part) in enumerate(task.input_views(leaf, attributions[:, slot], slot)):
                     result.maps[name][view].append(part.sum(dim=1).detach())
 
 
@@ -615,14 +616,14 @@ class ImageTask(ExplainTask):
     def layer_score(self, hidden, pool, slot):
         return self.model.layer_logits(hidden, pool).gather(1, self.targets[:, slot:slot + 1]).sum()
 
-    def views(self, captured):
+    def views(self, captured, slot=0):
         readout = captured.readout  # per image, when the head's pooling depends on it
         if captured.attentions and readout is None:
             first = captured.attentions[0]
             readout = self.model.readout_weights(first.shape[-1], device=first.device, dtype=first.dtype)
         return [replace(captured, readout=readout, grid=self.grid, inputs=self.x.detach())]
 
-    def lrp_views(self, leaf, grad, key):
+    def lrp_views(self, leaf, grad, key, slot=0):
         return [Captured([], None, None, self.model.num_prefix_tokens, self.grid, inputs=leaf,
                          input_relevance={key: (leaf, grad)})]
 
@@ -634,7 +635,7 @@ class ImageTask(ExplainTask):
         return {"zero": torch.zeros((), device=self.x.device, dtype=self.x.dtype),
                 "black": fills["black"].view(1, -1, 1, 1)}
 
-    def input_views(self, leaf, values):
+    def input_views(self, leaf, values, slot=0):
         return [(leaf, values)]
 
     def default_cam_layers(self):

@@ -3,7 +3,8 @@ and GPT-style causal decoders.
 
 ``load_text_model`` wraps Hugging Face encoders and sequence classifiers (BERT incl. MiniLM, RoBERTa,
 XLM-RoBERTa, CamemBERT, DistilBERT, ALBERT, ELECTRA) and causal language models (GPT-2, Llama,
-Mistral, Qwen2, Qwen3; explaining one next token), ``explain_text`` runs the image methods on
+Mistral, Qwen2, Qwen3; explaining one next token, or every token of a continuation with
+``explain_continuation``), ``explain_text`` runs the image methods on
 token sequences, ``attention_views`` writes the attention views; ``vitlens text`` is the command
 line. See docs/text.md.
 """
@@ -16,10 +17,12 @@ from vitlens.text.loading import load_text_model, minilm_path
 from vitlens.text.api import (Prediction, SequenceResult, TextItem, TextResult, VIEWS, attention_views, explain_text,
                               write_item)
 from vitlens.text.task import TEXT_METHODS, Objective, TextTask, parse_text_methods, run_text_batch
+from vitlens.text.continuation import ContinuationResult, explain_continuation
 from vitlens.text.stats import HeadStatistics, head_statistics, reference_patterns, reference_statistics
 
-__all__ = ["DECODER_FAMILIES", "DecoderModel", "EncoderModel", "FAMILIES", "HeadStatistics",
+__all__ = ["ContinuationResult", "DECODER_FAMILIES", "DecoderModel", "EncoderModel", "FAMILIES", "HeadStatistics",
            "Objective", "Prediction", "SequenceResult", "TEXT_METHODS", "TextBatch",
-           "TextItem", "TextModel", "TextResult", "TextTask", "VIEWS", "attention_views", "explain_text",
+           "TextItem", "TextModel", "TextResult", "TextTask", "VIEWS", "attention_views", "explain_continuation",
+           "explain_text",
            "head_statistics", "load_text_model", "minilm_path", "parse_text_methods", "reference_patterns",
            "reference_statistics", "run_text_batch", "write_item"]

@@ -200,7 +200,8 @@ def _as_list(values, what: str):
 def explain_text(model, texts, pairs=None, methods="all", target=None, objective=None, params: dict | None = None,
                  batch_size: int = 16, truncate: bool = False, keep_attentions: bool = True,
                  max_length: int | None = None, target_token=None, word_aggregate: str = "sum",
-                 spans=None) -> TextResult:
+                 spans=None, contrast=None, continuation: str | None = None, generate: int | None = None,
+                 position: int | None = None):
     """Token attributions (and the captured attention) for texts.
 
     Parameters
@@ -230,8 +231,25 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
     spans : str or list of (start, end), optional
         Character ranges [start, end) of each text (``'0:5,10:22'``): a ``spans`` view on the first
         text's sequence, its overlapping tokens aggregated the same way (needs a fast tokenizer).
+    contrast : str, int or list, optional
+        A contrastive target: explain score(target) - score(contrast). Causal decoders: the contrast token's
+        text, spaces kept (``' London'``); classifiers: a class index or label; one, or one per text.
+    continuation, generate, position : optional (causal decoders, one text)
+        Explain every token of a continuation instead of one next token: its text, a number of tokens to
+        generate greedily, or the position of a token inside the text; returns a
+        :class:`vitlens.text.continuation.ContinuationResult` (see :func:`explain_continuation`).
     """
     model = model if isinstance(model, TextModel) else load_text_model(model)
+    if continuation is not None or generate is not None or position is not None:
+        from vitlens.text.continuation import explain_continuation
+
+        texts = _as_list(texts, "texts")
+        if not texts or len(texts) != 1 or pairs is not None:
+            raise InputError("a continuation is explained for one text (no pair)")
+        if target is not None or target_token is not None:
+            raise MethodError("a continuation's targets are its own tokens: give no target= / target_token=")
+        return explain_continuation(model, texts[0], continuation, generate, position, contrast, methods, params,
+                                    keep_attentions=False)
     check_aggregate(word_aggregate)
     spans = parse_spans(spans) if spans is not None else None
     causal = getattr(model, "is_causal", False)
@@ -260,6 +278,7 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
     params = params or {}
     resolved = {name: text_params(name, params.get(name)) for name in names}
     check_params_for_model(resolved, model.num_layers)  # layer indices beyond the model's depth
+    contrast_ids = None if contrast is None else _contrast_ids(model, contrast, len(texts))
     if model.is_classifier:
         if objective is not None:
             raise MethodError("objective= is for plain encoders: a classifier explains its target logits")
@@ -279,12 +298,36 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
         separate = not model.is_classifier and chunk_pairs is not None
         batch = model.encode(chunk + chunk_pairs if separate else chunk, None if separate else chunk_pairs,
                              truncate=truncate, max_length=max_length)
-        result = run_text_batch(model, batch, resolved, chunk_target, obj, keep_attentions)
+        chunk_contrast = None if contrast_ids is None else contrast_ids[start:start + batch_size]
+        result = run_text_batch(model, batch, resolved, chunk_target, obj, keep_attentions, chunk_contrast)
         chunk_items = _items(model, batch, result, chunk, chunk_pairs, separate, obj)
+        for item, c in zip(chunk_items, chunk_contrast or []):
+            item.value_name += f" minus that of {model.class_name(c)} (contrast)"
         for item in chunk_items:
             _add_words(item, separate, word_aggregate, spans)
         items.extend(chunk_items)
     return TextResult(model, names, resolved, items, None if obj is None else obj.name)
+
+
+def _contrast_ids(model, contrast, count: int) -> list:
+    """One contrast class per text: a decoder's token by its text (spaces kept), a classifier's index or label."""
+    if not model.is_classifier:
+        raise MethodError("contrast= (--contrast) needs classes: a classifier or a causal decoder")
+    values = list(contrast) if isinstance(contrast, (list, tuple)) else [contrast] * count
+    if len(values) != count:
+        raise InputError(f"{len(values)} contrasts for {count} texts: give one, or one per text")
+    out = []
+    for value in values:
+        if getattr(model, "is_causal", False) and isinstance(value, str):
+            out.append(model.token_id(value))
+        elif isinstance(value, str):
+            text = value.strip()
+            out.append(model.check_class_index(int(text)) if text.lstrip("-").isdigit() else model.class_index(text))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out.append(model.check_class_index(value))
+        else:
+            raise InputError(f"cannot use {value!r} as a contrast: give a token's text, a class index or a label")
+    return out
 
 
 def _items(model, batch: TextBatch, result, texts, pairs, separate, objective) -> list:

@@ -166,8 +166,10 @@ class TextTask(ExplainTask):
     """A batch of token sequences: the leaf is the word embeddings, one view per sequence (real tokens only)."""
 
     def __init__(self, model: TextModel, batch: TextBatch, target=None, objective: Objective | None = None,
-                 keep_attentions: bool = True):
+                 keep_attentions: bool = True, contrast: torch.Tensor | None = None):
         self.model, self.batch, self.target, self.objective = model, batch, target, objective
+        #: (S, 1) token ids whose score is subtracted from the target's (a contrastive target), or None
+        self.contrast = contrast
         # the attention views are drawn from the same capture (without them, an LRP-only request
         # needs no plain forward at all)
         self.keep_attentions = keep_attentions
@@ -184,7 +186,7 @@ class TextTask(ExplainTask):
         if self.model.is_classifier:
             if self.targets is None:
                 self.targets = resolve_targets(self.model, output.detach(), self.target)
-            return output.gather(1, self.targets)
+            return self._contrasted(output, self.targets, slice(None))
         if self.objective is None:
             return output.new_zeros(0, 1)  # attention views only: nothing to explain
         objective = lrp_objective(self.objective) if lrp else self.objective
@@ -193,18 +195,19 @@ class TextTask(ExplainTask):
     def layer_score(self, hidden, pool, slot):
         mask = self.batch.attention_mask
         if self.model.is_classifier:
-            return self.model.layer_scores(hidden, mask, pool).gather(1, self.targets[:, slot:slot + 1]).sum()
+            scores = self.model.layer_scores(hidden, mask, pool)
+            return self._contrasted(scores, self.targets[:, slot:slot + 1], slice(None)).sum()
         pooled = self.model.pool(hidden, mask) if pool == "model" else self.model.pool_mean(hidden, mask)
         return _apply_objective(self.objective, pooled).sum()
 
-    def views(self, captured):
+    def views(self, captured, slot=0):
         return [_sequence_captured(self.model, self.batch, s, captured) for s in range(len(self.batch))]
 
-    def lrp_views(self, leaf, grad, key):
+    def lrp_views(self, leaf, grad, key, slot=0):
         return [Captured([], None, None, 0, (1, xs.shape[-1]), input_relevance={key: (xs, gs)})
-                for xs, gs in self.input_views(leaf, grad)]
+                for xs, gs in self.input_views(leaf, grad, slot)]
 
-    def input_views(self, leaf, values):
+    def input_views(self, leaf, values, slot=0):
         views = []
         for s in range(len(self.batch)):
             # (n, E) real tokens -> (1, E, 1, n): the input methods reduce dim 1 (image channels)
@@ -218,7 +221,14 @@ class TextTask(ExplainTask):
         b = self.batch
         sub = TextBatch(b.input_ids[rows], b.attention_mask[rows],
                         None if b.token_type_ids is None else b.token_type_ids[rows], [], [], [], [], [])
-        return self.model.forward(sub, x).gather(1, self.targets[rows])
+        return self._contrasted(self.model.forward(sub, x), self.targets[rows], rows)
+
+    def _contrasted(self, scores, targets, rows):
+        """The targets' scores, minus the contrast token's (of the same rows) for a contrastive target."""
+        values = scores.gather(1, targets)
+        if self.contrast is not None:
+            values = values - scores.gather(1, self.contrast[rows].expand_as(targets))
+        return values
 
     def baselines(self):
         leaf = self.model.embed(self.batch.input_ids)
@@ -236,7 +246,7 @@ class TextTask(ExplainTask):
 
 
 def run_text_batch(model: TextModel, batch: TextBatch, methods: dict, target=None, objective: Objective | None = None,
-                   keep_attentions: bool = True) -> TextBatchResult:
+                   keep_attentions: bool = True, contrast: torch.Tensor | None = None) -> TextBatchResult:
     """Explain one batch of sequences with every requested method (the engine's one pass).
 
     Parameters
@@ -249,6 +259,9 @@ def run_text_batch(model: TextModel, batch: TextBatch, methods: dict, target=Non
     target : see :func:`vitlens.engine.resolve_targets` (classifiers only).
     objective : Objective, optional
         Required for a plain encoder when methods are asked for.
+    contrast : LongTensor, optional
+        (S,) or (S, 1) classes (a decoder's tokens) whose score is subtracted from each target's: the explained
+        value is score(target) - score(contrast) (for a decoder's log-probabilities the same as the logits').
     """
     for name in methods:
         parse_text_methods([name])
@@ -257,7 +270,11 @@ def run_text_batch(model: TextModel, batch: TextBatch, methods: dict, target=Non
                           "(--pair / pairs=) or an objective")
     if objective is not None and objective.pairwise and len(batch) % 2:
         raise MethodError("a pairwise objective needs the texts followed by their pairs (an even number of sequences)")
-    task = TextTask(model, batch, target, objective, keep_attentions)
+    if contrast is not None:
+        if not model.is_classifier:
+            raise MethodError("a contrastive target needs classes (a classifier or a causal decoder)")
+        contrast = torch.as_tensor(contrast, dtype=torch.long, device=batch.input_ids.device).reshape(len(batch), 1)
+    task = TextTask(model, batch, target, objective, keep_attentions, contrast)
     result = run_task(task, methods)
     attentions = None
     if keep_attentions:
@@ -284,9 +301,10 @@ def _apply_objective(objective: Objective, pooled: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _sequence_captured(model: TextModel, batch: TextBatch, s: int, captured: Captured) -> Captured:
-    """The captured tensors of sequence ``s`` restricted to its real tokens: a (1, n) token grid."""
-    idx = batch.real_index(s)
+def _sequence_captured(model: TextModel, batch: TextBatch, s: int, captured: Captured, idx=None) -> Captured:
+    """The captured tensors of sequence ``s`` restricted to its real tokens (or the positions ``idx``): a (1, n)
+    token grid read out at its last token by a causal decoder."""
+    idx = batch.real_index(s) if idx is None else idx
 
     def block(t):
         return t[s:s + 1].index_select(-2, idx).index_select(-1, idx)
@@ -301,14 +319,15 @@ def _sequence_captured(model: TextModel, batch: TextBatch, s: int, captured: Cap
     ids = batch.input_ids[s].index_select(0, idx).to(dtype).view(1, 1, 1, n)  # for the baselines
     input_gradient = None
     if captured.input_gradient is not None:
-        input_gradient = _sequence_channels(batch, s, *captured.input_gradient)
+        input_gradient = _sequence_channels(batch, s, *captured.input_gradient, idx=idx)
     return Captured(attentions=attn, gradients=grads, readout=readout, num_prefix=0, grid=(1, n),
                     layer_gradients=layer_grads, inputs=ids, input_gradient=input_gradient)
 
 
-def _sequence_channels(batch: TextBatch, s: int, *tensors) -> tuple:
-    """Sequence ``s``'s real tokens of (S, N, E) tensors, each as (1, E, 1, n): channels in dim 1."""
-    idx = batch.real_index(s)
+def _sequence_channels(batch: TextBatch, s: int, *tensors, idx=None) -> tuple:
+    """Sequence ``s``'s real tokens (or the positions ``idx``) of (S, N, E) tensors, each as (1, E, 1, n): channels
+    in dim 1."""
+    idx = batch.real_index(s) if idx is None else idx
     n = int(idx.numel())
     return tuple(t[s].index_select(0, idx).t().reshape(1, -1, 1, n) for t in tensors)
 
