@@ -329,10 +329,11 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
     ``Captured.attention_relevance``.
 
     With an autocast ``dtype`` the forward and LeGrad's head readouts run under autocast, the
-    backward passes outside it; ``up`` casts what was captured to float32 for the methods.
+    backward passes outside it. ``up`` casts what was captured in a reduced precision (autocast, or a
+    model loaded in bf16 / fp16) to float32 for the methods; float32 tensors are passed as they are.
     """
     model = task.model
-    up = _up if dtype is not None else _same
+    up = _up
     default_cam = task.default_cam_layers() if any(CAM in get_method(m).needs for m in methods) else []
     needs, layer_requests, cam_names = plan(methods, model.num_layers, default_cam)
     want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM, INPUT_GRADIENT} & needs)
@@ -376,7 +377,7 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
                 for name, grad in zip(cam_names, grads[len(shared) - len(cam_inputs) - len(inputs):]):
                     cam[name] = (spatial_acts[name], task.cam_spatial(up(grad), name))
                 if inputs:  # d(target score)/d(input): saliency, input x gradient
-                    input_gradient = (leaf.detach(), up(grads[-1]))
+                    input_gradient = (up(leaf.detach()), up(grads[-1]))
             layer_gradients = {}
             for pool, layer in sorted(layer_requests):
                 with _autocast(model, dtype):  # the final norm and head are the model's computation
@@ -397,7 +398,8 @@ def _lrp_pass(task: ExplainTask, config: LRPConfig, key: tuple, methods: dict, r
     """A forward with LRP rules from the leaf, one backward per target slot, the LRP methods on every view.
 
     Targets resolved by an earlier pass over the same batch are kept, so every method explains the
-    same scores. Always in the model's own dtype (never under autocast, see :func:`run_task`).
+    same scores. Always in the model's own dtype (never under autocast, see :func:`run_task`); a model in
+    bf16 / fp16 hands float32 copies of its input and modified gradient to the methods.
     """
     model = task.model
     with model.eval_mode(), torch.enable_grad():
@@ -407,14 +409,14 @@ def _lrp_pass(task: ExplainTask, config: LRPConfig, key: tuple, methods: dict, r
             output = task.forward(leaf)
         values = task.scores(output, lrp=True)
         if result.values is None:
-            result.output, result.values = output.detach(), values.detach()
+            result.output, result.values = _up(output.detach()), _up(values.detach())
         for slot in range(values.shape[1]):
             grad = _grads(values[:, slot].sum(), [leaf])[0]
-            for view, captured in enumerate(task.lrp_views(leaf.detach(), grad, key, slot)):
+            for view, captured in enumerate(task.lrp_views(_up(leaf.detach()), _up(grad), key, slot)):
                 for name, params in methods.items():
                     result.maps[name][view].append(get_method(name).function(captured, **params).detach())
         for name in methods:
-            result.lrp_values[name] = values.detach()
+            result.lrp_values[name] = _up(values.detach())
         del recorder
 
 
@@ -451,7 +453,7 @@ def _attention_relevance_pass(task: ExplainTask) -> list:
             # d/dy_c of y_c / y_c is 1 / y_c: in Gradient x Input form the relevance at the logit is then 1
             one_hot = torch.where(value != 0, value / torch.where(value != 0, value, 1).detach(), 0).sum()
             grads = _grads(one_hot, recorder.attentions)
-            relevance.append([a * g for a, g in zip(attentions, grads)])
+            relevance.append([_up(a) * _up(g) for a, g in zip(attentions, grads)])
         del recorder
     return relevance
 
@@ -532,10 +534,6 @@ def _hook_layers(model: ExplainableModel, names: list, stack: contextlib.ExitSta
 
         stack.callback(module.register_forward_hook(hook).remove)
     return outputs
-
-
-def _same(tensor):
-    return tensor
 
 
 def _grads(score: torch.Tensor, tensors: list) -> list:

@@ -115,3 +115,18 @@ def test_dtype_and_device_map_on_the_command_line(tiny_gpt2_dir, tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert err.startswith("vitlens: error: ") and message in err and "\n" not in err
         assert not (tmp_path / "x").exists()
+
+
+def test_captures_of_a_bf16_model_are_combined_in_float32(decoder_dir):
+    """The model runs (and is captured) in bf16; every method, LRP included, combines float32 copies, so what
+    comes back -- scores, explained values, attention -- is float32 (bf16 maps would mean bf16 arithmetic)."""
+    from vitlens.text.task import run_text_batch, text_params
+
+    model = load_text_model(str(decoder_dir), dtype="bf16")
+    batch = model.encode(PROMPTS)
+    result = run_text_batch(model, batch, {m: text_params(m) for m in METHODS},
+                            target=[model.token_id(t) for t in TARGETS])
+    assert result.values.dtype == torch.float32 and result.logits.dtype == torch.float32
+    for method in METHODS:
+        assert {m.dtype for m in result.token_maps[method]} == {torch.float32}, method
+    assert {a.dtype for a in result.attentions} == {torch.float32}
