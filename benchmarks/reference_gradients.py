@@ -1,8 +1,15 @@
-"""vitlens' gradient baselines on a continuation against inseq and captum on the same random GPT-2.
+"""vitlens' gradient baselines against captum (images, text) and inseq (a continuation of a random GPT-2).
 
+    OMP_NUM_THREADS=1 python benchmarks/reference_gradients.py [--steps 50]        # captum only
     pip install --target /tmp/inseqpkgs inseq          # a throw-away directory: inseq is no dependency of vitlens
-    OMP_NUM_THREADS=1 PYTHONPATH=/tmp/inseqpkgs python benchmarks/reference_inseq.py [--steps 50]
+    OMP_NUM_THREADS=1 PYTHONPATH=/tmp/inseqpkgs python benchmarks/reference_gradients.py [--steps 50]
 
+Images: the tests' tiny random timm ViT (32 px, 8 px patches, 3 blocks, seed 3) on 4 random inputs and 2 targets
+each, vitlens' ``saliency`` (max over channels), ``input-x-gradient`` and ``integrated-gradients`` (zero baseline,
+``--steps`` Gauss-Legendre points) against captum's ``Saliency`` (``abs=True``, max over channels),
+``InputXGradient`` and ``IntegratedGradients`` summed over channels.
+
+Text:
 The model is the tests' tiny random GPT-2 (2 layers, 4 heads, hidden 32, seed 0) with a byte-level BPE tokenizer
 trained on the tests' five sentences (tests/text/conftest.py), so that the prompt "The capital of France is" and the
 continuation " Paris and Rome" are 5 + 3 tokens. Per method, vitlens' ``explain_continuation`` (teacher forcing:
@@ -46,6 +53,29 @@ def tiny_gpt2():
     return tiny_decoder("gpt2", vocab_size=len(tokenizer)), tokenizer
 
 
+def images(steps: int) -> None:
+    from captum.attr import InputXGradient, IntegratedGradients, Saliency
+
+    import vitlens
+    from tests.conftest import tiny_timm_vit
+
+    module = tiny_timm_vit(seed=3)
+    model = vitlens.load_model(module)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([[2, 6], [0, 1], [9, 3], [4, 4]])
+    result = vitlens.explain(model, x, methods=["saliency", "input-x-gradient", "integrated-gradients"],
+                             target=targets, params={"integrated-gradients": {"steps": steps}})
+    for k in range(2):
+        t = targets[:, k]
+        refs = {"saliency": Saliency(module).attribute(x.clone().requires_grad_(), target=t).amax(dim=1),
+                "input-x-gradient": InputXGradient(module).attribute(x.clone().requires_grad_(), target=t).sum(1),
+                "integrated-gradients": IntegratedGradients(module).attribute(x, target=t, n_steps=steps).sum(1)}
+        for name, ref in refs.items():
+            ours = result.patch_maps[name][:, k].double().numpy()
+            print(f"image {name:22s} target slot {k} vs captum: max |difference| / max |value| = "
+                  f"{relative(ours, ref.detach().double().numpy()):.1e}")
+
+
 def relative(ours: np.ndarray, ref: np.ndarray) -> float:
     seen = ~np.isnan(ref)
     assert (seen == ~np.isnan(ours)).all(), "the matrices see different tokens"
@@ -57,8 +87,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="integration points of integrated gradients")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    import inseq
+    images(args.steps)
     from captum.attr import IntegratedGradients
+    try:
+        import inseq
+    except ImportError:
+        inseq = None
+        print("inseq is not importable here: text compared with captum only")
 
     from vitlens.text import explain_continuation, load_text_model
 
@@ -72,7 +107,7 @@ def main() -> None:
     rows = len(ours.ids) - 1
     print(f"prompt {PROMPT!r} + continuation {CONTINUATION!r}: {ours.prompt_length} + {len(ours.steps)} tokens; "
           f"logits {[round(s['value'], 4) for s in ours.steps]}")
-    for name, (inseq_name, reduce) in methods.items():
+    for name, (inseq_name, reduce) in methods.items() if inseq is not None else ():
         attributor = inseq.load_model(module, inseq_name, tokenizer=tokenizer)
         kwargs = {"n_steps": args.steps} if inseq_name == "integrated_gradients" else {}
         out = attributor.attribute(PROMPT, PROMPT + CONTINUATION, attributed_fn="logit", show_progress=False,
