@@ -23,7 +23,8 @@ the same command runs on one CPU, one GPU, or several processes under ``torchrun
 
 ``batch_size`` is the number of images per optimizer step over all processes together: each
 process takes ``batch_size / (processes * grad_accum)`` per forward, so one or several processes,
-with or without accumulation, train on the same batches.
+with or without accumulation, train on the same batches (an epoch's last, incomplete batch is
+dropped: a process's share of it would be padded with repeated images).
 """
 
 from __future__ import annotations
@@ -385,6 +386,8 @@ def finetune(dataset, model, out, *, weights=None, val=None, val_fraction: float
             raise UsageError(f"--val-fraction {val_fraction} of {len(samples)} images leaves no "
                              f"{'validation' if not val_samples else 'training'} images")
     class_names, class_ids = class_table(train_samples + val_samples)
+    if len(train_samples) < batch_size:
+        raise UsageError(f"--batch-size {batch_size} is more than the {len(train_samples)} training images")
 
     settings = _settings(dataset=dataset, val=val, val_fraction=None if val is not None else val_fraction,
                          model=str(model), weights=str(Path(weights).resolve()) if weights else None,
@@ -399,13 +402,14 @@ def finetune(dataset, model, out, *, weights=None, val=None, val_fraction: float
                                                                  seed, input_size)
     train_data = ImageDataset(train_samples, train_transform(preprocess) if augment else eval_transform(preprocess))
     val_data = ImageDataset(val_samples, eval_transform(preprocess))
-    steps_per_epoch = math.ceil(len(train_samples) / batch_size)
+    steps_per_epoch = len(train_samples) // batch_size  # the last incomplete batch of an epoch is dropped
     total_steps = max_steps or steps_per_epoch * epochs
     trainer = _trainer(Classifier(module, hf=family == "hf"), train_data, val_data, out, device=device,
                        per_device=batch_size // (world * grad_accum), grad_accum=grad_accum, epochs=epochs,
                        max_steps=max_steps, lr=lr, weight_decay=weight_decay,
                        warmup_steps=int(round(warmup * total_steps)), precision=precision, seed=seed,
                        workers=workers, progress=progress, callbacks=callbacks, log=log, eval_on_start=resume is None)
+    trainer.accelerator.wait_for_everyone()  # every process has looked at --out before the main one writes
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         _write_settings(out, settings, trainer.state.log_history)
@@ -503,6 +507,7 @@ def _trainer(model, train_data, val_data, out: Path, *, device, per_device, grad
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu", seed=seed, data_seed=seed,
         dataloader_num_workers=workers, disable_tqdm=not progress, report_to="none", label_names=["labels"],
         remove_unused_columns=False, save_only_model=False, log_level="error", ddp_find_unused_parameters=False,
+        dataloader_drop_last=True,  # whole batches only: the same batches on one process or several
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
                       compute_metrics=accuracy, callbacks=[EpochLine(), *(callbacks or [])])
