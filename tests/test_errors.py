@@ -163,6 +163,12 @@ def _corrupt_download(monkeypatch):
     monkeypatch.setenv("VITLENS_DOWNLOAD_BASE", f"http://127.0.0.1:{httpd.server_address[1]}")
 
 
+def _no_accelerate(monkeypatch):
+    from vitlens.text import loading
+
+    monkeypatch.setattr(loading, "accelerate_available", lambda: False)
+
+
 def _foreign_dataset_folder(monkeypatch):
     (Path("photos") / "tiny-imagenet-200").mkdir()
 
@@ -258,6 +264,13 @@ CLI_CASES = {
     "text: --target for a plain encoder": {"minilm": True},
     "text: --param without attributions": {"minilm": True},
     "text: batch size below 1": {},
+    "text: --query in neither text": {"minilm": True},
+    "text: --head beyond the model": {"minilm": True},
+    "text: --head not LAYER.HEAD": {"minilm": True},
+    "text: malformed --spans": {},
+    "text: span beyond the text": {"minilm": True},
+    "text: --device-map without accelerate": {"minilm": True, "setup": _no_accelerate},
+    "text: --device with --device-map": {"minilm": True},
 }
 
 
@@ -436,6 +449,11 @@ API_CASES = {
         ctx["text_model"](), ["A man plays.", "A dog runs."], pairs=["Someone plays."]),
     "api: text batch size below 1": lambda ctx: _explain_text(ctx)(ctx["text_model"](), "A man plays.",
                                                                    batch_size=0),
+    "api: head statistics of a list that could be layers or sequences": lambda ctx: _head_statistics()(
+        [np.full((2, 3, 5, 5), 0.2)] * 4),
+    "api: unknown word aggregation": lambda ctx: _explain_text(ctx)(ctx["text_model"](), "A man plays.",
+                                                                    pairs="Someone plays.", word_aggregate="mean"),
+    "api: text model in an unknown dtype": lambda ctx: _load_text_model()("vitlens:all-minilm-l6-v2", dtype="fp8"),
     "api: hf-dataset without the datasets library": lambda ctx: _without_datasets(_resolve(["hf-dataset:imagenet-hf"])),
     "api: hf-dataset naming no dataset": lambda ctx: _resolve(["hf-dataset:"])(),
     "api: hf-dataset path that does not exist": lambda ctx: _in_hf_folder(_resolve(["hf-dataset:./nope:validation"])),
@@ -470,6 +488,18 @@ def _download_dataset():
     from vitlens.data.download import download_dataset
 
     return download_dataset
+
+
+def _head_statistics():
+    from vitlens.text.stats import head_statistics
+
+    return head_statistics
+
+
+def _load_text_model():
+    from vitlens.text import load_text_model
+
+    return load_text_model
 
 
 def _explain_text(ctx):
