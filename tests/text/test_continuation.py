@@ -175,3 +175,42 @@ def test_encoders_are_refused():
 
     with pytest.raises(MethodError, match="continuations are explained for causal decoders"):
         explain_continuation(load_text_model(tiny_text_model("bert")), "a b", continuation="c", methods=["chefer"])
+
+
+# ------------------------------------------------------------------------------------------ command line
+def test_cli_continuation_generate_and_contrast(tiny_gpt2_dir, tmp_path, capsys):
+    from vitlens.cli import main
+
+    out = tmp_path / "run"
+    assert main(["text", PROMPT, "--model", str(tiny_gpt2_dir), "--continuation", " Paris and Rome",
+                 "--methods", "chefer,attnlrp,saliency", "--format", "png", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "explained: ' Paris' (" in printed and "continuation log-probability: " in printed
+    data = json.loads((out / "continuation.json").read_text())
+    assert [s["token"] for s in data["steps"]] == [" Paris", " and", " Rome"] and (out / "continuation.png").is_file()
+    assert main(["text", PROMPT, "--model", str(tiny_gpt2_dir), "--generate", "2", "--methods", "chefer",
+                 "--format", "png", "--out", str(tmp_path / "gen")]) == 0
+    assert json.loads((tmp_path / "gen" / "continuation.json").read_text())["generated"] is True
+    assert main(["text", PROMPT, "--model", str(tiny_gpt2_dir), "--target-token", " Paris", "--contrast", " Rome",
+                 "--views", "tokens", "--methods", "input-x-gradient", "--out", str(tmp_path / "c")]) == 0
+    assert "explained: ' Paris' minus ' Rome' (logit difference " in capsys.readouterr().out
+    data = json.loads((tmp_path / "c" / "attributions.json").read_text())
+    assert data["contrast"]["name"] == "' Rome'"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--continuation", " Paris", "--generate", "2"], "give one of --continuation, --generate, --position, not "
+                                                     "--continuation and --generate"),
+    (["--generate", "2", "--target-token", " Paris"], "--generate: the explained targets are the continuation's own "
+                                                       "tokens: no --target"),
+    (["--continuation", " Paris and", "--contrast", " Rome"], "the contrast ' Rome' is 1 token"),
+    (["--position", "0"], "position 0 has no token before it"),
+])
+def test_cli_one_line_errors(tiny_gpt2_dir, tmp_path, capsys, argv, message):
+    from vitlens.cli import main
+
+    out = tmp_path / "run"
+    assert main(["text", PROMPT, "--model", str(tiny_gpt2_dir), *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not out.exists()

@@ -19,8 +19,8 @@ from vitlens.methods.common import FILLS, SCORES, Captured, minmax, to_pixels
 from vitlens.methods.gmar import gmar
 from vitlens.methods.gmar_pp import gmar_plus_plus
 from vitlens.methods.gradcam import gradcam, gradcam_pp, layercam, xgradcam
-from vitlens.methods.gradients import (IG_BASELINES, IG_RULES, SALIENCY_REDUCTIONS, input_x_gradient,
-                                       integrated_gradients, saliency)
+from vitlens.methods.gradients import (IG_BASELINES, IG_RULES, SALIENCY_REDUCTIONS, available_baselines,
+                                       input_x_gradient, integrated_gradients, saliency)
 from vitlens.methods.legrad import legrad, resolve_layers
 from vitlens.methods.lrp import attnlrp, cp_lrp
 from vitlens.methods.occlusion import occlusion
@@ -414,6 +414,8 @@ def check_params_for_model(methods: Mapping, num_layers: int | None, model=None)
     selection are checked against ``num_layers`` (the model's attention layers; None skips them),
     and with ``model`` (an adapter) Grad-CAM target layer names against its modules.
     """
+    if model is not None:
+        check_baselines(methods, model)
     for name, params in methods.items():
         spec = get_method(name)
         if model is not None and (params or {}).get("libragrad"):
@@ -439,6 +441,18 @@ def check_params_for_model(methods: Mapping, num_layers: int | None, model=None)
                         _check_cam_layer(model, layer)
                     except MethodError as exc:
                         raise MethodError(f"method '{name}': {exc}") from None
+
+
+def check_baselines(methods: Mapping, model) -> None:
+    """One-line MethodError for an integrated-gradients baseline the model's input does not have (black pixels for
+    text, the unknown token for images or a tokenizer without one), before anything runs."""
+    for name, params in methods.items():
+        baseline = (params or {}).get("baseline")
+        if PATH_GRADIENTS in get_method(name).needs and baseline is not None:
+            available = available_baselines(model)
+            if baseline not in available:
+                raise MethodError(f"method '{name}': baseline={baseline!r} is not available for this input: use "
+                                  f"{', '.join(available)}")
 
 
 def _check_cam_layer(model, layer: str) -> None:
@@ -497,6 +511,7 @@ __all__ = [
     "PERTURB",
     "Param",
     "REGISTRY",
+    "check_baselines",
     "check_params_for_model",
     "expand_methods",
     "get_method",

@@ -39,6 +39,15 @@ IG_RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right
 IG_BASELINES = ("zero", "black", "unk")
 
 
+def available_baselines(model) -> tuple:
+    """The baselines integrated gradients has for a model's input: ``zero`` and ``black`` for images; ``zero``
+    and, when the tokenizer has an unknown token, ``unk`` for text."""
+    if hasattr(model, "text_family"):
+        unk = getattr(getattr(model, "tokenizer", None), "unk_token_id", None)
+        return ("zero", "unk") if unk is not None else ("zero",)
+    return ("zero", "black")
+
+
 def _input_gradient(captured: Captured) -> tuple:
     if captured.input_gradient is None:
         raise MethodError("the input gradient was not captured")
@@ -93,5 +102,6 @@ def integrated_gradients(inputs: torch.Tensor, score_fn: Callable, baselines: di
         internal_batch_size=max(int(batch), rows.numel()))
     return attribution.detach().reshape(batch_size, num_targets, *inputs.shape[1:])
 
-__all__ = ["IG_BASELINES", "IG_RULES", "SALIENCY_REDUCTIONS", "input_x_gradient", "integrated_gradients",
-           "saliency"]
+
+__all__ = ["IG_BASELINES", "IG_RULES", "SALIENCY_REDUCTIONS", "available_baselines", "input_x_gradient",
+           "integrated_gradients", "saliency"]

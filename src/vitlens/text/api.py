@@ -26,7 +26,7 @@ import torch
 from vitlens.api import Prediction
 from vitlens.cliargs import check_count, check_params_requested
 from vitlens.errors import InputError, MethodError, OutputError
-from vitlens.methods import check_params_for_model, get_method
+from vitlens.methods import check_baselines, check_params_for_model, get_method
 from vitlens.render.atomic import ensure_dir, write_text_atomic
 from vitlens.text.base import TextModel
 from vitlens.text.batch import TextBatch
@@ -117,10 +117,13 @@ class TextItem:
     value_name: str
     targets: list | None = None
     prediction: Prediction | None = None
+    #: the contrast class (token) whose score is subtracted from each target's, or None
+    contrast: Prediction | None = None
 
     def to_dict(self) -> dict:
         return {
             "text": self.text, "pair": self.pair, "explained": self.value_name,
+            **({} if self.contrast is None else {"contrast": self.contrast.to_dict()}),
             "values": [round(float(v), 6) for v in self.values],
             "prediction": None if self.prediction is None else self.prediction.to_dict(),
             "targets": None if self.targets is None else [t.to_dict() for t in self.targets],
@@ -278,6 +281,7 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
     params = params or {}
     resolved = {name: text_params(name, params.get(name)) for name in names}
     check_params_for_model(resolved, model.num_layers)  # layer indices beyond the model's depth
+    check_baselines(resolved, model)
     contrast_ids = None if contrast is None else _contrast_ids(model, contrast, len(texts))
     if model.is_classifier:
         if objective is not None:
@@ -301,8 +305,9 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
         chunk_contrast = None if contrast_ids is None else contrast_ids[start:start + batch_size]
         result = run_text_batch(model, batch, resolved, chunk_target, obj, keep_attentions, chunk_contrast)
         chunk_items = _items(model, batch, result, chunk, chunk_pairs, separate, obj)
-        for item, c in zip(chunk_items, chunk_contrast or []):
+        for item, c, logits in zip(chunk_items, chunk_contrast or [], result.logits if contrast_ids else []):
             item.value_name += f" minus that of {model.class_name(c)} (contrast)"
+            item.contrast = Prediction(c, model.class_name(c), float(torch.softmax(logits.float(), dim=-1)[c]))
         for item in chunk_items:
             _add_words(item, separate, word_aggregate, spans)
         items.extend(chunk_items)
@@ -496,7 +501,11 @@ def item_caption(item: TextItem) -> str:
     if item.prediction is not None:
         parts.append(f"prediction: {item.prediction.name} ({item.prediction.prob:.3f})")
         what = "log-probability" if "log-probability" in item.value_name else "logit"
-        parts.append("explained: " + ", ".join(f"{t.name} ({what} {v:.3f})" for t, v in zip(item.targets, item.values)))
+        versus = ""
+        if item.contrast is not None:
+            what, versus = f"{what} difference", f" minus {item.contrast.name}"
+        parts.append("explained: " + ", ".join(f"{t.name}{versus} ({what} {v:.3f})"
+                                               for t, v in zip(item.targets, item.values)))
     elif item.values:
         parts.append(f"explained: {item.value_name} = {item.values[0]:.4f}")
     return "; ".join(parts)

@@ -56,6 +56,17 @@ def add_arguments(p) -> None:
                                                   "causal decoders: the same over the vocabulary (next token)")
     p.add_argument("--target-token", default=None, metavar="TEXT",
                    help="causal decoders: the next token to explain, by its text with spaces kept (\" Paris\")")
+    p.add_argument("--contrast", default=None, metavar="TEXT",
+                   help="contrastive target: explain score(target) - score(contrast); causal decoders: a token's text "
+                        "(\" London\"), one per continuation token with --continuation; classifiers: a label or index")
+    p.add_argument("--continuation", default=None, metavar="TEXT",
+                   help="causal decoders: explain every token of this continuation of the text (teacher forcing): "
+                        "continuation.json (tokens x steps matrix per method) and continuation.png")
+    p.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="causal decoders: generate N tokens greedily and explain each (as --continuation)")
+    p.add_argument("--position", type=int, default=None, metavar="P",
+                   help="causal decoders: explain the token at position P of the text (negative from the end) from "
+                        "the tokens before it (as --continuation)")
     p.add_argument("--score", choices=["logit", "logprob"], default="logit",
                    help="causal decoders: explain the target token's logit (default) or its log-probability")
     p.add_argument("--objective", default=None, choices=["similarity", "dot"],
@@ -106,6 +117,16 @@ def run(args) -> int:
         raise InputError("--pair goes with a single text; in --file, put pairs in the file")
     if args.target_token is not None and args.target is not None:
         raise InputError("give --target or --target-token, not both")
+    continuing = [option for option, value in (("--continuation", args.continuation), ("--generate", args.generate),
+                                               ("--position", args.position)) if value is not None]
+    if len(continuing) > 1:
+        raise InputError(f"give one of --continuation, --generate, --position, not {' and '.join(continuing)}")
+    if continuing and args.file is not None:
+        raise InputError(f"{continuing[0]} goes with one text, not --file")
+    if continuing and (args.target is not None or args.target_token is not None):
+        raise InputError(f"{continuing[0]}: the explained targets are the continuation's own tokens: no --target")
+    if args.contrast is not None and args.file is not None:
+        raise InputError("--contrast goes with one text, not --file")
     formats = _formats(args.format)
     from vitlens.text.api import parse_views
 
@@ -120,6 +141,8 @@ def run(args) -> int:
         parse_spans(args.spans)
     out = check_out_dir(args.out)  # creates nothing: a mistake found below leaves no trace
     model = _load(args)
+    if continuing:
+        return _run_continuation(args, model, params, formats, out, continuing[0])
     _check_layer(args.layer, model.num_layers)
     if args.head is not None:
         from vitlens.text.api import parse_head
@@ -196,10 +219,12 @@ def _check_layer(layer: int, num_layers: int) -> None:
 
 def _check_params_for_model(methods, params, model) -> None:
     """Method parameters that depend on the model (layer indices), with the text defaults applied."""
-    from vitlens.methods import check_params_for_model
+    from vitlens.methods import check_baselines, check_params_for_model
     from vitlens.text.task import text_params
 
-    check_params_for_model({name: text_params(name, params.get(name)) for name in methods}, model.num_layers)
+    resolved = {name: text_params(name, params.get(name)) for name in methods}
+    check_params_for_model(resolved, model.num_layers)
+    check_baselines(resolved, model)
 
 
 def _methods(args, model, views, has_pairs) -> tuple:
@@ -262,7 +287,8 @@ def _run_single(args, model, methods, params, target, views, formats, out) -> in
 
     result = explain_text(model, args.text, pairs=args.pair, methods=methods, target=target,
                           objective=args.objective if not model.is_classifier else None, params=params,
-                          truncate=args.truncate, word_aggregate=args.word_aggregate, spans=args.spans)
+                          truncate=args.truncate, word_aggregate=args.word_aggregate, spans=args.spans,
+                          contrast=args.contrast)
     item = result.items[0]
     written = write_item(item, out, views, result.methods, model, formats, args.layer, args.query, args.head,
                          args.scale)
@@ -273,6 +299,31 @@ def _run_single(args, model, methods, params, target, views, formats, out) -> in
         if caption:
             print(caption)
         print(f"wrote {len(files)} file(s) to {out}: " + ", ".join(Path(f).name for f in files))
+    return 0
+
+
+def _run_continuation(args, model, params, formats, out, option) -> int:
+    """--continuation / --generate / --position: every token of a continuation, continuation.json and .png."""
+    from vitlens.errors import InputError
+    from vitlens.text.api import explain_text
+    from vitlens.text.task import parse_text_methods
+
+    if not getattr(model, "is_causal", False):
+        raise InputError(f"{option} is for causal decoders (GPT-2, Llama, Mistral, Qwen2/3), not {model.kind_name}")
+    if args.pair is not None:
+        raise InputError("a causal decoder reads one text (the prompt): --pair is for encoders")
+    methods = parse_text_methods(args.methods or "all")
+    check_params_requested(params, methods)
+    _check_params_for_model(methods, params, model)
+    result = explain_text(model, args.text, methods=methods, params=params, contrast=args.contrast,
+                          continuation=args.continuation, generate=args.generate, position=args.position)
+    paths = result.save(out, formats)
+    if not args.quiet:
+        print(f"model: {model.info.spec} ({model.kind_name}, {model.num_layers} layers x {model.num_heads} heads)")
+        steps = ", ".join(f"{s['token']!r} ({s['value']:.3f})" for s in result.steps)
+        print(f"{'generated' if result.generated else 'explained'}: {steps}; {result.value_name} per token")
+        print(f"continuation log-probability: {result.sequence_logprob:.4f}")
+        print(f"wrote {len(paths)} file(s) to {out}: " + ", ".join(Path(p).name for p in paths))
     return 0
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from vitlens.errors import InputError, MethodError, TargetError
-from vitlens.methods import INPUT_GRADIENT, LRP, PATH_GRADIENTS, check_params_for_model, get_method
+from vitlens.methods import INPUT_GRADIENT, LRP, PATH_GRADIENTS, check_baselines, check_params_for_model, get_method
 from vitlens.render.atomic import ensure_dir, write_text_atomic
 from vitlens.text.batch import TextBatch
 from vitlens.text.task import TextTask, _sequence_captured, _sequence_channels, parse_text_methods, text_params
@@ -290,6 +290,7 @@ def explain_continuation(model, text: str, continuation: str | None = None, gene
     check_params_requested(params, names, option="params", among="the methods")
     resolved = {name: text_params(name, (params or {}).get(name)) for name in names}
     check_params_for_model(resolved, model.num_layers)
+    check_baselines(resolved, model)
     ids = [int(t) for t in model.tokenizer(text, add_special_tokens=True)["input_ids"]]
     generated = False
     if position is not None:
