@@ -237,3 +237,27 @@ def test_two_processes_follow_the_one_process_loss_curve(folder, tmp_path, tiny_
     assert [e["val_accuracy"] for e in runs[0]["history"]] == [e["val_accuracy"] for e in runs[1]["history"]]
     model = vitlens.load_model(tmp_path / "two")  # the main process wrote the folder
     assert model.class_names == ["apple", "leaf", "sky"]
+
+
+def test_bf16_on_the_cpu(folder, tmp_path, tiny_weights):
+    """``precision='bf16'``: the Trainer's autocast on the CPU; the losses are finite and the folder holds float32
+    weights that load as any other."""
+    from transformers import TrainerCallback
+
+    torch.set_num_threads(1)
+    seen = set()
+
+    class WatchTheMLP(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.module.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: seen.add((m.training, o.dtype)))
+
+    out = tmp_path / "ft"
+    result = run(folder, out, tiny_weights, epochs=1, precision="bf16", callbacks=[WatchTheMLP()])
+    assert seen == {(True, torch.bfloat16), (False, torch.bfloat16)}  # training and validation under autocast
+    losses = [entry["loss"] for entry in json.loads((out / "finetune.json").read_text())["losses"]]
+    assert len(losses) == result.steps == 3 and all(np.isfinite(losses))
+    assert json.loads((out / "finetune.json").read_text())["settings"]["precision"] == "bf16"
+    model = vitlens.load_model(out)
+    assert next(model.module.parameters()).dtype == torch.float32
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        run(folder, tmp_path / "other", tiny_weights, precision="fp16", device="cpu")
