@@ -124,6 +124,17 @@ def _tiny_clip_dir(monkeypatch):
         tiny_tokenizer().save_pretrained("tiny-clip")
 
 
+def _tiny_gpt2_dir(monkeypatch):
+    """The text tests' random tiny GPT-2 with its trained BPE tokenizer, saved as ./tiny-gpt2."""
+    import contextlib
+    import io
+
+    from tests.text.conftest import save_tiny_gpt2
+
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' progress bar is not the command's output
+        save_tiny_gpt2("tiny-gpt2")
+
+
 def _no_proxy(monkeypatch):
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
@@ -271,6 +282,13 @@ CLI_CASES = {
     "text: span beyond the text": {"minilm": True},
     "text: --device-map without accelerate": {"minilm": True, "setup": _no_accelerate},
     "text: --device with --device-map": {"minilm": True},
+    "integrated gradients from a baseline the input does not have": {},
+    "text: integrated gradients from black pixels": {"setup": _tiny_gpt2_dir},
+    "text: integrated gradients of a plain encoder": {"minilm": True},
+    "text: two of --continuation, --generate, --position": {},
+    "text: --continuation of an encoder": {"minilm": True},
+    "text: contrast of another length than the continuation": {"setup": _tiny_gpt2_dir},
+    "text: --position with no token before it": {"setup": _tiny_gpt2_dir},
 }
 
 
@@ -481,6 +499,10 @@ API_CASES = {
         _load_sample(path="hf-dataset:imagenet-hf:train#7"), "imagenet-hf"),
     "api: hf-dataset sample path without a row": lambda ctx: _load_sample(path="hf-dataset:imagenet-hf")(),
     "api: download of an unknown dataset": lambda ctx: _download_dataset()("imagenet", "data"),
+    "api: continuation of a text encoder": lambda ctx: _explain_text(ctx)(ctx["text_model"](), "A man plays.",
+                                                                          continuation=" a guitar"),
+    "api: contrast for a plain encoder": lambda ctx: _explain_text(ctx)(ctx["text_model"](), "A man plays.",
+                                                                        pairs="Someone plays.", contrast="x"),
 }
 
 

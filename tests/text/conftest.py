@@ -138,6 +138,11 @@ CORPUS = ["The capital of France is Paris.", "The capital of Italy is Rome.",
 def tiny_gpt2_dir(tmp_path_factory):
     """A random 2-layer GPT2LMHeadModel with a byte-level BPE tokenizer trained here on a few sentences
     (' Paris' is one token), saved as a Hugging Face directory: the GPT-2 pipeline without a hub."""
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+def save_tiny_gpt2(path):
+    """The tiny random GPT-2 of :func:`tiny_gpt2_dir` and its trained tokenizer, saved into ``path``."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2TokenizerFast
 
@@ -147,7 +152,6 @@ def tiny_gpt2_dir(tmp_path_factory):
     tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     module = tiny_decoder("gpt2", vocab_size=len(tokenizer))
-    path = tmp_path_factory.mktemp("tiny-gpt2")
     module.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

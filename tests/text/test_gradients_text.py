@@ -114,7 +114,7 @@ def test_refusals_are_one_line():
                                                                           {"baseline": "black", "steps": 2})})
     encoder = load_text_model(tiny_text_model("bert", False))
     ids, mask = random_batch((5, 4))
-    with pytest.raises(MethodError, match="integrated gradients explains a target score of a classifier"):
+    with pytest.raises(MethodError, match="method 'integrated-gradients' explains a target score of a classifier"):
         run_text_batch(encoder, TextBatch.from_ids(ids, mask), {"integrated-gradients": text_params(
             "integrated-gradients", {"steps": 2})}, objective=__import__("vitlens.text.task", fromlist=["x"])
             .resolve_objective("similarity", True))

@@ -445,9 +445,13 @@ def check_params_for_model(methods: Mapping, num_layers: int | None, model=None)
 
 def check_baselines(methods: Mapping, model) -> None:
     """One-line MethodError for an integrated-gradients baseline the model's input does not have (black pixels for
-    text, the unknown token for images or a tokenizer without one), before anything runs."""
+    text, the unknown token for images or a tokenizer without one), or for a plain text encoder (its objective is
+    not re-scored at interpolated inputs), before anything runs."""
     for name, params in methods.items():
         baseline = (params or {}).get("baseline")
+        if PATH_GRADIENTS in get_method(name).needs and hasattr(model, "text_family") and not model.is_classifier:
+            raise MethodError(f"method '{name}' explains a target score of a classifier or a causal decoder; a plain "
+                              "encoder's objective is not re-scored at interpolated inputs")
         if PATH_GRADIENTS in get_method(name).needs and baseline is not None:
             available = available_baselines(model)
             if baseline not in available:

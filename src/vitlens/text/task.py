@@ -216,8 +216,8 @@ class TextTask(ExplainTask):
 
     def score_rows(self, x, rows):
         if not self.model.is_classifier:
-            raise MethodError("integrated gradients explains a target score of a classifier or a causal decoder; a "
-                              "plain encoder's objective is not re-scored at interpolated inputs")
+            raise MethodError("method 'integrated-gradients' explains a target score of a classifier or a causal "
+                              "decoder; a plain encoder's objective is not re-scored at interpolated inputs")
         b = self.batch
         sub = TextBatch(b.input_ids[rows], b.attention_mask[rows],
                         None if b.token_type_ids is None else b.token_type_ids[rows], [], [], [], [], [])
