@@ -57,7 +57,12 @@ CROP_SCALE = (0.25, 1.0)
 
 @dataclass
 class FinetuneResult:
-    """What a fine-tuning run did; ``history`` has one entry per evaluated epoch (epoch 0: before training)."""
+    """What a fine-tuning run did; ``history`` has one entry per evaluated epoch (epoch 0: before training).
+
+    ``seconds`` is the Trainer's training time of this call (validation and checkpoints included);
+    ``seconds_per_step`` the median time of one optimizer step (from one step's end to the next within an
+    epoch: loading the batch, forward, backward, optimizer), 0 when this call made fewer than two steps.
+    """
 
     out_dir: Path
     class_names: list
@@ -404,11 +409,13 @@ def finetune(dataset, model, out, *, weights=None, val=None, val_fraction: float
     val_data = ImageDataset(val_samples, eval_transform(preprocess))
     steps_per_epoch = len(train_samples) // batch_size  # the last incomplete batch of an epoch is dropped
     total_steps = max_steps or steps_per_epoch * epochs
+    timer = StepTimer()
     trainer = _trainer(Classifier(module, hf=family == "hf"), train_data, val_data, out, device=device,
                        per_device=batch_size // (world * grad_accum), grad_accum=grad_accum, epochs=epochs,
                        max_steps=max_steps, lr=lr, weight_decay=weight_decay,
                        warmup_steps=int(round(warmup * total_steps)), precision=precision, seed=seed,
-                       workers=workers, progress=progress, callbacks=callbacks, log=log, eval_on_start=resume is None)
+                       workers=workers, progress=progress, callbacks=[timer, *(callbacks or [])], log=log,
+                       eval_on_start=resume is None)
     trainer.accelerator.wait_for_everyone()  # every process has looked at --out before the main one writes
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
@@ -425,11 +432,46 @@ def finetune(dataset, model, out, *, weights=None, val=None, val_fraction: float
                 base={"spec": str(model), "weights": settings["weights"]})
         _write_settings(out, settings, trainer.state.log_history, done=True)
     runtime = float(output.metrics.get("train_runtime", seconds))
-    done_steps = trainer.state.global_step - (int(resume.rsplit("-", 1)[-1]) if resume else 0)
     return FinetuneResult(out_dir=out, class_names=class_names, train_images=len(train_samples),
                           val_images=len(val_samples), steps=trainer.state.global_step, seconds=runtime,
-                          seconds_per_step=runtime / done_steps if done_steps > 0 else 0.0, history=history,
+                          seconds_per_step=timer.median(), history=history,
                           resumed_from=resume, is_main=trainer.is_world_process_zero())
+
+
+def _step_timer_class():
+    import statistics
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Seconds from one optimizer step's end to the next, within an epoch (validation and checkpoints excluded)."""
+
+        def __init__(self):
+            self.seconds, self.last = [], None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            if self.last is not None:
+                self.seconds.append(now - self.last)
+            self.last = now
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self.last = None
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.last = None
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = None
+
+        def median(self) -> float:
+            return statistics.median(self.seconds) if self.seconds else 0.0
+
+    return StepTimer
+
+
+def StepTimer():  # noqa: N802 (a class made when transformers is imported)
+    return _step_timer_class()()
 
 
 def epoch_history(log_history: list) -> list:
