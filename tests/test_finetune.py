@@ -261,3 +261,25 @@ def test_bf16_on_the_cpu(folder, tmp_path, tiny_weights):
     assert next(model.module.parameters()).dtype == torch.float32
     with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
         run(folder, tmp_path / "other", tiny_weights, precision="fp16", device="cpu")
+
+
+def test_a_hugging_face_dataset_with_its_own_splits(folder, tmp_path, tiny_weights):
+    """``hf-dataset:DIR:train`` with ``val='hf-dataset:DIR:validation'``: labels and class names from the
+    ``ClassLabel`` column, each split as it is (no split of ours)."""
+    datasets = pytest.importorskip("datasets")
+    torch.set_num_threads(1)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(COLOURS))})
+    splits = {}
+    for split, chosen in (("train", range(0, 6)), ("validation", range(6, 8))):
+        rows = [(folder / name / f"img{i}.png", label) for label, name in enumerate(COLOURS) for i in chosen]
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [{"bytes": path.read_bytes(), "path": path.name} for path, _ in rows],
+             "label": [label for _, label in rows]}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "hf")
+    out = tmp_path / "ft"
+    result = finetune(f"hf-dataset:{tmp_path / 'hf'}:train", TINY_SPEC, out, weights=tiny_weights,
+                      val=f"hf-dataset:{tmp_path / 'hf'}:validation", epochs=1, batch_size=6, input_size=32,
+                      progress=False, log=lambda line: None)
+    assert (result.train_images, result.val_images, result.steps) == (18, 6, 3)
+    assert vitlens.load_model(out).class_names == list(COLOURS)
+    assert read_class_index(str(out / "class_index.txt")).indices == {name: i for i, name in enumerate(COLOURS)}
