@@ -50,7 +50,8 @@ def add_arguments(p) -> None:
                         f"(default: {SINGLE_VIEWS} for one text, {BATCH_VIEWS} with --file)")
     p.add_argument("--methods", default=None,
                    help="attribution methods: attention, rollout, gmar-l1, gmar-l2, gmar++, legrad, chefer, attnlrp, "
-                        "cp-lrp, or all (default: all)")
+                        "cp-lrp, saliency, input-x-gradient, integrated-gradients, or all (default: all = the first "
+                        "eight)")
     p.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="method parameter (repeatable)")
     p.add_argument("--target", default=None, help="classifiers: pred (default), a class INDEX or label, or topK; "
                                                   "causal decoders: the same over the vocabulary (next token)")
