@@ -216,9 +216,9 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
         Second texts. A classifier reads each (text, pair) as one sequence pair ([CLS] a [SEP] b [SEP]);
         a plain encoder embeds them separately and explains their similarity.
     methods : 'all', list or comma-separated str
-        Any of ``attention, rollout, gmar-l1, gmar-l2, gmar++, legrad, chefer, attnlrp, cp-lrp``
-        (``random`` as a baseline); an empty list captures attention only. The LRP methods default
-        to ``lin_gamma=0`` for text (see docs/text.md).
+        Any of ``attention, rollout, gmar-l1, gmar-l2, gmar++, legrad, chefer, attnlrp, cp-lrp, saliency,
+        input-x-gradient, integrated-gradients`` (``random`` as a baseline); an empty list captures attention
+        only. The LRP methods default to ``lin_gamma=0`` for text (see docs/text.md).
     target : classifier target as in :func:`vitlens.explain` (None/'pred', index, label, 'topK', list).
         For a causal decoder the classes are the vocabulary: 'pred' is the most likely next token.
     target_token : str or list of str, optional
