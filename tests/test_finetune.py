@@ -152,10 +152,22 @@ def test_the_split_is_seeded_and_stratified(folder):
 
 
 def test_a_separate_validation_dataset(folder, tmp_path, tiny_weights):
+    """``val=``: all of the inputs train; every validation image counts, also the 3 beyond the last whole batch
+    of 6 (training drops an epoch's incomplete batch, validation does not)."""
     torch.set_num_threads(1)
-    other = make_folder(tmp_path / "val", per_class=2)
+    other = make_folder(tmp_path / "val", per_class=3)
     result = run(folder, tmp_path / "ft", tiny_weights, epochs=1, val=f"imagefolder:{other}")
-    assert (result.train_images, result.val_images) == (24, 6)
+    assert (result.train_images, result.val_images, result.steps) == (24, 9, 4)
+    from vitlens.data import load_sample, resolve_inputs
+
+    model = vitlens.load_model(tmp_path / "ft")
+    samples = resolve_inputs(f"imagefolder:{other}")
+    with torch.no_grad():
+        logits = model.module(torch.stack([model.preprocess(load_sample(s))[0] for s in samples]))
+    labels = torch.tensor([s.label for s in samples])
+    assert result.val_accuracy == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+    assert result.history[-1]["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(),
+                                                           rel=1e-5)
 
 
 def test_a_hugging_face_vit(folder, tmp_path):

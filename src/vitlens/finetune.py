@@ -551,8 +551,18 @@ def _trainer(model, train_data, val_data, out: Path, *, device, per_device, grad
         remove_unused_columns=False, save_only_model=False, log_level="error", ddp_find_unused_parameters=False,
         dataloader_drop_last=True,  # whole batches only: the same batches on one process or several
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
-                      compute_metrics=accuracy, callbacks=[EpochLine(), *(callbacks or [])])
+    class WholeValidation(Trainer):
+        """Whole training batches only, but every validation image counts (no drop_last for evaluation)."""
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            self.args.dataloader_drop_last = False
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.args.dataloader_drop_last = True
+
+    trainer = WholeValidation(model=model, args=args, train_dataset=train_data, eval_dataset=val_data,
+                              compute_metrics=accuracy, callbacks=[EpochLine(), *(callbacks or [])])
     # the bars without the Trainer's printed log dicts (every step is logged, for the loss curve in finetune.json)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
