@@ -382,7 +382,11 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
             for pool, layer in sorted(layer_requests):
                 with _autocast(model, dtype):  # the final norm and head are the model's computation
                     score = task.layer_score(recorder.block_outputs[layer], pool, slot)
-                layer_gradients[(pool, layer)] = up(_grads(score, [recorder.attentions[layer]])[0])
+                # reduced at once to what LeGrad reads, the positive part's mean over heads: the per-head
+                # gradient of every layer is never held (H times the memory), and a view still cuts its rows
+                gradient = _grads(score, [recorder.attentions[layer]])[0]
+                layer_gradients[(pool, layer)] = up(gradient).clamp_min(0).mean(dim=1, keepdim=True)
+                del gradient
             readout = up(recorder.readout) if recorder.readout is not None else None  # an image-dependent head
             captured = Captured(attentions, gradients, readout, model.num_prefix_tokens, (0, 0), layer_gradients,
                                 cam, list(default_cam),

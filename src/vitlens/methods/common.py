@@ -26,8 +26,9 @@ class Captured:
     gradients : list of Tensor or None
         d(target logit)/dA per layer, (B, K, N, N), for this target.
     layer_gradients : dict
-        ``{(pool, layer): dS_layer/dA_layer}`` for LeGrad, where ``S_layer`` is the target
-        score read out of that layer's output.
+        ``{(pool, layer): mean_h max(dS_layer/dA_layer, 0)}`` for LeGrad, (B, 1, N, N), where ``S_layer`` is
+        the target score read out of that layer's output: the engine keeps only the positive part's mean
+        over heads, which is all LeGrad reads (the full (B, K, N, N) gradient gives the same map).
     readout : Tensor
         (N,) weights of the token rows the classifier reads (CLS: one-hot at 0), or (B, N) per image
         for a head whose pooling depends on the image (SigLIP's attention-pooling probe).
