@@ -10,7 +10,7 @@ import vitlens
 import vitlens.api as api
 from vitlens.errors import ResourceError, UsageError
 from vitlens.memory import ACTIVATION_FACTOR, bytes_per_image, images_per_pass, model_sizes, parse_size
-from vitlens.methods import ATTENTIONS, GRADIENTS, LAYER_GRADIENTS
+from vitlens.engine import keeps_attention_gradients
 
 from .conftest import tiny_timm_vit
 
@@ -34,9 +34,11 @@ def test_the_estimate_follows_the_attention_and_stream_sizes():
     model = vitlens.load_model(tiny_timm_vit())  # 3 layers, 4 heads, 1 + 16 tokens, width 48
     attention, stream = model_sizes(model, (32, 32))
     assert attention == 3 * 4 * 17 * 17 * 4 and stream == 3 * 17 * 48 * 4
-    assert bytes_per_image(model, {ATTENTIONS}, (32, 32)) == 2 * attention + ACTIVATION_FACTOR * stream
-    everything = bytes_per_image(model, {ATTENTIONS, GRADIENTS, LAYER_GRADIENTS}, (32, 32))
-    assert everything == 4 * attention + ACTIVATION_FACTOR * stream
+    assert bytes_per_image(model, False, (32, 32)) == 2 * attention + ACTIVATION_FACTOR * stream
+    assert bytes_per_image(model, True, (32, 32)) == 3 * attention + ACTIVATION_FACTOR * stream
+    assert not keeps_attention_gradients({"rollout": {}, "chefer": {}, "gmar-l2": {"norm": "l2"}, "legrad": {}})
+    assert keeps_attention_gradients({"chefer": {}, "attention-gradcam": {}})
+    assert keeps_attention_gradients({"chefer": {"libragrad": True}})
     wide = vitlens.load_model(tiny_timm_vit(dynamic_img_size=True))
     assert model_sizes(wide, (48, 32))[0] == 3 * 4 * 25 * 25 * 4  # a larger input, more tokens: its own size
     assert images_per_pass(16, 100, 250) == 2 and images_per_pass(16, 100, 50) == 1
@@ -62,7 +64,7 @@ def test_a_batch_over_the_budget_is_explained_in_chunks_with_the_same_maps(monke
     model = vitlens.load_model(tiny_timm_vit())
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     whole = vitlens.explain(model, x, methods=METHODS, batch_size=8, memory_budget="100GB")
-    per_image = bytes_per_image(model, {ATTENTIONS, GRADIENTS, LAYER_GRADIENTS}, (32, 32))
+    per_image = bytes_per_image(model, False, (32, 32))
     sizes = counting(monkeypatch)
     split = vitlens.explain(model, x, methods=METHODS, batch_size=8, memory_budget=2 * per_image + 1)
     assert sizes == [2, 2, 1]

@@ -147,12 +147,16 @@ class ExplainTask:
         How many views :meth:`views` returns (the methods' outputs are collected per view).
     keep_attentions : bool
         Capture attention even when no method needs it (text attention views).
+    whole_batch_view : bool
+        The task's one view is the batch as captured (images). Then the attention gradients are reduced to
+        what the methods read while the backward produces them (``Captured.layer_terms``).
     """
 
     model: ExplainableModel
     targets: torch.Tensor | None = None
     num_views: int = 1
     keep_attentions: bool = False
+    whole_batch_view: bool = False
 
     def leaf(self) -> torch.Tensor:
         """The batch input the gradients start from, as a fresh detached tensor."""
@@ -364,15 +368,21 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
             raise MethodError(f"target layer '{missing[0]}' is not used by the model's forward pass")
         cam_inputs = [activations[name] for name in cam_names]
         spatial_acts = {name: task.cam_spatial(up(act.detach()), name) for name, act in zip(cam_names, cam_inputs)}
+        # LibraGrad detaches queries and keys: a layer's attention no longer leads to the earlier ones, so its
+        # gradients are kept (reducing them in the backward would take one backward per layer)
+        terms = _layer_terms(task, methods) if GRADIENTS in needs and not libra else None
         for slot in range(values.shape[1] if methods else 0):
-            gradients, cam = None, {}
+            gradients, cam, layer_terms = None, {}, {}
             inputs = [leaf] if INPUT_GRADIENT in needs else []
-            shared = (recorder.attentions if GRADIENTS in needs else []) + cam_inputs + inputs
+            wanted = [] if GRADIENTS not in needs else recorder.attentions[:1] if terms else recorder.attentions
+            shared = wanted + cam_inputs + inputs
             input_gradient = None
             if shared:
                 # one backward for every method that needs d(target score)/d(something)
-                grads = _grads(values[:, slot].sum(), shared)
-                if GRADIENTS in needs:
+                score = values[:, slot].sum()
+                with _reducing(recorder.attentions, attentions, terms, layer_terms, up, score):
+                    grads = _grads(score, shared)
+                if GRADIENTS in needs and not terms:
                     gradients = [up(g) for g in grads[:len(recorder.attentions)]]
                 for name, grad in zip(cam_names, grads[len(shared) - len(cam_inputs) - len(inputs):]):
                     cam[name] = (spatial_acts[name], task.cam_spatial(up(grad), name))
@@ -391,7 +401,7 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
             captured = Captured(attentions, gradients, readout, model.num_prefix_tokens, (0, 0), layer_gradients,
                                 cam, list(default_cam),
                                 attention_relevance=relevance[slot] if relevance is not None else None,
-                                input_gradient=input_gradient)
+                                input_gradient=input_gradient, layer_terms=layer_terms)
             for view, view_captured in enumerate(task.views(captured, slot)):
                 for name, params in methods.items():
                     result.maps[name][view].append(get_method(name).function(view_captured, **params).detach())
@@ -540,6 +550,71 @@ def _hook_layers(model: ExplainableModel, names: list, stack: contextlib.ExitSta
     return outputs
 
 
+def _layer_terms(task: ExplainTask, methods: dict) -> list | None:
+    """The (term, params) every gradient method of the pass reads each layer through, or None to keep the gradients.
+
+    Only where every method that needs the attention gradients declares a ``layer_term`` and the task's one view is
+    the whole batch (a text view cuts its sequence's tokens out of the padded batch before a method reads it).
+    """
+    if not task.whole_batch_view:
+        return None
+    wanted = []
+    for name, params in methods.items():
+        spec = get_method(name)
+        if GRADIENTS not in spec.needs:
+            continue
+        if spec.layer_term is None:
+            return None
+        key = (spec.layer_term, tuple(sorted((p, params[p]) for p in spec.term_params)))
+        if key not in wanted:
+            wanted.append(key)
+    return wanted
+
+
+def keeps_attention_gradients(methods: dict) -> bool:
+    """Whether an image pass with these methods holds every layer's attention gradient at once (for the memory
+    estimate): some method needs them and reads them otherwise than through a layer term, or runs with LibraGrad."""
+    if not any(GRADIENTS in get_method(name).needs for name in methods):
+        return False
+    if any(params.get("libragrad") for params in methods.values()):
+        return True
+    return any(GRADIENTS in get_method(name).needs and get_method(name).layer_term is None for name in methods)
+
+
+@contextlib.contextmanager
+def _reducing(tensors: list, detached: list, terms, store: dict, up, score: torch.Tensor):
+    """While the backward runs, reduce each attention gradient to the ``terms`` as it is produced.
+
+    A hook on every captured attention tensor computes ``term(attention, gradient, **params)`` for each
+    (term, params) into ``store[(term, params)][layer]``; the gradient itself is then freed by autograd, so the
+    per-head gradients of all layers are never held at once. The backward is asked for the first layer's
+    gradient only: in a ViT every later attention lies on the way to it, so every hook runs. A layer whose
+    attention does not depend on the first one's (not a ViT of the usual kind) gets its gradient from one
+    more backward of ``score``, reduced the same way.
+    """
+    if not terms:
+        yield
+        return
+    for key in terms:
+        store[key] = [None] * len(tensors)
+
+    def reduce(layer: int, gradient: torch.Tensor) -> None:
+        gradient = up(gradient.detach())
+        for term, params in terms:
+            store[(term, params)][layer] = term(detached[layer], gradient, **dict(params)).detach()
+
+    handles = [tensor.register_hook(lambda gradient, layer=layer: reduce(layer, gradient))
+               for layer, tensor in enumerate(tensors)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer for layer in range(len(tensors)) if store[terms[0]][layer] is None]
+    for layer in missing:
+        reduce(layer, _grads(score, [tensors[layer]])[0])
+
+
 def _grads(score: torch.Tensor, tensors: list) -> list:
     grads = torch.autograd.grad(score, tensors, retain_graph=True, allow_unused=True)
     return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(tensors, grads)]
@@ -593,6 +668,8 @@ class ImageTask(ExplainTask):
     Targets are class logits; the gradient starts from the pixels; rollout-style maps are read with
     the model's own token readout on its patch grid; Grad-CAM reads any spatial layer.
     """
+
+    whole_batch_view = True  # the methods see the batch as captured: gradients can be reduced in the backward
 
     def __init__(self, model: ImageModel, x: torch.Tensor, target=None):
         model.check_input(x)

@@ -10,13 +10,13 @@ The estimate (:func:`bytes_per_image`) comes from one dry forward of a single im
 and input size): the attention tensors' size ``S_A`` (sum over layers of heads x N x N x 4 bytes) and
 the residual stream's size ``S_X`` (sum over layers of N x D x 4 bytes), combined as
 
-    peak per image ~ (2 + g + l) S_A + 17 S_X      g = 1 with gradient methods, l = 1 with LeGrad
+    peak per image ~ (2 + g) S_A + 17 S_X      g = 1 when the pass keeps every layer's attention gradient
 
-(kept attention + the transient products of the explicit attention; gradients; LeGrad's per-layer
-gradients; 17 x the stream for the activations autograd keeps). The factors were fitted to
-``benchmarks/memory.py`` on CPU (ViT-B/16 at 224 px: 0.20 GiB estimated, 0.22 measured; ViT-L/16 at 384 px:
-2.80 estimated, 2.68 measured, with the six rollout-family methods); the
-estimate decides a split, it is not a guarantee.
+(kept attention + the transient products of the explicit attention and of the backward; the gradients,
+where a method reads them otherwise than through a layer term, see ``engine._reducing``; 17 x the stream
+for the activations autograd keeps). Measured with ``benchmarks/memory.py`` on CPU, six rollout-family
+methods (no gradient kept): ViT-B/16 at 224 px 0.16 GiB estimated, 0.22 measured; ViT-L/16 at 384 px
+1.85 estimated, 1.69 measured (within 30 %). The estimate decides a split, it is not a guarantee.
 """
 
 from __future__ import annotations
@@ -103,15 +103,13 @@ def model_sizes(model, input_size) -> tuple[int, int]:
     return cached[key]
 
 
-def bytes_per_image(model, needs: set, input_size) -> int:
-    """The estimated peak of one image in one pass with these needs (see the module docstring)."""
-    from vitlens.methods import GRADIENTS, LAYER_GRADIENTS
-
+def bytes_per_image(model, kept_gradients: bool, input_size) -> int:
+    """The estimated peak of one image in one pass (see the module docstring); ``kept_gradients``: the pass holds
+    every layer's attention gradient at once (:func:`vitlens.engine.keeps_attention_gradients`)."""
     if not getattr(model, "has_attention", False):
         return 0  # CNNs: activations of an ordinary backward, which the caller's batch size already sizes
     attention, stream = model_sizes(model, input_size)
-    factor = 2 + (1 if GRADIENTS in needs else 0) + (1 if LAYER_GRADIENTS in needs else 0)
-    return factor * attention + ACTIVATION_FACTOR * stream
+    return (2 + int(kept_gradients)) * attention + ACTIVATION_FACTOR * stream
 
 
 def images_per_pass(batch_size: int, per_image: int, budget: int | None) -> int:

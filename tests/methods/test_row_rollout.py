@@ -105,3 +105,31 @@ def test_a_zero_row_without_residual_stays_zero(captured):
     mine = attention_rollout(captured, residual=0.0)
     assert torch.isfinite(mine).all()
     close(mine, readout_rows(previous_compose(matrices), captured))
+
+
+def test_the_engine_reduces_the_attention_gradients_during_the_backward(monkeypatch):
+    """Images: with only rollout-family gradient methods, the methods get each layer's term (computed by a hook as
+    the backward produces the gradient) and no gradients; a method without a term keeps the full gradients. The
+    maps are those of the terms computed from the full gradients."""
+    import vitlens
+    import vitlens.methods as registry
+    from tests.conftest import tiny_timm_vit
+
+    seen = []
+    spec = registry.REGISTRY["chefer"]
+    original = spec.function
+
+    def spy(captured, **params):
+        seen.append((captured.gradients is None, len(captured.layer_terms)))
+        return original(captured, **params)
+
+    monkeypatch.setitem(registry.REGISTRY, "chefer", type(spec)(**{**spec.__dict__, "function": spy}))
+    model = vitlens.load_model(tiny_timm_vit())
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reduced = vitlens.explain(model, x, methods="chefer,gmar-l2,gmar++", target="top2", warn=False)
+    assert seen == [(True, 3), (True, 3)]  # per target slot: no gradients, one term list per (term, params)
+    seen.clear()
+    full = vitlens.explain(model, x, methods="chefer,gmar-l2,gmar++,attention-gradcam", target="top2", warn=False)
+    assert seen == [(False, 0), (False, 0)]  # attention-gradcam reads the gradient itself
+    for name in ("chefer", "gmar-l2", "gmar++"):
+        torch.testing.assert_close(reduced.patch_maps[name], full.patch_maps[name], atol=1e-6, rtol=1e-5)

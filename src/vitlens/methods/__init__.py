@@ -14,10 +14,10 @@ from typing import Callable, Mapping
 from vitlens.errors import MethodError
 from vitlens.methods.attention_gradcam import attention_gradcam
 from vitlens.methods.baselines import center_map, random_map
-from vitlens.methods.chefer import chefer_rollout
+from vitlens.methods.chefer import chefer_rollout, chefer_term
 from vitlens.methods.common import FILLS, SCORES, Captured, minmax, to_pixels
-from vitlens.methods.gmar import gmar
-from vitlens.methods.gmar_pp import gmar_plus_plus
+from vitlens.methods.gmar import gmar, gmar_term
+from vitlens.methods.gmar_pp import gmar_plus_plus, gmar_plus_plus_term
 from vitlens.methods.gradcam import gradcam, gradcam_pp, layercam, xgradcam
 from vitlens.methods.gradients import (IG_BASELINES, IG_RULES, SALIENCY_REDUCTIONS, available_baselines,
                                        input_x_gradient, integrated_gradients, saliency)
@@ -199,6 +199,11 @@ class MethodSpec:
     signed: bool = False
     #: parameter name -> :class:`Param`; a parameter without one is passed on unchecked
     declared: dict = field(default_factory=dict)
+    #: ``term(attention, gradient, **params)``: all the method reads of each layer's gradient (with the
+    #: parameters named in ``term_params``), read through :func:`~vitlens.methods.common.terms_of`; lets the
+    #: engine reduce each gradient as the backward produces it instead of keeping them all
+    layer_term: Callable | None = None
+    term_params: tuple = ()
 
     def check(self, overrides: Mapping | None) -> dict:
         """The given parameters, each checked against its declaration (one-line MethodError otherwise)."""
@@ -255,17 +260,20 @@ register(MethodSpec("rollout", attention_rollout, frozenset({ATTENTIONS}), False
 register(MethodSpec("gmar-l1", gmar, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"norm": "l1", "residual": 1.0, "start_layer": 0},
                     "gradient-weighted head rollout, L1 head norms (Jo et al. 2025)",
-                    declared={"norm": HEAD_NORM, "residual": RESIDUAL, "start_layer": START_LAYER}))
+                    declared={"norm": HEAD_NORM, "residual": RESIDUAL, "start_layer": START_LAYER},
+                    layer_term=gmar_term, term_params=("norm",)))
 register(MethodSpec("gmar-l2", gmar, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"norm": "l2", "residual": 1.0, "start_layer": 0},
                     "gradient-weighted head rollout, L2 head norms (Jo et al. 2025)",
-                    declared={"norm": HEAD_NORM, "residual": RESIDUAL, "start_layer": START_LAYER}))
+                    declared={"norm": HEAD_NORM, "residual": RESIDUAL, "start_layer": START_LAYER},
+                    layer_term=gmar_term, term_params=("norm",)))
 register(MethodSpec("gmar++", gmar_plus_plus, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"norm": "l2", "residual": 1.0, "normalize": "none", "start_layer": 0},
                     "positive gradients x attention, per-layer head weights, residual rollout",
                     declared={"norm": HEAD_NORM, "residual": RESIDUAL, "start_layer": START_LAYER,
                               "normalize": Param("choice", "'layer' divides each layer's weighted attention by its "
-                                                           "mean row sum", choices=("none", "layer"))}))
+                                                           "mean row sum", choices=("none", "layer"))},
+                    layer_term=gmar_plus_plus_term, term_params=("norm", "normalize")))
 register(MethodSpec("legrad", legrad, frozenset({ATTENTIONS, LAYER_GRADIENTS}), True,
                     {"layers": "all", "pool": "model"},
                     "per-layer gradient of per-layer scores (Bousselham et al. 2025)",
@@ -275,7 +283,7 @@ register(MethodSpec("legrad", legrad, frozenset({ATTENTIONS, LAYER_GRADIENTS}), 
 register(MethodSpec("chefer", chefer_rollout, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"start_layer": 0},
                     "gradient x attention rollout (Chefer et al., ICCV 2021)",
-                    declared={"start_layer": START_LAYER}))
+                    declared={"start_layer": START_LAYER}, layer_term=chefer_term))
 
 for _name, _fn, _summary in (
     ("gradcam", gradcam, "Grad-CAM: channels weighted by mean gradients (Selvaraju et al. 2017)"),

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from vitlens.methods.common import Captured, rollout_readout, through_identity_plus
+from vitlens.methods.common import Captured, rollout_readout, terms_of, through_identity_plus
+
+
+def chefer_term(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """A_bar^l = mean_h max(G^l_h * A^l_h, 0), (B, N, N): all the method reads of a layer."""
+    return (gradient * attention).clamp_min(0).mean(dim=1)
 
 
 def chefer_rollout(captured: Captured, start_layer: int = 0) -> torch.Tensor:
     """Chefer grad x attention rollout patch map (B, h, w)."""
-    layers = [lambda a=a, g=g: (g * a).clamp_min(0).mean(dim=1)
-              for a, g in zip(captured.attentions[start_layer:], captured.gradients[start_layer:])]
-    return rollout_readout(layers, captured, through_identity_plus)
+    return rollout_readout(terms_of(captured, chefer_term)[start_layer:], captured, through_identity_plus)

@@ -44,6 +44,10 @@ class Captured:
         ``{layer name: (activations, gradients)}``, each (B, C, h, w), for the Grad-CAM family.
     cam_layers : list of str
         The default target layers (those used when a method names none).
+    layer_terms : dict
+        ``{(term function, params): [per-layer term]}``: what a method reads from each layer's attention and
+        gradient (:func:`terms_of`), computed by the engine while the backward produces each gradient, so
+        that ``gradients`` need not be kept (it is None then).
     attention_relevance : list of Tensor or None
         LRP relevance at the attention probabilities per layer, (B, K, N, N), for this target, from the
         relevance pass with Chefer's rules (``transformer-attribution``).
@@ -64,6 +68,7 @@ class Captured:
     input_relevance: dict = field(default_factory=dict)
     attention_relevance: list | None = None
     input_gradient: tuple | None = None
+    layer_terms: dict = field(default_factory=dict)
 
 
 def fuse_heads(attention: torch.Tensor, how: str = "mean") -> torch.Tensor:
@@ -75,6 +80,21 @@ def fuse_heads(attention: torch.Tensor, how: str = "mean") -> torch.Tensor:
     if how == "min":
         return attention.amin(dim=1)
     raise MethodError(f"unknown head fusion {how!r}: expected mean, max or min")
+
+
+def terms_of(captured: Captured, term, **params) -> list:
+    """Per layer, ``term(attention, gradient, **params)``: the engine's copy from the backward, or computed here.
+
+    Gradient methods of the rollout family read a layer only through such a term (Chefer:
+    ``mean_h max(G A, 0)``). The engine computes the terms while the backward produces each layer's
+    gradient and drops the gradient (``Captured.layer_terms``); otherwise the terms are computed from
+    ``captured.gradients``, lazily: each is a zero-argument callable that :func:`rollout_readout` calls
+    when it reaches the layer.
+    """
+    key = (term, tuple(sorted(params.items())))
+    if key in captured.layer_terms:
+        return list(captured.layer_terms[key])
+    return [lambda a=a, g=g: term(a, g, **params) for a, g in zip(captured.attentions, captured.gradients)]
 
 
 def readout_vector(captured: Captured, like: torch.Tensor) -> torch.Tensor:

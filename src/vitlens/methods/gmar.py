@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from vitlens.errors import MethodError
-from vitlens.methods.common import EPS, Captured, rollout_readout, through_residual
+from vitlens.methods.common import EPS, Captured, rollout_readout, terms_of, through_residual
 
 
 def head_norms(gradient: torch.Tensor, norm: str) -> torch.Tensor:
@@ -38,9 +38,10 @@ def normalized_head_weights(gradient: torch.Tensor, norm: str) -> torch.Tensor:
 
 def gmar(captured: Captured, norm: str = "l2", residual: float = 1.0, start_layer: int = 0) -> torch.Tensor:
     """GMAR patch map (B, h, w)."""
-    def fused(attention, gradient):
-        return torch.einsum("bk,bknm->bnm", normalized_head_weights(gradient, norm), attention)
-
-    layers = [lambda a=a, g=g: fused(a, g) for a, g in zip(captured.attentions[start_layer:],
-                                                           captured.gradients[start_layer:])]
+    layers = terms_of(captured, gmar_term, norm=norm)[start_layer:]
     return rollout_readout(layers, captured, lambda row, matrix: through_residual(row, matrix, residual))
+
+
+def gmar_term(attention: torch.Tensor, gradient: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """A_bar^l = sum_h w^l_h A^l_h, (B, N, N): all GMAR reads of a layer."""
+    return torch.einsum("bk,bknm->bnm", normalized_head_weights(gradient, norm), attention)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from vitlens.errors import MethodError
-from vitlens.methods.common import EPS, Captured, rollout_readout, through_residual
+from vitlens.methods.common import EPS, Captured, rollout_readout, terms_of, through_residual
 from vitlens.methods.gmar import normalized_head_weights
 
 
@@ -39,14 +39,15 @@ def gmar_plus_plus(captured: Captured, norm: str = "l2", residual: float = 1.0, 
     """GMAR++ patch map (B, h, w)."""
     if normalize not in ("none", "layer"):
         raise MethodError(f"unknown normalize {normalize!r}: expected 'none' or 'layer'")
-
-    def layer(attention, gradient):
-        weighted = gradient_weighted_attention(attention, gradient, norm)
-        if normalize == "layer":
-            mean_row_sum = weighted.sum(dim=-1).mean(dim=-1)
-            weighted = weighted / (mean_row_sum[:, None, None] + EPS)
-        return weighted
-
-    layers = [lambda a=a, g=g: layer(a, g) for a, g in zip(captured.attentions[start_layer:],
-                                                           captured.gradients[start_layer:])]
+    layers = terms_of(captured, gmar_plus_plus_term, norm=norm, normalize=normalize)[start_layer:]
     return rollout_readout(layers, captured, lambda row, matrix: through_residual(row, matrix, residual))
+
+
+def gmar_plus_plus_term(attention: torch.Tensor, gradient: torch.Tensor, norm: str = "l2",
+                        normalize: str = "none") -> torch.Tensor:
+    """W^l (divided by its mean row sum with ``normalize='layer'``), (B, N, N): all GMAR++ reads of a layer."""
+    weighted = gradient_weighted_attention(attention, gradient, norm)
+    if normalize == "layer":
+        mean_row_sum = weighted.sum(dim=-1).mean(dim=-1)
+        weighted = weighted / (mean_row_sum[:, None, None] + EPS)
+    return weighted
