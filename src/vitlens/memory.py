@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from vitlens.errors import UsageError
+from vitlens.errors import MethodError, UsageError
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -87,20 +87,28 @@ def default_budget(device) -> int | None:
 
 def model_sizes(model, input_size) -> tuple[int, int]:
     """(attention bytes, residual-stream bytes) of one image at ``input_size``, from one dry forward (cached)."""
-    from vitlens.models.capture import AttentionRecorder
-
     key = tuple(int(v) for v in input_size)
     cached = _SIZES.setdefault(model, {})
     if key not in cached:
-        recorder = AttentionRecorder(keep_block_outputs=True)
         x = torch.zeros(1, 3, *key, device=model.device, dtype=model.dtype)
         model.check_input(x)  # a size the model cannot take: its one-line error, not the model's assertion
-        with torch.no_grad(), model.eval_mode(), model.capture(recorder):
-            model.logits(x)
+        try:
+            recorder = _dry_forward(model, x, keep_block_outputs=True)
+        except MethodError:  # an adapter that cannot hand out its blocks (a head it cannot trace): no stream size
+            recorder = _dry_forward(model, x, keep_block_outputs=False)
         attention = sum(a[0].numel() for a in recorder.attentions) * 4
         stream = sum(h[0].numel() for h in recorder.block_outputs) * 4
         cached[key] = (attention, stream)
     return cached[key]
+
+
+def _dry_forward(model, x: torch.Tensor, keep_block_outputs: bool):
+    from vitlens.models.capture import AttentionRecorder
+
+    recorder = AttentionRecorder(keep_block_outputs=keep_block_outputs)
+    with torch.no_grad(), model.eval_mode(), model.capture(recorder):
+        model.logits(x)
+    return recorder
 
 
 def bytes_per_image(model, kept_gradients: bool, input_size) -> int:
