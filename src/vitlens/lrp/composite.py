@@ -47,7 +47,7 @@ from vitlens.models.capture import AttentionRecorder, attribute_set, masked_scor
 ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.Softplus, nn.ELU, nn.LeakyReLU, nn.Hardswish)
 #: Hugging Face RMSNorm classes of the form ``weight * x * rsqrt(mean(x^2) + variance_epsilon)``
 #: (Gemma's ``(1 + weight)`` form is deliberately not listed)
-RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "T5LayerNorm")
 
 
 @dataclass(frozen=True)

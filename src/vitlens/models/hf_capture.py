@@ -12,7 +12,9 @@ current attention implementation and silently builds *none* for an unknown name,
 ``eager_mask`` is registered under the same name (``AttentionMaskInterface``; a new entry, nothing
 existing is changed). Padded keys then get exactly zero probability, as in the eager model. Grouped-
 query attention (Llama, Mistral, Qwen) has its keys and values repeated per head group, as the eager
-code does. Registration is idempotent.
+code does. T5's relative position bias (the ``position_bias`` its attention passes, one (heads, q, k) table per
+layer, zeros for cross-attention) is added to the mask, as its eager function adds it to the scores.
+Registration is idempotent.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import contextvars
 from typing import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from vitlens.errors import ModelError
@@ -45,6 +48,11 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     mask = None
     if attention_mask is not None:
         mask = attention_mask[:, :, :, : key.shape[-2]]
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # T5's relative position bias (per head), added to the scores as eager does
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+        mask = position_bias if mask is None else position_bias + mask
     # The layer index is the call order: blocks run in sequence within one forward.
     out = explicit_attention(query, key, value, scaling, len(recorder.attentions), recorder, mask)
     # HF expects (B, N, heads, head_dim) back, plus the weights.

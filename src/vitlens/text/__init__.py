@@ -4,7 +4,8 @@ and GPT-style causal decoders.
 ``load_text_model`` wraps Hugging Face encoders and sequence classifiers (BERT incl. MiniLM, RoBERTa,
 XLM-RoBERTa, CamemBERT, DistilBERT, ALBERT, ELECTRA) and causal language models (GPT-2, Llama,
 Mistral, Qwen2, Qwen3; explaining one next token, or every token of a continuation with
-``explain_continuation``), ``explain_text`` runs the image methods on
+``explain_continuation``) and encoder-decoders (T5 / mT5, BART, Marian: ``explain_seq2seq``, target tokens
+attributed to the source, encoder, decoder and cross-attention), ``explain_text`` runs the image methods on
 token sequences, ``attention_views`` writes the attention views; ``vitlens text`` is the command
 line. See docs/text.md.
 """
@@ -19,8 +20,10 @@ from vitlens.text.api import (Prediction, SequenceResult, TextItem, TextResult, 
 from vitlens.text.task import TEXT_METHODS, Objective, TextTask, parse_text_methods, run_text_batch
 from vitlens.text.continuation import ContinuationResult, explain_continuation
 from vitlens.text.stats import HeadStatistics, head_statistics, reference_patterns, reference_statistics
+from vitlens.text.seq2seq import SEQ2SEQ_FAMILIES, Seq2SeqModel, Seq2SeqResult, explain_seq2seq
 
 __all__ = ["ContinuationResult", "DECODER_FAMILIES", "DecoderModel", "EncoderModel", "FAMILIES", "HeadStatistics",
+           "SEQ2SEQ_FAMILIES", "Seq2SeqModel", "Seq2SeqResult", "explain_seq2seq",
            "Objective", "Prediction", "SequenceResult", "TEXT_METHODS", "TextBatch",
            "TextItem", "TextModel", "TextResult", "TextTask", "VIEWS", "attention_views", "explain_continuation",
            "explain_text",

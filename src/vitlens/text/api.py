@@ -241,8 +241,22 @@ def explain_text(model, texts, pairs=None, methods="all", target=None, objective
         Explain every token of a continuation instead of one next token: its text, a number of tokens to
         generate greedily, or the position of a token inside the text; returns a
         :class:`vitlens.text.continuation.ContinuationResult` (see :func:`explain_continuation`).
+        Encoder-decoders (T5, BART, Marian): one source text, its target given (``continuation``) or generated
+        (``generate``, by default 20 tokens); returns a :class:`vitlens.text.seq2seq.Seq2SeqResult` (see
+        :func:`vitlens.text.seq2seq.explain_seq2seq`).
     """
     model = model if isinstance(model, TextModel) else load_text_model(model)
+    if getattr(model, "is_seq2seq", False):  # an encoder-decoder explains its target tokens
+        from vitlens.text.seq2seq import explain_seq2seq
+
+        texts = _as_list(texts, "texts")
+        if not texts or len(texts) != 1 or pairs is not None:
+            raise InputError("an encoder-decoder model is explained for one source text (no pair)")
+        if target is not None or target_token is not None or position is not None:
+            raise MethodError("an encoder-decoder's targets are its target tokens: give continuation= or generate=, "
+                              "not target= / target_token= / position=")
+        return explain_seq2seq(model, texts[0], continuation, generate, contrast, methods, params,
+                               keep_attentions=keep_attentions, truncate=truncate)
     if continuation is not None or generate is not None or position is not None:
         from vitlens.text.continuation import explain_continuation
 

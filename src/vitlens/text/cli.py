@@ -142,6 +142,8 @@ def run(args) -> int:
         parse_spans(args.spans)
     out = check_out_dir(args.out)  # creates nothing: a mistake found below leaves no trace
     model = _load(args)
+    if getattr(model, "is_seq2seq", False):
+        return _run_seq2seq(args, model, params, formats, out)
     if continuing:
         return _run_continuation(args, model, params, formats, out, continuing[0])
     _check_layer(args.layer, model.num_layers)
@@ -325,6 +327,46 @@ def _run_continuation(args, model, params, formats, out, option) -> int:
         print(f"{'generated' if result.generated else 'explained'}: {steps}; {result.value_name} per token")
         print(f"continuation log-probability: {result.sequence_logprob:.4f}")
         print(f"wrote {len(paths)} file(s) to {out}: " + ", ".join(Path(p).name for p in paths))
+    return 0
+
+
+def _run_seq2seq(args, model, params, formats, out) -> int:
+    """An encoder-decoder (T5, BART, Marian): its target (--continuation, or --generate N, by default 20 tokens)
+    attributed to the source tokens; seq2seq.json, attributions.png and the views of each attention kind."""
+    from vitlens.errors import InputError, MethodError
+    from vitlens.text.seq2seq import explain_seq2seq, parse_seq2seq_methods, parse_seq2seq_views
+
+    if args.file is not None:
+        raise InputError("an encoder-decoder model explains one source text: give it without --file")
+    if args.pair is not None:
+        raise InputError("an encoder-decoder model reads one source text: --pair is for encoders")
+    if args.target is not None or args.target_token is not None or args.position is not None:
+        raise InputError("an encoder-decoder explains its target tokens: give --continuation or --generate, not "
+                         "--target, --target-token or --position")
+    views = parse_seq2seq_views(args.views or "all")
+    methods = parse_seq2seq_methods(args.methods or "all", model) if "tokens" in views else []
+    if params and not methods:
+        raise MethodError("--param sets parameters of token attributions, and none are computed here: add tokens to "
+                          "--views")
+    check_params_requested(params, methods)
+    layers = min(model.encoder_layers, model.decoder_layers)
+    if not -layers <= args.layer < layers:
+        from vitlens.errors import UsageError
+
+        raise UsageError(f"--layer {args.layer}: the encoder has {model.encoder_layers} and the decoder "
+                         f"{model.decoder_layers} layers (give 0 to {layers - 1}, or -1 to -{layers})")
+    result = explain_seq2seq(model, args.text, continuation=args.continuation, generate=args.generate,
+                             contrast=args.contrast, methods=methods, params=params,
+                             keep_attentions=any(v != "tokens" for v in views), truncate=args.truncate)
+    written = result.save(out, views, formats, args.layer, args.scale)
+    files = sorted({str(p.relative_to(out)) for paths in written.values() for p in paths})
+    if not args.quiet:
+        print(f"model: {model.info.spec} ({model.kind_name}, {model.encoder_layers} encoder + {model.decoder_layers} "
+              f"decoder layers x {model.num_heads} heads)")
+        steps = ", ".join(f"{s['token']!r} ({s['value']:.3f})" for s in result.steps)
+        print(f"{'generated' if result.generated else 'explained'}: {steps}; {result.value_name} per token")
+        print(f"target log-probability: {result.sequence_logprob:.4f}")
+        print(f"wrote {len(files)} file(s) to {out}: " + ", ".join(files))
     return 0
 
 

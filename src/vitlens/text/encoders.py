@@ -1,4 +1,7 @@
-"""Adapters for Hugging Face text encoders: BERT, RoBERTa (XLM-R, CamemBERT), DistilBERT, ALBERT, ELECTRA.
+"""Adapters for Hugging Face text encoders: BERT, RoBERTa (XLM-R, CamemBERT), DistilBERT, ALBERT, ELECTRA, and the
+encoder of T5 / mT5 (``T5EncoderModel``, ``MT5EncoderModel``: sentence embeddings by mean pooling, T5 has no CLS
+token; its relative position bias reaches the shared capture as the attention bias, and a block's output is read
+through the final RMS norm, as the last hidden state is).
 
 Both the plain encoder (``BertModel``, the sentence-transformers MiniLM, ...) and the
 ``...ForSequenceClassification`` form are supported. Capture, the word-embedding leaf and the
@@ -36,6 +39,8 @@ FAMILIES = {
     "AlbertForSequenceClassification": ("albert", "albert"),
     "ElectraModel": ("electra", None),
     "ElectraForSequenceClassification": ("electra", "electra"),
+    "T5EncoderModel": ("t5", None),
+    "MT5EncoderModel": ("t5", None),
 }
 
 
@@ -53,6 +58,10 @@ def _distilbert_head(m, backbone, hidden):
 
 def _albert_head(m, backbone, hidden):
     return m.classifier(m.dropout(backbone.pooler_activation(backbone.pooler(hidden[:, 0]))))
+
+
+def _no_head(m, backbone, hidden):  # plain encoders only (T5EncoderModel)
+    raise TargetError(f"{type(m).__name__} is a plain encoder without a classification head")
 
 
 def _encoder_layers(backbone):
@@ -81,6 +90,11 @@ class EncoderArchitecture:
         cannot, so the adapter passes them, and the longest input is shorter by that offset.
     layer_calls : callable or None
         config -> attention layers run per forward when blocks are shared (ALBERT), else None.
+    final_norm : callable or None
+        backbone -> the norm applied after the last block (T5's RMS norm), which a block's output passes
+        through before it is pooled (LeGrad reads every block as the last one would be read), else None.
+    has_cls : bool
+        Whether the first token is a classifier token ([CLS] / <s>) that 'cls' pooling can read (not T5).
     """
 
     layers: Callable
@@ -88,6 +102,8 @@ class EncoderArchitecture:
     token_types: bool = True
     positions_from_ids: bool = False
     layer_calls: Callable | None = None
+    final_norm: Callable | None = None
+    has_cls: bool = True
 
 
 ARCHITECTURES = {
@@ -98,8 +114,11 @@ ARCHITECTURES = {
                                       token_types=False),
     "albert": EncoderArchitecture(_albert_layers, _albert_head,
                                   layer_calls=lambda cfg: int(cfg.num_hidden_layers) * int(cfg.inner_group_num)),
+    "t5": EncoderArchitecture(lambda backbone: list(backbone.encoder.block), _no_head, token_types=False,
+                              final_norm=lambda backbone: backbone.encoder.final_layer_norm, has_cls=False),
 }
-SUPPORTED_FAMILIES = "BERT (incl. MiniLM), RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ALBERT, ELECTRA"
+SUPPORTED_FAMILIES = ("BERT (incl. MiniLM), RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ALBERT, ELECTRA, "
+                      "T5 / mT5 encoders (T5EncoderModel)")
 PACKAGED_MINILM = ("vitlens:all-minilm-l6-v2", "vitlens:minilm", "minilm")
 POOLINGS = ("mean", "cls")
 
@@ -132,6 +151,8 @@ class EncoderModel(TextModel):
         text_family, base_attr = FAMILIES[name]
         backbone = getattr(module, base_attr) if base_attr else module
         self.architecture = ARCHITECTURES[text_family]
+        if pooling == "cls" and not self.architecture.has_cls:
+            raise ModelError(f"{name} has no CLS token: use mean pooling")
         super().__init__(module, tokenizer, text_family=text_family, backbone=backbone,
                          layers=self.architecture.layers(backbone), is_classifier=base_attr is not None,
                          class_names=class_names, info=info)
@@ -251,6 +272,11 @@ class EncoderModel(TextModel):
         if not self.is_classifier:
             raise TargetError("a plain encoder has no classification head")
         return self.architecture.head(self.module, self.backbone, hidden)
+
+    def layer_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A block's output as the last hidden state would be read: through T5's final norm, else as it is."""
+        norm = self.architecture.final_norm
+        return norm(self.backbone)(hidden) if norm is not None else hidden
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sentence embeddings (B, C) of an encoder: mean over real tokens, or the first token."""

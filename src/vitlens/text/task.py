@@ -197,6 +197,7 @@ class TextTask(ExplainTask):
         if self.model.is_classifier:
             scores = self.model.layer_scores(hidden, mask, pool)
             return self._contrasted(scores, self.targets[:, slot:slot + 1], slice(None)).sum()
+        hidden = getattr(self.model, "layer_states", lambda h: h)(hidden)  # T5: through the final norm
         pooled = self.model.pool(hidden, mask) if pool == "model" else self.model.pool_mean(hidden, mask)
         return _apply_objective(self.objective, pooled).sum()
 
