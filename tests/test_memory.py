@@ -90,3 +90,24 @@ def test_out_of_memory_for_one_image_is_one_line(monkeypatch):
     with pytest.raises(ResourceError, match="out of memory explaining one image on cpu with rollout") as info:
         vitlens.explain(model, torch.randn(3, 3, 32, 32), methods="rollout", batch_size=4)
     assert "\n" not in str(info.value)
+
+
+def test_the_command_line_budget_gives_the_same_outputs(tmp_path, capsys, tiny):
+    """`vitlens explain --memory-budget 1` explains one image per pass: the same maps as without a budget."""
+    import numpy as np
+    from PIL import Image
+
+    from vitlens.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.effect_noise((40, 40), 20 + 10 * i).convert("RGB").save(folder / f"n{i}.png")
+    outs = {}
+    for name, option in (("whole", []), ("split", ["--memory-budget", "1"])):
+        outs[name] = tmp_path / name
+        assert main(["explain", str(folder), *tiny, "--methods", "rollout,chefer", "--out", str(outs[name]),
+                     "--quiet", *option]) == 0, capsys.readouterr().err
+    for path in sorted((outs["whole"] / "maps").rglob("*.npy")):
+        other = outs["split"] / path.relative_to(outs["whole"])
+        np.testing.assert_allclose(np.load(other), np.load(path), atol=1e-6, rtol=1e-5)

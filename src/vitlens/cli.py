@@ -103,6 +103,9 @@ def _add_output_options(p):
                    help="longest side of the overlays, or 'full' for the original resolution (default: %(default)s)")
     p.add_argument("--io-workers", type=int, metavar="N",
                    help="threads that decode images and as many that write outputs (default: up to 4)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="most memory one pass may use, e.g. 8GB or 512MiB: a batch over it is explained in chunks "
+                        "(default: 80%% of the free memory)")
     p.add_argument("--signed-display", choices=SIGNED_DISPLAYS, default="signed",
                    help="overlays of signed methods (AttnLRP, CP-LRP): 'signed' relevance, red positive and blue "
                         "negative around the untouched photo, or its 'positive' part like other maps (default: "
@@ -317,6 +320,9 @@ def _check_options(args) -> None:
         from vitlens.engine import precision_name
 
         args.precision = precision_name(args.precision, option="--precision")
+        from vitlens.memory import parse_size
+
+        parse_size(args.memory_budget, option="--memory-budget")
     select_device(getattr(args, "device", None))
     prompt_options(args)
 
@@ -368,7 +374,7 @@ def cmd_explain(args) -> int:
                               resume=not args.force, progress=not args.quiet, cmap=args.cmap, alpha=args.alpha,
                               html=args.format == "html", save=args.save, overlay_max_side=args.overlay_max_side,
                               io_workers=args.io_workers, group=group, precision=args.precision,
-                              signed_display=args.signed_display)
+                              signed_display=args.signed_display, memory_budget=args.memory_budget)
     if group.is_main:
         _print_summary(summary)
     return 1 if summary.failed else 0
@@ -398,7 +404,8 @@ def cmd_evaluate(args) -> int:
                                granularity=args.granularity, resume=not args.force, progress=not args.quiet,
                                seed=args.seed, masks_dir=args.masks, source=f"'{' '.join(args.inputs)}'",
                                save=args.save, overlay_max_side=args.overlay_max_side, io_workers=args.io_workers,
-                               group=group, precision=args.precision, signed_display=args.signed_display)
+                               group=group, precision=args.precision, signed_display=args.signed_display,
+                               memory_budget=args.memory_budget)
     if group.is_main:
         _print_summary(summary.run)
         print(f"tables: {summary.files['md']}  {summary.files['csv']}  {summary.files['json']}")
