@@ -20,7 +20,7 @@ def test_built_in_families_are_registered_in_priority_order():
     assert {"timm", "timm-eva", "timm-beit", "hf", "torchvision"} <= set(image[:-2])
     from vitlens.text import loading  # noqa: F401  registers the text families
 
-    assert [f.name for f in registry.families("text")] == ["hf-encoder", "hf-decoder"]
+    assert [f.name for f in registry.families("text")] == ["hf-encoder", "hf-decoder", "hf-seq2seq"]
     assert {"timm", "hf", "torchvision", "vitlens"} <= set(registry.spec_prefixes("image"))
 
 
