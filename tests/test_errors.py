@@ -135,6 +135,17 @@ def _tiny_gpt2_dir(monkeypatch):
         save_tiny_gpt2("tiny-gpt2")
 
 
+def _tiny_t5_dir(monkeypatch):
+    """The text tests' random tiny T5 with its trained BPE tokenizer, saved as ./tiny-t5."""
+    import contextlib
+    import io
+
+    from tests.text.conftest import save_tiny_t5
+
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' progress bar is not the command's output
+        save_tiny_t5("tiny-t5")
+
+
 def _no_proxy(monkeypatch):
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
@@ -290,6 +301,9 @@ CLI_CASES = {
     "text: --continuation of an encoder": {"minilm": True},
     "text: contrast of another length than the continuation": {"setup": _tiny_gpt2_dir},
     "text: --position with no token before it": {"setup": _tiny_gpt2_dir},
+    "text: self-attention method of an encoder-decoder": {"setup": _tiny_t5_dir},
+    "text: --target for an encoder-decoder": {"setup": _tiny_t5_dir},
+    "text: query view of an encoder-decoder": {"setup": _tiny_t5_dir},
 }
 
 
@@ -506,7 +520,22 @@ API_CASES = {
                                                                           continuation=" a guitar"),
     "api: contrast for a plain encoder": lambda ctx: _explain_text(ctx)(ctx["text_model"](), "A man plays.",
                                                                         pairs="Someone plays.", contrast="x"),
+    "api: CLS pooling of T5's encoder": lambda ctx: _load_text_model()(_tiny_t5_encoder(), pooling="cls"),
+    "api: encoder-decoder attributions of a text encoder": lambda ctx: _explain_seq2seq()(ctx["text_model"](),
+                                                                                          "A man plays."),
 }
+
+
+def _tiny_t5_encoder():
+    from tests.text.conftest import tiny_t5_encoder
+
+    return tiny_t5_encoder()
+
+
+def _explain_seq2seq():
+    from vitlens.text import explain_seq2seq
+
+    return explain_seq2seq
 
 
 def _download_dataset():

@@ -155,3 +155,64 @@ def save_tiny_gpt2(path):
     module.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------ encoder-decoders
+SEQ2SEQ = ("t5", "bart", "marian")
+SEQ2SEQ_CORPUS = ["translate English to German: The house is wonderful.", "Das Haus ist wunderbar.",
+                  "The cat sat on the mat.", "Die Katze sass auf der Matte.",
+                  "summarize: Paris is the capital of France."]
+
+
+def tiny_seq2seq_tokenizer():
+    """A byte-level BPE trained here, with T5's special ids (pad 0, </s> 1, <unk> 2) and a final </s>."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(SEQ2SEQ_CORPUS * 3, vocab_size=300, min_frequency=1,
+                            special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False)
+    bpe._tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def tiny_seq2seq(family: str = "t5", vocab_size: int = 300, seed: int = 0, gated: bool = False):
+    """A random encoder-decoder (3 encoder layers, 2 decoder layers, 4 heads, hidden 32) with pad 0, </s> 1.
+
+    (Not more decoder than encoder layers: generate() sizes its cache by the encoder's count.)"""
+    import transformers as tr
+
+    torch.manual_seed(seed)
+    ids = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    if family == "t5":
+        config = tr.T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2,
+                             num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                             feed_forward_proj="gated-gelu" if gated else "relu", **ids)
+        return tr.T5ForConditionalGeneration(config).eval()
+    common = dict(vocab_size=vocab_size, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                  **ids)
+    if family == "bart":
+        return tr.BartForConditionalGeneration(tr.BartConfig(bos_token_id=2, forced_eos_token_id=None,
+                                                             **common)).eval()
+    return tr.MarianMTModel(tr.MarianConfig(scale_embedding=True, **common)).eval()
+
+
+def tiny_t5_encoder(vocab_size: int = 300, seed: int = 0):
+    """A random 2-layer, 4-head T5EncoderModel (hidden 32), T5's relative position buckets, eval mode."""
+    import transformers as tr
+
+    torch.manual_seed(seed)
+    return tr.T5EncoderModel(tr.T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                         num_heads=4, relative_attention_num_buckets=8,
+                                         relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1)).eval()
+
+
+def save_tiny_t5(path):
+    """The tiny random T5 of :func:`tiny_seq2seq` and its trained tokenizer, saved into ``path``."""
+    tokenizer = tiny_seq2seq_tokenizer()
+    tiny_seq2seq("t5", vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

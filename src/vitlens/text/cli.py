@@ -312,7 +312,9 @@ def _run_continuation(args, model, params, formats, out, option) -> int:
     from vitlens.text.task import parse_text_methods
 
     if not getattr(model, "is_causal", False):
-        raise InputError(f"{option} is for causal decoders (GPT-2, Llama, Mistral, Qwen2/3), not {model.kind_name}")
+        also = "" if option == "--position" else " and encoder-decoders (T5, BART, Marian)"
+        raise InputError(f"{option} is for causal decoders (GPT-2, Llama, Mistral, Qwen2/3){also}, "
+                         f"not {model.kind_name}")
     if args.pair is not None:
         raise InputError("a causal decoder reads one text (the prompt): --pair is for encoders")
     methods = parse_text_methods(args.methods or "all")
