@@ -148,9 +148,45 @@ def test_attention_is_the_last_decoder_layers_cross_attention(model):
     result = explain_seq2seq(model, CORPUS[0], continuation=CORPUS[1], methods="attention")
     cross = result.attentions["cross"]  # (L, H, T, S)
     np.testing.assert_allclose(result.matrices["attention"], cross[-1].mean(0).T, atol=1e-6)
+    # layer counts the attention calls: encoder 0-2, then decoder 0 self, decoder 0 cross (-3), ...
     first = explain_seq2seq(model, CORPUS[0], continuation=CORPUS[1], methods="attention",
-                            params={"attention": {"layer": 0}})
+                            params={"attention": {"layer": -3}})
     np.testing.assert_allclose(first.matrices["attention"], cross[0].mean(0).T, atol=1e-6)
+    encoder = explain_seq2seq(model, CORPUS[0], continuation=CORPUS[1], methods="attention",
+                              params={"attention": {"layer": 0}})
+    assert not encoder.matrices["attention"].any()  # a target position has no row in the encoder's attention
+
+
+def test_chefer_applies_the_self_attention_rule_to_every_block(model, tokenizer):
+    """An independent float64 statement: R^kk = prod (I + A_enc) over the encoder, then per decoder layer
+    R^qq += A_self R^qq, R^qk += A_self R^qk and R^qk += A_cross R^kk; step t's map is row t of R^qk, with
+    A = mean_h max(G * A, 0) and G = d y_t / dA from an explicit capture."""
+    from vitlens.models.capture import AttentionRecorder
+    from vitlens.models.hf_capture import hf_capture
+
+    target = tokenizer(CORPUS[1], add_special_tokens=False)["input_ids"][:4]
+    result = explain_seq2seq(model, CORPUS[0], continuation=tokenizer.decode(target), methods="chefer",
+                             keep_attentions=False)
+    batch = _padded_batch(model, [CORPUS[0]], [target])
+    recorder = AttentionRecorder()
+    with torch.enable_grad(), hf_capture(model.module, recorder, []):
+        scores = model.forward(batch, model.embed(batch.source.input_ids).requires_grad_(True))
+    values = scores[0, torch.arange(len(target)), torch.tensor(target)]
+    le, n = model.encoder_layers, batch.source.input_ids.shape[1]
+    for t in range(len(target)):
+        grads = torch.autograd.grad(values[t], recorder.attentions, retain_graph=True)
+        bars = [(g * a.detach()).clamp_min(0).mean(1)[0].double() for a, g in zip(recorder.attentions, grads)]
+        r_kk = torch.eye(n, dtype=torch.float64)
+        for bar in bars[:le]:
+            r_kk = r_kk + bar @ r_kk
+        m = t + 1
+        r_qq, r_qk = torch.eye(m, dtype=torch.float64), torch.zeros(m, n, dtype=torch.float64)
+        for self_bar, cross_bar in zip(bars[le::2], bars[le + 1::2]):
+            self_bar = self_bar[:m, :m]
+            r_qq, r_qk = r_qq + self_bar @ r_qq, r_qk + self_bar @ r_qk
+            r_qk = r_qk + cross_bar[:m] @ r_kk
+        np.testing.assert_allclose(result.matrices["chefer"][:, t], r_qk[t].numpy(), rtol=1e-4, atol=1e-9)
+    assert result.matrices["chefer"].any()
 
 
 def test_contrast_and_logprob(model, tokenizer):
@@ -189,13 +225,13 @@ def test_generate_explains_the_greedy_target(model):
 def test_all_is_the_methods_defined_for_encoder_decoders_and_the_rest_is_refused_in_one_line(model):
     assert parse_seq2seq_methods("all", model) == list(SEQ2SEQ_METHODS)
     assert "rollout" in model.unsupported_methods()
-    for name in ("rollout", "legrad", "chefer", "attnlrp"):
+    for name in ("rollout", "legrad", "gmar-l1", "attnlrp"):
         with pytest.raises(MethodError, match=f"^method '{name}': ") as info:
             explain_seq2seq(model, CORPUS[0], continuation=CORPUS[1], methods=name)
         assert "\n" not in str(info.value)
-    with pytest.raises(MethodError, match="beyond the model's 2 layers"):
+    with pytest.raises(MethodError, match="beyond the model's 7 layers"):  # 3 encoder + 2 x 2 decoder calls
         explain_seq2seq(model, CORPUS[0], continuation=CORPUS[1], methods="attention",
-                        params={"attention": {"layer": 2}})
+                        params={"attention": {"layer": 7}})
     with pytest.raises(InputError, match="not both"):
         explain_seq2seq(model, CORPUS[0], continuation=CORPUS[1], generate=2)
 

@@ -20,12 +20,19 @@ of the engine's pass, as :mod:`vitlens.text.continuation` does for a causal deco
 
 * ``saliency``, ``input-x-gradient`` (d y_t / d source embeddings, the shared pass's input gradient) and
   ``integrated-gradients`` (captum, interpolating the source embeddings; decoder inputs fixed);
-* ``attention``: the cross-attention of decoder layer ``layer`` (default the last) of position t, mean over heads:
-  where step t reads the source, the raw-attention baseline of an encoder-decoder.
+* the attention methods see every attention call as one map on the *joint* tokens [decoder positions 0..t; source
+  tokens] (zero outside its block: encoder self-attention source x source, decoder self-attention target x
+  target, cross-attention target x source), read at row t on the source columns. ``layer`` / ``start_layer`` count
+  the calls in order (the encoder's layers, then per decoder layer its self- and its cross-attention):
+  ``attention`` (``layer=-1``) is then the last decoder layer's cross-attention of position t, mean over heads;
+  ``chefer`` is Chefer et al.'s (ICCV 2021) rule R <- R + mean_h (G * A)^+ R over every call. Per block that is
+  their self-attention rules (eq. 6-7: R^kk += A R^kk for the encoder, R^qq += A R^qq and R^qk += A R^qk for the
+  decoder's self-attention) and, for cross-attention, R^qk += A R^kk: their bi-modal rule (eq. 10) without its
+  normalisation of the self-relevances and without the (R^qq)^T factor (the decoder's later self-attention
+  layers carry R^qk along through R^qk += A R^qk instead).
 
-The other attention methods (rollout, GMAR, LeGrad, Chefer) compose the self-attention of one token sequence, and
-the LRP rules are not set up for cross-attention: they are refused in one line (:data:`REFUSED`, the adapter's
-``unsupported_methods``).
+Rollout, GMAR and LeGrad (row-normalised residuals, per-layer readouts of one token sequence) and the LRP rules (not
+set up for cross-attention) are refused in one line (:data:`REFUSED`, the adapter's ``unsupported_methods``).
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ SEQ2SEQ_FAMILIES = {
 SUPPORTED_SEQ2SEQ = ("T5 / mT5 (T5ForConditionalGeneration, MT5ForConditionalGeneration), BART "
                      "(BartForConditionalGeneration), Marian (MarianMTModel)")
 #: what ``all`` means for an encoder-decoder
-SEQ2SEQ_METHODS = ("attention", "saliency", "input-x-gradient", "integrated-gradients")
+SEQ2SEQ_METHODS = ("attention", "chefer", "saliency", "input-x-gradient", "integrated-gradients")
 #: the attention kinds, in the order of the views
 KINDS = ("encoder", "decoder", "cross")
 #: the views an encoder-decoder run writes
@@ -70,11 +77,12 @@ SEQ2SEQ_VIEWS = ("tokens", "heads", "overview", "headview", "stats")
 #: tokens generated when neither a continuation nor a number of tokens is given
 DEFAULT_GENERATE = 20
 _SELF = ("it combines the self-attention of one token sequence, and a target token reads the source through "
-         "cross-attention: use attention (cross-attention), saliency, input-x-gradient or integrated-gradients")
+         "cross-attention: use attention (cross-attention), chefer, saliency, input-x-gradient or "
+         "integrated-gradients")
 _LRP = ("its LRP rules are not set up for cross-attention: use saliency, input-x-gradient or integrated-gradients "
         "for encoder-decoder models")
 #: methods an encoder-decoder refuses, with the one-line reason
-REFUSED = {"rollout": _SELF, "gmar-l1": _SELF, "gmar-l2": _SELF, "gmar++": _SELF, "legrad": _SELF, "chefer": _SELF,
+REFUSED = {"rollout": _SELF, "gmar-l1": _SELF, "gmar-l2": _SELF, "gmar++": _SELF, "legrad": _SELF,
            "attention-gradcam": _SELF, "attnlrp": _LRP, "cp-lrp": _LRP, "transformer-attribution": _LRP}
 #: statistics of cross-attention heads (rows: target positions, columns: source tokens)
 CROSS_STATS = ("entropy", "entropy_norm", "special", "global", "peak")
@@ -336,21 +344,40 @@ class Seq2SeqTask(ExplainTask):
         raise MethodError(f"method 'legrad': {REFUSED['legrad']}")
 
     def views(self, captured, slot=0):
-        model, out = self.model, []
-        cross = model.split(captured.attentions)["cross"] if captured.attentions else []
-        rows = torch.arange(slot + 1, device=self.batch.decoder_ids.device)
+        out = []
+        m = slot + 1  # decoder positions 0..t: the start token and the targets before y_t
         for s in range(len(self.batch)):
             src = self.batch.source.real_index(s)
             n = int(src.numel())
-            attn = [a[s:s + 1].index_select(-2, rows).index_select(-1, src) for a in cross]
+            attn = self._joint(captured.attentions, s, src, m)
+            grads = None if captured.gradients is None else self._joint(captured.gradients, s, src, m)
             device, dtype = (attn[0].device, attn[0].dtype) if attn else (src.device, torch.float32)
-            readout = model.readout_weights(slot + 1, device=device, dtype=dtype)
+            readout = torch.zeros(m + n, device=device, dtype=dtype)
+            readout[slot] = 1.0  # row t of the joint map: decoder position t, where y_t is read
             ids = self.batch.source.input_ids[s].index_select(0, src).to(dtype).view(1, 1, 1, n)
             gradient = None
             if captured.input_gradient is not None:
                 gradient = _sequence_channels(self.batch.source, s, *captured.input_gradient)
-            out.append(Captured(attentions=attn, gradients=None, readout=readout, num_prefix=0, grid=(1, n),
+            out.append(Captured(attentions=attn, gradients=grads, readout=readout, num_prefix=m, grid=(1, n),
                                 inputs=ids, input_gradient=gradient))
+        return out
+
+    def _joint(self, maps: list, s: int, src: torch.Tensor, m: int) -> list:
+        """Per attention call, sequence ``s``'s map on the joint tokens [decoder positions 0..m-1; real source
+        tokens], (1, H, m + n, m + n), zero outside its block: an encoder layer's self-attention in the source
+        block, a decoder layer's self-attention in the target block, its cross-attention in the target-to-source
+        block (queries = rows)."""
+        le, out = self.model.encoder_layers, []
+        for i, a in enumerate(maps or []):
+            n = int(src.numel())
+            block = a.new_zeros(1, a.shape[1], m + n, m + n)
+            if i < le:
+                block[..., m:, m:] = a[s:s + 1].index_select(-2, src).index_select(-1, src)
+            elif (i - le) % 2 == 0:
+                block[..., :m, :m] = a[s:s + 1, :, :m, :m]
+            else:
+                block[..., :m, m:] = a[s:s + 1, :, :m].index_select(-1, src)
+            out.append(block)
         return out
 
     def lrp_views(self, leaf, grad, key, slot=0):
@@ -739,7 +766,7 @@ def explain_seq2seq(model, text: str, continuation: str | None = None, generate:
     names = parse_seq2seq_methods(methods, model) if methods not in (None, [], (), "") else []
     check_params_requested(params, names, option="params", among="the methods")
     resolved = {name: text_params(name, (params or {}).get(name)) for name in names}
-    check_params_for_model(resolved, model.decoder_layers)
+    check_params_for_model(resolved, model.num_layers)  # layer / start_layer count the attention calls
     check_baselines(resolved, model)
     source = model.encode([text], truncate=truncate)
     generated = continuation is None
