@@ -82,6 +82,10 @@ def test_the_capture_leaves_the_logits_unchanged(model, tokenizer):
     batch = _padded_batch(model, [CORPUS[0]], [tokenizer(CORPUS[1], add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         plain = model.forward(batch)
+        # the leaf is what the encoder makes of the ids (Marian's embed_scale, BART's scaled embedding)
+        from_ids = model.module(input_ids=batch.source.input_ids, attention_mask=batch.source.attention_mask,
+                                decoder_input_ids=batch.decoder_ids).logits
+    np.testing.assert_allclose(plain.numpy(), from_ids.numpy(), atol=1e-5)
     explained = explain_seq2seq(model, CORPUS[0], continuation=CORPUS[1], methods=[])
     values = plain[0].gather(1, batch.steps[0][:, None])[:, 0]
     np.testing.assert_allclose([s["value"] for s in explained.steps], values.numpy(), atol=1e-5)
