@@ -355,3 +355,15 @@ def test_a_t5_encoder_directory_loads_as_the_encoder(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path)
     model = load_text_model(str(tmp_path))
     assert model.kind_name == "T5EncoderModel" and model.describe()["kind"] == "encoder"
+
+
+def test_attention_views_of_an_encoder_decoder_write_every_kind(t5_dir, tmp_path):
+    from vitlens.text import attention_views
+
+    written = attention_views(load_text_model(str(t5_dir)), CORPUS[2], out=tmp_path, views="heads,stats",
+                              formats=("png",))
+    assert sorted(written) == ["heads", "stats", "tokens"]  # tokens: seq2seq.json, always written
+    assert (tmp_path / "cross" / "heads-layer1.png").is_file() and (tmp_path / "encoder" / "stats.csv").is_file()
+    assert not (tmp_path / "attributions.png").exists()
+    assert json.loads((tmp_path / "seq2seq.json").read_text())["methods"] == []
+

@@ -671,6 +671,13 @@ def attention_views(model, text: str, pair: str | None = None, out=".", views="a
     nothing to explain); asking for it explicitly is an error.
     """
     model = model if isinstance(model, TextModel) else load_text_model(model)
+    if getattr(model, "is_seq2seq", False):  # the source text; its target generated (views per attention kind)
+        from vitlens.text.seq2seq import explain_seq2seq, parse_seq2seq_views
+
+        asked = parse_seq2seq_views(views)
+        result = explain_seq2seq(model, text, methods=methods if "tokens" in asked else [], params=params,
+                                 truncate=truncate)
+        return result.save(out, asked, formats, layer, scale)
     asked = parse_views(views)
     if "tokens" in asked and not model.is_classifier and pair is None and objective is None:
         if views not in (None, "all"):
