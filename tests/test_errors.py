@@ -304,6 +304,7 @@ CLI_CASES = {
     "text: self-attention method of an encoder-decoder": {"setup": _tiny_t5_dir},
     "text: --target for an encoder-decoder": {"setup": _tiny_t5_dir},
     "text: query view of an encoder-decoder": {"setup": _tiny_t5_dir},
+    "text: --head for an encoder-decoder": {"setup": _tiny_t5_dir},
 }
 
 

@@ -301,7 +301,9 @@ def test_cli_generates_by_default_and_refuses_what_an_encoder_decoder_does_not_t
     assert record["generated"] and 1 <= len(record["steps"]) <= 20 and record["methods"] == list(SEQ2SEQ_METHODS)
     for argv, message in ((["--views", "query"], "view 'query' is not written for encoder-decoder models"),
                           (["--target", "3"], "give --continuation or --generate, not --target"),
-                          (["--methods", "rollout"], "method 'rollout': it combines the self-attention")):
+                          (["--methods", "rollout"], "method 'rollout': it combines the self-attention"),
+                          (["--head", "1.0"], "--head does not apply to encoder-decoder models"),
+                          (["--spans", "0:3"], "--spans does not apply to encoder-decoder models")):
         assert cli.main(["text", CORPUS[2], "--model", str(t5_dir), "--out", str(tmp_path / "x"), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err

@@ -348,6 +348,12 @@ def _run_seq2seq(args, model, params, formats, out) -> int:
     if args.target is not None or args.target_token is not None or args.position is not None:
         raise InputError("an encoder-decoder explains its target tokens: give --continuation or --generate, not "
                          "--target, --target-token or --position")
+    unused = [option for option, value in (("--head", args.head), ("--query", args.query), ("--spans", args.spans),
+                                           ("--objective", args.objective), ("--pooling", args.pooling))
+              if value is not None]
+    if unused:
+        raise InputError(f"{unused[0]} does not apply to encoder-decoder models (their views: tokens, heads, overview, "
+                         "headview, stats of each attention kind)")
     views = parse_seq2seq_views(args.views or "all")
     methods = parse_seq2seq_methods(args.methods or "all", model) if "tokens" in views else []
     if params and not methods:
