@@ -274,9 +274,9 @@ def _settings(**values) -> dict:
     return json.loads(json.dumps(values, default=str))
 
 
-def _prepare_out(out: Path, settings: dict, force: bool, is_main: bool) -> str | None:
-    """Check ``out`` (a previous run of the same settings is resumed, another run refused); the checkpoint to
-    resume from, or None."""
+def _check_out(out: Path, settings: dict, force: bool) -> str | None:
+    """Check ``out``, writing nothing (a previous run of the same settings is resumed, another run refused); the
+    checkpoint to resume from, or None."""
     path = out / SETTINGS_FILE
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path '{out}' exists and is not a directory")
@@ -293,12 +293,9 @@ def _prepare_out(out: Path, settings: dict, force: bool, is_main: bool) -> str |
                               "or --force to start over")
     elif out.is_dir() and any(out.iterdir()) and not force:
         raise OutputError(f"--out '{out}' is not empty and holds no fine-tuning run: use an empty or new folder")
-    checkpoints = out / CHECKPOINTS
     if force:
-        if is_main and checkpoints.is_dir():
-            shutil.rmtree(checkpoints)
         return None
-    found = sorted((p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+    found = sorted((p for p in (out / CHECKPOINTS).glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
                    key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     return str(found[-1]) if found else None
 
@@ -391,8 +388,6 @@ def finetune(dataset, model, out, *, weights=None, val=None, val_fraction: float
             raise UsageError(f"--val-fraction {val_fraction} of {len(samples)} images leaves no "
                              f"{'validation' if not val_samples else 'training'} images")
     class_names, class_ids = class_table(train_samples + val_samples)
-    if len(train_samples) < batch_size:
-        raise UsageError(f"--batch-size {batch_size} is more than the {len(train_samples)} training images")
 
     settings = _settings(dataset=dataset, val=val, val_fraction=None if val is not None else val_fraction,
                          model=str(model), weights=str(Path(weights).resolve()) if weights else None,
@@ -400,8 +395,9 @@ def finetune(dataset, model, out, *, weights=None, val=None, val_fraction: float
                          weight_decay=weight_decay, warmup=warmup, precision=precision, seed=seed,
                          input_size=input_size, augment=augment, labels=labels, class_index=class_index, limit=limit,
                          train_images=len(train_samples), val_images=len(val_samples))
-    rank = int(os.environ.get("RANK", "0") or 0)
-    resume = _prepare_out(out, settings, force, rank == 0)
+    resume = _check_out(out, settings, force)
+    if len(train_samples) < batch_size:
+        raise UsageError(f"--batch-size {batch_size} is more than the {len(train_samples)} training images")
 
     module, preprocess, family, arch, model_kwargs = build_model(model, weights, len(class_names), class_names,
                                                                  seed, input_size)
@@ -418,6 +414,8 @@ def finetune(dataset, model, out, *, weights=None, val=None, val_fraction: float
                        eval_on_start=resume is None)
     trainer.accelerator.wait_for_everyone()  # every process has looked at --out before the main one writes
     if trainer.is_world_process_zero():
+        if force and (out / CHECKPOINTS).is_dir():  # starting over: the other run's checkpoints go
+            shutil.rmtree(out / CHECKPOINTS)
         out.mkdir(parents=True, exist_ok=True)
         _write_settings(out, settings, trainer.state.log_history)
         log(f"fine-tuning {model} on {len(train_samples)} images ({len(class_names)} classes), validating on "
