@@ -73,6 +73,9 @@ def test_the_output_folder_loads_with_no_other_flag(folder, tmp_path, tiny_weigh
 
     saved = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(value, saved[key]) for key, value in model.module.state_dict().items())
+    from vitlens.models.weights import file_sha256
+
+    assert model.info.weights_sha256 == file_sha256(out / "model.safetensors")  # in explain's run.json and manifest
     # the loaded model's accuracy on the held-out images is the last epoch's validation accuracy
     from vitlens.data import load_sample, resolve_inputs
 

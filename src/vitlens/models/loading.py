@@ -159,6 +159,8 @@ def _load_from_spec(spec: str, weights, num_classes, overrides=None, options=Non
         raise ModelError(f"unknown model spec '{spec}': use {prefixes} or a local HF directory")
     loaded = loader(spec, name, weights, num_classes)
     info = ModelInfo(spec=spec, weights=loaded.weights)
+    if loader is load_saved_dir and loaded.weights:  # its weights say which fine-tuning run it is (run.json)
+        info.weights_sha256 = file_sha256(loaded.weights)
     options = dict(options or {})
     if loaded.tokenizer is not None and "tokenizer" not in options:
         options["tokenizer"] = loaded.tokenizer  # the spec's own tokenizer for its prompts
