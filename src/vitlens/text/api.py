@@ -15,8 +15,6 @@ attention_views(model, "The cat sat on the mat.", out="views/", views=["heads", 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import dataclass, field
 
@@ -32,10 +30,10 @@ from vitlens.text.base import TextModel
 from vitlens.text.batch import TextBatch
 from vitlens.text.loading import load_text_model
 from vitlens.text.task import parse_text_methods, resolve_objective, run_text_batch, text_params
-from vitlens.text.stats import STATS, HeadStatistics, reference_statistics, stats_rows
+from vitlens.text.stats import HeadStatistics
+from vitlens.text.views import VIEWS, parse_views, write_stats
 from vitlens.text.words import WordScores, check_aggregate, parse_spans, spans_view, words_view
 
-VIEWS = ("tokens", "heads", "overview", "query", "headview", "stats")
 
 
 @dataclass
@@ -161,28 +159,6 @@ class TextResult:
                                           query, head, scale).items():
                 written.setdefault(view, []).extend(paths)
         return written
-
-
-def parse_views(views) -> list:
-    if views is None or views == "all":
-        return list(VIEWS)
-    if isinstance(views, str):
-        views = views.split(",")
-    out = []
-    for raw in views:
-        name = raw.strip().lower()
-        if not name:
-            continue
-        if name == "all":
-            out.extend(v for v in VIEWS if v not in out)
-            continue
-        if name not in VIEWS:
-            raise InputError(f"unknown view '{name}': choose from {', '.join(VIEWS)} or all")
-        if name not in out:
-            out.append(name)
-    if not out:
-        raise InputError("no views given")
-    return out
 
 
 def _as_list(values, what: str):
@@ -623,36 +599,6 @@ def _explained_suffix(item: TextItem) -> str:
         return ""
     what = "next token" if "next-token" in item.value_name else "class"
     return f" \u2192 {what} " + ", ".join(t.name for t in item.targets)
-
-
-def write_stats(acc: HeadStatistics, out, sequences, formats=("png", "svg"), title: str = "") -> list:
-    """stats.csv (layer, head, every statistic), stats.json (with the reference patterns), stats.png/svg."""
-    from vitlens.text import views as text_views
-
-    out = ensure_dir(out)
-    stats = acc.result()
-    lengths = [len(seq.tokens) for seq in sequences]
-    n = max(1, int(round(float(np.mean(lengths)))))
-    longest = max(sequences, key=lambda seq: len(seq.tokens))
-    if len(longest.tokens) == n:
-        special, cls, sep = longest.special, longest.cls, longest.sep
-    else:  # a typical layout at the mean length: [CLS] ... [SEP]
-        special = [j in (0, n - 1) for j in range(n)]
-        cls, sep = [j == 0 for j in range(n)], [j == n - 1 and n > 1 for j in range(n)]
-    reference = reference_statistics(n, special, cls, sep, window=acc.window)
-    rows = stats_rows(stats)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["layer", "head", *STATS], lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    paths = [write_text_atomic(out / "stats.csv", buffer.getvalue())]
-    payload = {"window": acc.window, "sequences": acc.sequences, "rows": rows,
-               "reference": {"length": n, "patterns": reference}}
-    paths.append(write_text_atomic(out / "stats.json", json.dumps(payload, indent=1)))
-    fig = text_views.stats_figure(stats, reference, title=title)
-    paths.extend(text_views.save_figure(fig, out / "stats", formats))
-    return paths
 
 
 def _shorten(text: str, limit: int) -> str:

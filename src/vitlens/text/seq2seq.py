@@ -546,7 +546,7 @@ class Seq2SeqResult:
 
 def parse_seq2seq_views(views) -> list:
     """The views of an encoder-decoder run: 'all' = :data:`SEQ2SEQ_VIEWS`; ``query`` is refused in one line."""
-    from vitlens.text.api import parse_views
+    from vitlens.text.views import parse_views
 
     asked = parse_views(views)
     if views is None or views == "all":
@@ -571,7 +571,7 @@ def write_kind(result: Seq2SeqResult, kind: str, out, views, formats, layer: int
     """One attention kind's views into folder ``out``."""
     from vitlens.text import html as text_html
     from vitlens.text import views as text_views
-    from vitlens.text.api import write_stats
+    from vitlens.text.views import write_stats
     from vitlens.text.stats import HeadStatistics
 
     a = result.attentions[kind]
@@ -735,7 +735,8 @@ def explain_seq2seq(model, text: str, continuation: str | None = None, generate:
 
     Parameters
     ----------
-    model : Seq2SeqModel or spec
+    model : Seq2SeqModel
+        A loaded encoder-decoder (:func:`~vitlens.text.loading.load_text_model`; `explain_text` takes specs).
     text : str
         The source text (tokenized with the tokenizer's special tokens, e.g. T5's final ``</s>``).
     continuation : str, optional
@@ -751,9 +752,10 @@ def explain_seq2seq(model, text: str, continuation: str | None = None, generate:
         Keep the three kinds of attention for the views (``Seq2SeqResult.attentions``).
     """
     from vitlens.cliargs import check_params_requested
-    from vitlens.text.loading import load_text_model
 
-    model = model if isinstance(model, TextModel) else load_text_model(model)
+    if not isinstance(model, TextModel):  # loading lives above this module (text.loading imports it)
+        raise ModelError("explain_seq2seq takes a loaded model: load_text_model(spec) first, or explain_text(spec, "
+                         "text) with the spec")
     if not getattr(model, "is_seq2seq", False):
         raise MethodError(f"explain_seq2seq explains encoder-decoder models ({SUPPORTED_SEQ2SEQ}), not "
                           f"{model.kind_name}")

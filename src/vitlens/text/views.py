@@ -17,6 +17,9 @@ of 512 weights around 1/512 next to an attention sink of 0.6 would otherwise be 
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 import warnings
 from pathlib import Path
@@ -25,9 +28,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vitlens.render.atomic import write_atomic
+from vitlens.errors import InputError
+from vitlens.render.atomic import ensure_dir, write_atomic, write_text_atomic
 from vitlens.render.colors import get_cmap
-from vitlens.text.stats import PATTERNS, SHOWN
+from vitlens.text.stats import PATTERNS, SHOWN, STATS, HeadStatistics, reference_statistics, stats_rows
 
 MAX_LABELS = 64
 FORMATS = ("png", "svg")
@@ -424,3 +428,57 @@ def tokens_figure(rows: list, title: str = "", width_in: float = 10.0) -> Figure
 
 __all__ = ["FORMATS", "SCALES", "head_figure", "heads_figure", "overview_figure", "query_figure", "resolve_scale",
            "save_figure", "scale_attention", "scale_scores", "stats_figure", "token_colours", "tokens_figure"]
+
+
+#: what `vitlens text` can write for an input
+VIEWS = ("tokens", "heads", "overview", "query", "headview", "stats")
+
+
+def parse_views(views) -> list:
+    if views is None or views == "all":
+        return list(VIEWS)
+    if isinstance(views, str):
+        views = views.split(",")
+    out = []
+    for raw in views:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name == "all":
+            out.extend(v for v in VIEWS if v not in out)
+            continue
+        if name not in VIEWS:
+            raise InputError(f"unknown view '{name}': choose from {', '.join(VIEWS)} or all")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise InputError("no views given")
+    return out
+
+
+def write_stats(acc: HeadStatistics, out, sequences, formats=("png", "svg"), title: str = "") -> list:
+    """stats.csv (layer, head, every statistic), stats.json (with the reference patterns), stats.png/svg."""
+    out = ensure_dir(out)
+    stats = acc.result()
+    lengths = [len(seq.tokens) for seq in sequences]
+    n = max(1, int(round(float(np.mean(lengths)))))
+    longest = max(sequences, key=lambda seq: len(seq.tokens))
+    if len(longest.tokens) == n:
+        special, cls, sep = longest.special, longest.cls, longest.sep
+    else:  # a typical layout at the mean length: [CLS] ... [SEP]
+        special = [j in (0, n - 1) for j in range(n)]
+        cls, sep = [j == 0 for j in range(n)], [j == n - 1 and n > 1 for j in range(n)]
+    reference = reference_statistics(n, special, cls, sep, window=acc.window)
+    rows = stats_rows(stats)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["layer", "head", *STATS], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    paths = [write_text_atomic(out / "stats.csv", buffer.getvalue())]
+    payload = {"window": acc.window, "sequences": acc.sequences, "rows": rows,
+               "reference": {"length": n, "patterns": reference}}
+    paths.append(write_text_atomic(out / "stats.json", json.dumps(payload, indent=1)))
+    fig = stats_figure(stats, reference, title=title)
+    paths.extend(save_figure(fig, out / "stats", formats))
+    return paths
