@@ -65,8 +65,23 @@ def _swin():
         depths=(1, 1), num_heads=(1, 2), num_classes=10).eval())
 
 
+def _convnext():
+    import timm
+
+    torch.manual_seed(0)
+    return vitlens.load_model(timm.create_model("convnext_atto", pretrained=False, num_classes=10).eval(),
+                              input_size=32)
+
+
+def _map_pool_vit():
+    from tests.models.test_timm_map_pool import tiny_map_vit
+
+    return vitlens.load_model(tiny_map_vit("siglip").float())
+
+
 MODELS = {
     "timm `VisionTransformer`": lambda: vitlens.load_model(tiny_timm_vit()),
+    "timm `VisionTransformer` with `global_pool='map'`": _map_pool_vit,
     "timm EVA / EVA-02": lambda: vitlens.load_model(
         tiny_timm_vit(name="eva02_base_patch14_224", embed_dim=32, num_heads=4)),
     "timm BEiT": lambda: vitlens.load_model(tiny_timm_vit(name="beit_base_patch16_224")),
@@ -80,7 +95,8 @@ MODELS = {
     "Hugging Face SigLIP": _siglip,
     "OpenCLIP ViT": _open_clip,
     "your own ViT with `nn.MultiheadAttention`": _own_vit,
-    "Swin, Swin-V2, ConvNeXt, MaxViT, CNNs": _swin,
+    "Swin, Swin-V2": _swin,
+    "ConvNeXt, MaxViT, CNNs": _convnext,
 }
 
 

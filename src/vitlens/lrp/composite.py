@@ -99,11 +99,19 @@ class LRPRecorder(AttentionRecorder):
         # only attention projections go through the recorder (packed in_proj, BEiT / EVA qkv)
         return gamma_linear(x, weight, bias, self.config.projection_gamma)
 
+    def normalize(self, t):
+        # cosine attention's q / ||q|| (Swin-V2) with the norm a constant, as LayerNorm's standard deviation:
+        # the relevance passes through unchanged (F.normalize's forward: the norm clamped at 1e-12)
+        return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12).detach()
+
 
 def _is_activation(module: nn.Module) -> bool:
     if isinstance(module, ACTIVATIONS):
         return True
-    return type(module).__module__.startswith("transformers.activations")
+    # transformers' activation classes, and timm's own element-wise ones (timm.layers.activations.GELU is no
+    # nn.GELU: Swin-V2's MLPs use it)
+    return (type(module).__module__.startswith("transformers.activations")
+            or type(module).__module__ == "timm.layers.activations")
 
 
 def _is_conv1d(module: nn.Module) -> bool:

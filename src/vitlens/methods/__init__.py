@@ -484,9 +484,12 @@ def parse_methods(methods, model=None) -> list[str]:
 
     With a ``model``, ``all`` means the methods that apply to it: a method that needs attention is
     refused for a model without any (a CNN), and so is one the model's adapter cannot run
-    (``model.unsupported_methods()``, e.g. LeGrad on a model whose head vitlens cannot trace).
+    (``model.unsupported_methods()``, e.g. LeGrad on a model whose head vitlens cannot trace). A model
+    without attention maps may still run AttnLRP / CP-LRP (``model.lrp_supported``: Swin's window attention).
     """
     has_attention = getattr(model, "has_attention", True)
+    lrp_supported = bool(getattr(model, "lrp_supported", has_attention))
+    usable = CNN_METHODS + (("attnlrp", "cp-lrp") if lrp_supported else ())
     refused = dict(model.unsupported_methods()) if model is not None and has_attention else {}
     if "attnlrp" in refused:  # the relevance pass needs the same rules on the model as AttnLRP
         for name, spec in REGISTRY.items():
@@ -494,15 +497,18 @@ def parse_methods(methods, model=None) -> list[str]:
                 refused.setdefault(name, f"its LRP relevance pass is refused as AttnLRP is: {refused['attnlrp']}")
 
     def check(name, spec):
-        if not has_attention and (ATTENTIONS in spec.needs or LAYER_GRADIENTS in spec.needs or LRP in spec.needs):
+        if not has_attention and (ATTENTIONS in spec.needs or LAYER_GRADIENTS in spec.needs
+                                  or (LRP in spec.needs and not lrp_supported)):
             raise MethodError(
                 f"method '{name}' needs attention maps, which this {type(model.module).__name__} does not "
-                f"have: use {', '.join(CNN_METHODS)}"
+                f"have: use {', '.join(usable)}"
             )
         if name in refused:
             raise MethodError(f"method '{name}': {refused[name]}")
 
-    everything = [name for name in (DEFAULT_METHODS if has_attention else CNN_METHODS) if name not in refused]
+    # 'all' without attention maps: the CAM methods, and AttnLRP where it runs (as 'all' of a ViT has it)
+    default = DEFAULT_METHODS if has_attention else CNN_METHODS + (("attnlrp",) if lrp_supported else ())
+    everything = [name for name in default if name not in refused]
     return expand_methods(methods, everything, check)
 
 

@@ -67,6 +67,10 @@ class AttentionRecorder:
     def linear(self, x, weight, bias):
         return torch.nn.functional.linear(x, weight, bias)
 
+    def normalize(self, t):
+        """t / ||t|| over the last dimension (cosine attention's queries and keys, Swin-V2)."""
+        return torch.nn.functional.normalize(t, dim=-1)
+
 
 def masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention scores with a mask applied: a boolean keep-mask (False -> the dtype's minimum, so the

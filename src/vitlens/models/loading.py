@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 # the built-in image families register themselves on import (order does not matter: priorities do)
-from vitlens.models import (cnn, hf_clip, hf_image, hf_vit, openclip, packaged, timm_beit, timm_cait,  # noqa: F401
-                            timm_eva, timm_vit, torch_attention, torchvision_vit)
+from vitlens.models import (cnn, hf_clip, hf_image, hf_vit, openclip, packaged, swin, timm_beit,  # noqa: F401
+                            timm_cait, timm_eva, timm_vit, torch_attention, torchvision_vit)
 from vitlens.devices import select_device
 from vitlens.errors import ModelError
 from vitlens.models.base import ImageModel, ModelInfo
