@@ -658,6 +658,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    from vitlens import distributed
     from vitlens.finetune import finetune
 
     result = finetune(args.inputs, args.model, args.out, weights=args.weights, val=args.val,
@@ -673,6 +674,10 @@ def cmd_finetune(args) -> int:
               f"images, {len(result.class_names)} classes; val accuracy {accuracy:.4f} on {result.val_images} images"
               if accuracy is not None else f"fine-tuned {result.steps} steps")
         print(f"model: {result.out_dir} (vitlens explain IMAGES --model {result.out_dir})")
+    group = distributed.current()
+    if group.distributed:  # the Trainer's process group (torchrun): left like explain's, see exit_process
+        group.owned = True
+        distributed.leave(group)
     return 0
 
 
