@@ -86,3 +86,26 @@ def test_prefix_tokens_never_reach_the_maps(kwargs, prefix):
     for name in result.methods:
         expected = (2, 1, 32, 32) if vitlens.METHODS[name].signed else (2, 1, 4, 4)  # LRP: pixel relevance
         assert result.patch_maps[name].shape == expected, name
+
+
+@pytest.mark.parametrize("spec, extra", [("timm:vit_small_patch14_reg4_dinov2", []),
+                                         ("hf:microsoft/swin-tiny-patch4-window7-224", []),
+                                         ("open_clip:ViT-B-32:openai", ["--classes", "dog,cat"])])
+def test_the_readme_checkpoints_offline_are_one_line(spec, extra, tmp_path, capsys, monkeypatch):
+    """The README's real-checkpoint examples, with the hub unreachable and nothing cached: one line, exit 2."""
+    from PIL import Image
+
+    from vitlens.cli import main
+    from vitlens.models import hub
+
+    monkeypatch.setattr(hub, "reachable", lambda *args, **kwargs: False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    Image.new("RGB", (32, 32)).save(tmp_path / "cat.png")
+    code = main(["explain", str(tmp_path / "cat.png"), "--model", spec, *extra, "--out", str(tmp_path / "run"),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "the model hub is unreachable" in lines[0] and "--weights FILE" in lines[0]
+    assert not (tmp_path / "run").exists()
