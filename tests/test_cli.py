@@ -938,3 +938,22 @@ def test_a_closed_pipe_is_not_an_error():
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_a_class_name_with_commas_is_one_target(tmp_path, capsys, tiny, tiny_model):
+    """ImageNet's 'hook, claw' (and a prompt with a comma) is one class when the model has that name, not two;
+    a comma-separated list of names is still several classes."""
+    from vitlens.cliargs import parse_target
+
+    assert parse_target("hook, claw", tiny_model) == "hook, claw"
+    assert parse_target("hook, claw") == ["hook", "claw"]  # without the model: a list, as before
+    assert parse_target("tench, goldfish", tiny_model) == ["tench", "goldfish"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    noise_image((48, 48), 3).save(folder / "a.png")
+    out = tmp_path / "run"
+    code = cli.main(["explain", str(folder), *tiny, "--methods", "rollout", "--target", "hook, claw", "--out", str(out),
+                 "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    image = json.loads((out / "manifest.json").read_text())["images"][0]
+    assert [t["index"] for t in image["targets"]] == [600] and image["targets"][0]["name"] == "hook, claw"

@@ -366,7 +366,7 @@ def cmd_explain(args) -> int:
             _name_classes_from_index(model, args.class_index)
         methods = parse_methods(args.methods, model)
         params = with_shared_options(params, methods, args)
-        target = parse_target(args.target)
+        target = parse_target(args.target, model)
         _check_for_model(model, methods, params, target, allow_label=True)
         if isinstance(target, list):  # several classes, each explained for every image
             target = EveryImage(class_indices(model, target))
@@ -397,7 +397,7 @@ def cmd_evaluate(args) -> int:
         model = _load(args)
         methods = parse_methods(args.methods, model)
         params = with_shared_options(params, methods, args)
-        target = parse_target(args.target)
+        target = parse_target(args.target, model)
         _check_for_model(model, methods, params, target, allow_label=True)
         summary = run_evaluate(samples, model, methods, params, metrics, metric_params, target,
                                args.out, batch_size=args.batch_size, perturb_batch_size=args.perturb_batch_size,
@@ -466,7 +466,7 @@ def cmd_compare(args, model=None) -> int:
     model = model or _load(args)
     methods = parse_methods(args.methods, model)
     params = with_shared_options(params, methods, args)
-    target = parse_target(args.target)
+    target = parse_target(args.target, model)
     _check_for_model(model, methods, params, target)
     if isinstance(target, list):  # several classes of each image: one row per (image, class)
         target = torch.tensor([class_indices(model, target)] * len(images))
@@ -527,7 +527,7 @@ def _gamma_sweep(args, model=None) -> int:
     _check_grid_out(args.out)
     images = [load_image(path) for path in args.inputs]
     model = model or _load(args)
-    target = parse_target(args.target)
+    target = parse_target(args.target, model)
     check_target(model, target)
     if isinstance(target, list):
         import torch

@@ -71,14 +71,25 @@ def check_params_requested(params, methods, option: str = "--param", among: str 
 
 
 # ------------------------------------------------------------------------------ targets
-def parse_target(text: str | None):
-    """CLI target: pred | INDEX | NAME | topK | label | comma-separated indices/names (several per image)."""
+def parse_target(text: str | None, model=None):
+    """CLI target: pred | INDEX | NAME | topK | label | comma-separated indices/names (several per image).
+
+    With ``model``, a text that is one of its class names (or prompts) as a whole stays one target even
+    when it holds commas: ImageNet's ``hook, claw`` or a prompt ``a dog, running`` is not two classes.
+    """
     if text is None:
         return None
     text = text.strip()
+    if "," in text and model is not None and _whole_class_name(model, text):
+        return text
     if "," in text and not text.lower().startswith("top"):
         return [part.strip() for part in text.split(",") if part.strip()]
     return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _whole_class_name(model, text: str) -> bool:
+    names = getattr(model, "class_names", None) or []
+    return any(str(name).strip().lower() == text.lower() for name in names)
 
 
 def class_indices(model, items) -> list[int]:

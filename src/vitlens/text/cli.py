@@ -165,7 +165,7 @@ def run(args) -> int:
         views = [v for v in views if v != "tokens"]
     if not views:
         raise InputError("nothing to write: the only view asked for (tokens) has no attributions for this model")
-    target = parse_target(args.target)
+    target = parse_target(args.target, model)
     causal = getattr(model, "is_causal", False)
     if (args.target_token is not None or args.score != "logit") and not causal:
         raise InputError("--target-token and --score are for causal decoders (GPT-2, Llama, ...): "
