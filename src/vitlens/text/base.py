@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from vitlens.errors import MethodError
+from vitlens.errors import InputError, MethodError
 from vitlens.models.base import ExplainableModel, ModelInfo
 from vitlens.models.capture import AttentionRecorder
 from vitlens.models.hf_capture import hf_capture
@@ -98,6 +98,25 @@ class TextModel(ExplainableModel):
                max_length: int | None = None) -> TextBatch:
         """Tokenize texts into a padded :class:`TextBatch` on the model's device."""
         raise NotImplementedError
+
+    def checked_texts(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
+                      single: str | None = None) -> list[str]:
+        """The texts (and second texts) to tokenize, checked in one place: one-line ``InputError``s for no
+        tokenizer, no text, a text that is not a string or is empty, and pairs given to a model that reads
+        one text (``single`` says what such a model reads, e.g. ``'a causal decoder reads one text'``)."""
+        if self.tokenizer is None:
+            raise InputError("this text model has no tokenizer: pass tokenizer= to load_text_model, or token ids")
+        if pairs is not None and single is not None:
+            raise InputError(f"{single}: --pair / pairs= are for encoders")
+        texts = list(texts)
+        if not texts:
+            raise InputError("no text given")
+        for i, text in enumerate(texts + list(pairs or [])):
+            if not isinstance(text, str):
+                raise InputError(f"text {i + 1} is a {type(text).__name__}, not a string")
+            if not text.strip():
+                raise InputError("empty text: give at least one word to explain")
+        return texts
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Word embeddings of the ids as a detached leaf (B, N, E): the input of :meth:`forward`."""

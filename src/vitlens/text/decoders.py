@@ -135,18 +135,7 @@ class DecoderModel(TextModel):
         ``truncate`` keeps the *end* of a long prompt (the tokens next to the prediction) and a
         leading special token.
         """
-        if self.tokenizer is None:
-            raise InputError("this text model has no tokenizer: pass tokenizer= to load_text_model, or token ids")
-        if pairs is not None:
-            raise InputError("a causal decoder reads one text (the prompt): --pair / pairs= are for encoders")
-        texts = list(texts)
-        if not texts:
-            raise InputError("no text given")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise InputError(f"text {i + 1} is a {type(text).__name__}, not a string")
-            if not text.strip():
-                raise InputError("empty text: give at least one word to explain")
+        texts = self.checked_texts(texts, pairs, single="a causal decoder reads one text (the prompt)")
         limit = min(max_length or self.max_length, self.max_length)
         tok = self.tokenizer
         special_ids = set(int(i) for i in (tok.all_special_ids or []))

@@ -193,16 +193,7 @@ class EncoderModel(TextModel):
         InputError
             An empty text, no tokenizer, or a text longer than the model takes (unless ``truncate``).
         """
-        if self.tokenizer is None:
-            raise InputError("this text model has no tokenizer: pass tokenizer= to load_text_model, or token ids")
-        texts = list(texts)
-        if not texts:
-            raise InputError("no text given")
-        for i, text in enumerate(texts + list(pairs or [])):
-            if not isinstance(text, str):
-                raise InputError(f"text {i + 1} is a {type(text).__name__}, not a string")
-            if not text.strip():
-                raise InputError("empty text: give at least one word to explain")
+        texts = self.checked_texts(texts, pairs)
         if pairs is not None and len(pairs) != len(texts):
             raise InputError(f"{len(pairs)} second texts for {len(texts)} texts: give one per text")
         limit = min(max_length or self.max_length, self.max_length)

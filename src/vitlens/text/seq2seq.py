@@ -172,18 +172,7 @@ class Seq2SeqModel(TextModel):
                max_length: int | None = None) -> TextBatch:
         """Source texts -> a right-padded batch with the tokenizer's special tokens (T5 and Marian: a final </s>;
         BART: <s> ... </s>). ``truncate`` keeps the beginning of a long text."""
-        if self.tokenizer is None:
-            raise InputError("this text model has no tokenizer: pass tokenizer= to load_text_model, or token ids")
-        if pairs is not None:
-            raise InputError("an encoder-decoder model reads one source text: --pair / pairs= are for encoders")
-        texts = list(texts)
-        if not texts:
-            raise InputError("no text given")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise InputError(f"text {i + 1} is a {type(text).__name__}, not a string")
-            if not text.strip():
-                raise InputError("empty text: give at least one word to explain")
+        texts = self.checked_texts(texts, pairs, single="an encoder-decoder model reads one source text")
         limit = min(max_length or self.max_length, self.max_length)
         tok = self.tokenizer
         special_ids = set(int(i) for i in (tok.all_special_ids or []))
