@@ -25,6 +25,21 @@ def tiny_timm_vit(seed: int = 0, **kwargs) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **options).eval()
 
 
+def unit_scale(module: torch.nn.Module) -> torch.nn.Module:
+    """A timm ViT with unit-scale random weights (class token, position embeddings, biases, fan-in-scaled
+    matrices) in float64: relevance and gradients of O(1), so that an absolute tolerance means something.
+    Draws from the global generator, which the caller seeds (``tiny_timm_vit(seed=...)`` does)."""
+    with torch.no_grad():
+        module.cls_token.normal_()
+        module.pos_embed.normal_(std=0.5)
+        for name, param in module.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(std=0.1)
+            elif param.dim() >= 2:
+                param.normal_(std=param[0].numel() ** -0.5)
+    return module.double()
+
+
 def tiny_hf_vit(seed: int = 0, kind: str = "vit", **kwargs) -> torch.nn.Module:
     from transformers import (DeiTConfig, DeiTForImageClassification, DeiTForImageClassificationWithTeacher,
                               ViTConfig, ViTForImageClassification)
@@ -50,6 +65,23 @@ def tiny_torchvision_vit(seed: int = 0) -> torch.nn.Module:
     # torchvision zero-initialises the head, which would make every logit and gradient zero
     torch.nn.init.normal_(model.heads.head.weight, std=0.5)
     return model.eval()
+
+
+def same_vit_three_layouts(seed: int) -> list:
+    """One tiny ViT's weights as timm, Hugging Face and torchvision modules (a non-trivial head and class token),
+    for checks that a method gives the same maps whatever library holds the model."""
+    from vitlens.models.convert import timm_to_hf_vit, timm_to_torchvision_vit
+
+    timm_module = tiny_timm_vit(seed=seed)
+    with torch.no_grad():
+        timm_module.head.weight.normal_(std=0.5)
+        timm_module.cls_token.normal_(std=0.5)
+    state = timm_module.state_dict()
+    hf_module = tiny_hf_vit(seed=1)
+    hf_module.load_state_dict(timm_to_hf_vit(state), strict=True)
+    tv_module = tiny_torchvision_vit(seed=2)
+    tv_module.load_state_dict(timm_to_torchvision_vit(state), strict=True)
+    return [timm_module, hf_module, tv_module]
 
 
 @pytest.fixture

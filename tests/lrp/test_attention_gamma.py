@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 import vitlens
-from tests.conftest import tiny_hf_vit, tiny_timm_vit, tiny_torchvision_vit
+from tests.conftest import tiny_hf_vit, tiny_timm_vit, tiny_torchvision_vit, unit_scale
 from tests.lrp.test_lrp_reference import reference_relevance
 from vitlens.cli import main
 from vitlens.engine import run_batch
@@ -36,16 +36,8 @@ def _params(variant, **overrides):
 
 def _one_block_timm():
     """The reference's one-block ViT (unit-scale weights, float64)."""
-    module = tiny_timm_vit(seed=4, img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=5)
-    with torch.no_grad():
-        module.cls_token.normal_()
-        module.pos_embed.normal_(std=0.5)
-        for name, param in module.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(std=0.1)
-            elif param.dim() >= 2:
-                param.normal_(std=param[0].numel() ** -0.5)
-    return module.double()
+    return unit_scale(tiny_timm_vit(seed=4, img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                                    num_classes=5))
 
 
 def _as_torchvision(timm_module):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vitlens
-from tests.conftest import tiny_timm_vit
+from tests.conftest import tiny_timm_vit, unit_scale
 from vitlens.engine import run_batch
 
 STAB = 1e-6
@@ -124,15 +124,7 @@ def reference_relevance(module, x, target, variant, conv_gamma, lin_gamma, attn_
 @pytest.fixture(scope="module")
 def one_block():
     module = tiny_timm_vit(seed=4, img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=5)
-    with torch.no_grad():  # unit-scale weights, so that relevance is O(1) and atol 1e-6 means something
-        module.cls_token.normal_()
-        module.pos_embed.normal_(std=0.5)
-        for name, param in module.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(std=0.1)
-            elif param.dim() >= 2:
-                param.normal_(std=param[0].numel() ** -0.5)
-    return module.double()
+    return unit_scale(module)  # relevance of O(1), so that atol 1e-6 means something
 
 
 @pytest.mark.parametrize("variant", ["attnlrp", "cp-lrp"])

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import vitlens
-from tests.conftest import tiny_hf_vit, tiny_timm_vit, tiny_torchvision_vit
+from tests.conftest import same_vit_three_layouts, tiny_timm_vit
 from vitlens.methods.attention_gradcam import attention_gradcam
 from vitlens.methods.common import Captured
 
@@ -123,17 +123,8 @@ def test_batched_equals_alone_and_top2_slots():
 
 
 def test_same_map_on_timm_hugging_face_and_torchvision_copies():
-    from vitlens.models.convert import timm_to_hf_vit, timm_to_torchvision_vit
 
-    timm_module = tiny_timm_vit(seed=4)
-    with torch.no_grad():  # a non-trivial head and class token, as tests/models/test_convert.py
-        timm_module.head.weight.normal_(std=0.5)
-        timm_module.cls_token.normal_(std=0.5)
-    state = timm_module.state_dict()
-    hf = tiny_hf_vit(seed=1)
-    hf.load_state_dict(timm_to_hf_vit(state), strict=True)
-    tv = tiny_torchvision_vit(seed=2)
-    tv.load_state_dict(timm_to_torchvision_vit(state), strict=True)
+    timm_module, hf, tv = same_vit_three_layouts(seed=4)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     maps = [vitlens.explain(m, x, methods=["attention-gradcam"], target=[1, 6]).patch_maps["attention-gradcam"]
             for m in (timm_module, hf, tv)]

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import vitlens
-from tests.conftest import tiny_hf_vit, tiny_timm_vit, tiny_torchvision_vit
+from tests.conftest import tiny_hf_vit, tiny_timm_vit, tiny_torchvision_vit, unit_scale
 from vitlens.cli import main
 from vitlens.engine import run_batch
 from vitlens.errors import MethodError
@@ -77,16 +77,7 @@ def gradcam_expected(act, grad):
 
 @pytest.fixture(scope="module")
 def unit_vit():
-    module = tiny_timm_vit(seed=7, depth=2, num_classes=5)
-    with torch.no_grad():  # unit-scale weights, so that the gradients are O(1)
-        module.cls_token.normal_()
-        module.pos_embed.normal_(std=0.5)
-        for name, param in module.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(std=0.1)
-            elif param.dim() >= 2:
-                param.normal_(std=param[0].numel() ** -0.5)
-    return module.double()
+    return unit_scale(tiny_timm_vit(seed=7, depth=2, num_classes=5))  # gradients of O(1)
 
 
 def test_matches_the_float64_restatement(unit_vit):

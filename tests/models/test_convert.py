@@ -6,24 +6,15 @@ import pytest
 import torch
 
 import vitlens
-from tests.conftest import tiny_hf_vit, tiny_timm_vit, tiny_torchvision_vit
+from tests.conftest import same_vit_three_layouts, tiny_timm_vit
 from vitlens.errors import ModelError
 from vitlens.models import load_model
-from vitlens.models.convert import timm_to_hf_vit, timm_to_torchvision_vit
+from vitlens.models.convert import timm_to_hf_vit
 
 
 @pytest.fixture(scope="module")
 def three_layouts():
-    timm_module = tiny_timm_vit(seed=5)
-    with torch.no_grad():  # a non-zero, non-trivial head and class token
-        timm_module.head.weight.normal_(std=0.5)
-        timm_module.cls_token.normal_(std=0.5)
-    state = timm_module.state_dict()
-    hf_module = tiny_hf_vit(seed=1)
-    hf_module.load_state_dict(timm_to_hf_vit(state), strict=True)
-    tv_module = tiny_torchvision_vit(seed=2)
-    tv_module.load_state_dict(timm_to_torchvision_vit(state), strict=True)
-    return [load_model(m) for m in (timm_module, hf_module, tv_module)]
+    return [load_model(m) for m in same_vit_three_layouts(seed=5)]
 
 
 def test_converted_weights_give_the_same_logits(three_layouts):
