@@ -56,6 +56,22 @@ def _open_clip():
     return vitlens.load_model(tiny_open_clip(dtype=torch.float32), classes=CLASSES)
 
 
+def _open_clip_timm_tower():
+    pytest.importorskip("open_clip", reason="pip install open-clip-torch")
+    from tests.models.test_openclip import CLASSES
+    from tests.models.test_openclip_towers import clip_with_timm_trunk
+
+    return vitlens.load_model(clip_with_timm_trunk("siglip").float(), classes=CLASSES)
+
+
+def _open_clip_conv_tower():
+    pytest.importorskip("open_clip", reason="pip install open-clip-torch")
+    from tests.models.test_openclip import CLASSES
+    from tests.models.test_openclip_towers import clip_with_conv_tower
+
+    return vitlens.load_model(clip_with_conv_tower("resnet"), classes=CLASSES)
+
+
 def _swin():
     import timm
 
@@ -94,6 +110,8 @@ MODELS = {
     "Hugging Face CLIP": _clip,
     "Hugging Face SigLIP": _siglip,
     "OpenCLIP ViT": _open_clip,
+    "OpenCLIP timm towers": _open_clip_timm_tower,
+    "OpenCLIP ResNet and ConvNeXt towers": _open_clip_conv_tower,
     "your own ViT with `nn.MultiheadAttention`": _own_vit,
     "Swin, Swin-V2": _swin,
     "ConvNeXt, MaxViT, CNNs": _convnext,

@@ -230,7 +230,8 @@ def batched_and_alone(explain, model, x, methods):
     rollout's discard. ``explain`` is ``vitlens.explain``, passed in: this module imports no vitlens."""
     x = torch.cat([x, torch.randn(1, *x.shape[1:], dtype=x.dtype, generator=torch.Generator().manual_seed(8))])
     targets = [1, 4, 7]
-    params = {"legrad": {"pool": "mean"}, "rollout": {"discard_ratio": 0.5}}
+    params = {name: value for name, value in {"legrad": {"pool": "mean"}, "rollout": {"discard_ratio": 0.5}}.items()
+              if name in methods}
     batch = explain(model, x, methods=methods, target=targets, params=params)
     pairs = []
     for i, t in enumerate(targets):

@@ -40,11 +40,10 @@ VISION = dict(layers=3, width=32, head_width=8, patch_size=8, image_size=32, mlp
 TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=2)
 
 
-def tiny_open_clip(seed=0, pool="tok", dtype=torch.float64):
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    torch.manual_seed(seed)
-    module = CLIP(16, CLIPVisionCfg(pool_type=pool, **VISION), CLIPTextCfg(**TEXT))
+def unit_init(module):
+    """O(1) parameters for a tiny OpenCLIP model (its own init leaves the attention nearly uniform): logit scale 1.5,
+    biases N(0, 0.1), class embedding N(0, 1), position embeddings N(0, 0.5), 1-D weights U(0.5, 1.5), the visual
+    projection N(0, 1 / rows), other weights N(0, 1 / fan_in)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name == "logit_scale":
@@ -61,6 +60,14 @@ def tiny_open_clip(seed=0, pool="tok", dtype=torch.float64):
                 p.normal_(std=p.shape[0] ** -0.5)
             else:
                 p.normal_(std=p[0].numel() ** -0.5)
+    return module
+
+
+def tiny_open_clip(seed=0, pool="tok", dtype=torch.float64):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    module = unit_init(CLIP(16, CLIPVisionCfg(pool_type=pool, **VISION), CLIPTextCfg(**TEXT)))
     return module.to(dtype).eval()
 
 
@@ -88,7 +95,9 @@ def mean_readout(m, z):
     return readout(m, z.mean(dim=1, keepdim=True).expand_as(z))
 
 
-def explicit_forward(m, x):
+def explicit_forward(m, x, read=None):
+    """The image tower restated from its parameters: ``read(m, z)`` of the last stream (default: :func:`readout`),
+    the attention probabilities, block outputs and pre-attention norms."""
     v = m.visual
     z = F.conv2d(x, v.conv1.weight, stride=v.patch_size).flatten(2).transpose(1, 2)
     z = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), z], dim=1) + v.positional_embedding
@@ -107,7 +116,7 @@ def explicit_forward(m, x):
         z = z + F.linear((probs @ val).transpose(1, 2).reshape(B, n, C), mha.out_proj.weight, mha.out_proj.bias)
         z = z + block.mlp.c_proj(F.gelu(block.mlp.c_fc(_ln(z, block.ln_2))))
         outputs.append(z)
-    return readout(m, z), attentions, outputs, normed
+    return (read or readout)(m, z), attentions, outputs, normed
 
 
 def reference_capture(m, x, targets):

@@ -83,7 +83,7 @@ class CNNModel(ImageModel):
         return 0
 
     def fixed_input_size(self) -> tuple[int, int] | None:
-        return _timm_fixed_size(self.module)
+        return timm_fixed_input_size(self.module)
 
     def default_cam_layers(self) -> list[str]:
         return self.spatial_layer_names()[-1:]
@@ -125,7 +125,7 @@ class CNNModel(ImageModel):
 
 
 # --- registration -----------------------------------------------------------------------------
-def _timm_fixed_size(module) -> tuple[int, int] | None:
+def timm_fixed_input_size(module) -> tuple[int, int] | None:
     """The input size a timm model with a strict patch embedding (Swin, Swin-V2) takes, else None."""
     patch_embed = getattr(module, "patch_embed", None)
     size = getattr(patch_embed, "img_size", None)
@@ -143,7 +143,7 @@ def cnn_default_preprocess(module) -> Preprocess:
         _, h, w = cfg["input_size"]
         # the model's real input size wins over a pretrained config of another resolution (a Swin
         # built with img_size=64 keeps the 224 of its pretrained config)
-        h, w = _timm_fixed_size(module) or (h, w)
+        h, w = timm_fixed_input_size(module) or (h, w)
         return Preprocess((int(h), int(w)), tuple(cfg["mean"]), tuple(cfg["std"]),
                           interpolation_name(cfg.get("interpolation", "bilinear")), float(cfg.get("crop_pct", 0.875)))
     config = getattr(module, "config", None)
