@@ -29,6 +29,7 @@ poolers, patch dropout, and blocks other than ``ResidualAttentionBlock`` (``Cust
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 import torch
@@ -377,7 +378,8 @@ def load_open_clip_spec(spec, name, weights, num_classes):
                          "and pass tokenizer= to vitlens.wrap_module") from None
     try:
         if weights is not None:
-            module = open_clip.create_model(arch, pretrained=None)
+            with _without_root_warnings():  # "No pretrained weights loaded ... initialized randomly": they are next
+                module = open_clip.create_model(arch, pretrained=None)
             load_state_dict_checked(module, read_weights(weights), weights, spec)
         else:
             with hub.quiet_progress():
@@ -387,6 +389,17 @@ def load_open_clip_spec(spec, name, weights, num_classes):
     except (RuntimeError, OSError) as exc:
         raise ModelError(f"cannot fetch '{spec}' (the model hub failed: {one_line(exc)}): {HUB_HINT}") from None
     return LoadedModule(module.eval(), tokenizer=tokenizer)
+
+
+@contextlib.contextmanager
+def _without_root_warnings() -> Iterator[None]:
+    """OpenCLIP warns on the root logger when it builds an architecture without weights; vitlens loads them next."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _cached(tag: dict) -> bool:
