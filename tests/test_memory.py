@@ -9,8 +9,9 @@ import torch
 import vitlens
 import vitlens.api as api
 from vitlens.errors import ResourceError, UsageError
-from vitlens.memory import ACTIVATION_FACTOR, bytes_per_image, images_per_pass, model_sizes, parse_size
-from vitlens.engine import keeps_attention_gradients
+from vitlens.engine import keeps_attention_gradients, keeps_head_means_only
+from vitlens.memory import (ACTIVATION_FACTOR, HEAD_MEAN_COPIES, LAYER_TRANSIENTS, bytes_per_image, images_per_pass,
+                            model_sizes, parse_size)
 
 from .conftest import tiny_timm_vit
 
@@ -32,13 +33,21 @@ def test_bad_sizes_are_one_line(bad):
 
 def test_the_estimate_follows_the_attention_and_stream_sizes():
     model = vitlens.load_model(tiny_timm_vit())  # 3 layers, 4 heads, 1 + 16 tokens, width 48
-    attention, stream = model_sizes(model, (32, 32))
-    assert attention == 3 * 4 * 17 * 17 * 4 and stream == 3 * 17 * 48 * 4
+    sizes = model_sizes(model, (32, 32))
+    attention, stream = sizes[:2]
+    assert attention == 3 * 4 * 17 * 17 * 4 and stream == 3 * 17 * 48 * 4 and (sizes.heads, sizes.layers) == (4, 3)
     assert bytes_per_image(model, False, (32, 32)) == 2 * attention + ACTIVATION_FACTOR * stream
     assert bytes_per_image(model, True, (32, 32)) == 3 * attention + ACTIVATION_FACTOR * stream
-    assert not keeps_attention_gradients({"rollout": {}, "chefer": {}, "gmar-l2": {"norm": "l2"}, "legrad": {}})
+    # head means only: (B, 1, N, N) copies per layer and the transients of one layer
+    assert bytes_per_image(model, False, (32, 32), head_means=True) == \
+        int((HEAD_MEAN_COPIES / 4 + LAYER_TRANSIENTS / 3) * attention) + ACTIVATION_FACTOR * stream
+    six = {"rollout": {"head_fusion": "mean"}, "chefer": {}, "gmar-l2": {"norm": "l2"}, "legrad": {}}
+    assert not keeps_attention_gradients(six) and keeps_head_means_only(six)
+    assert not keeps_head_means_only({**six, "rollout": {"head_fusion": "max"}})  # the max of each layer's heads
     assert keeps_attention_gradients({"chefer": {}, "attention-gradcam": {}})
+    assert not keeps_head_means_only({"chefer": {}, "attention-gradcam": {}})
     assert keeps_attention_gradients({"chefer": {"libragrad": True}})
+    assert not keeps_head_means_only({"chefer": {"libragrad": True}})
     wide = vitlens.load_model(tiny_timm_vit(dynamic_img_size=True))
     assert model_sizes(wide, (48, 32))[0] == 3 * 4 * 25 * 25 * 4  # a larger input, more tokens: its own size
     assert images_per_pass(16, 100, 250) == 2 and images_per_pass(16, 100, 50) == 1
@@ -64,7 +73,7 @@ def test_a_batch_over_the_budget_is_explained_in_chunks_with_the_same_maps(monke
     model = vitlens.load_model(tiny_timm_vit())
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     whole = vitlens.explain(model, x, methods=METHODS, batch_size=8, memory_budget="100GB")
-    per_image = bytes_per_image(model, False, (32, 32))
+    per_image = bytes_per_image(model, False, (32, 32), head_means=True)
     sizes = counting(monkeypatch)
     split = vitlens.explain(model, x, methods=METHODS, batch_size=8, memory_budget=2 * per_image + 1)
     assert sizes == [2, 2, 1]

@@ -14,7 +14,8 @@ from PIL import Image
 from vitlens.cliargs import (check_count, check_overlay, check_params_requested, check_signed_display, check_target,
                              select_device)
 from vitlens.diagnostics import degenerate_kind, flat_scores, likely_cause, summarise
-from vitlens.engine import check_precision, keeps_attention_gradients, precision_name, run_batch
+from vitlens.engine import (check_precision, keeps_attention_gradients, keeps_head_means_only, precision_name,
+                            run_batch)
 from vitlens.errors import InputError, ResourceError
 from vitlens.memory import bytes_per_image, default_budget, images_per_pass, parse_size
 from vitlens.methods import check_params_for_model, get_method, parse_methods, to_pixels
@@ -272,7 +273,8 @@ def explain(model, images, methods=None, target=None, batch_size: int = 16, devi
     batch, records = prepare_inputs(model, images)
     if budget is None:
         budget = default_budget(model.device)
-    per_image = bytes_per_image(model, keeps_attention_gradients(resolved), tuple(batch.shape[-2:]))
+    per_image = bytes_per_image(model, keeps_attention_gradients(resolved), tuple(batch.shape[-2:]),
+                                head_means=keeps_head_means_only(resolved))
     chunk_size = images_per_pass(batch_size, per_image, budget)
     per_image_targets = isinstance(target, (list, tuple)) or (isinstance(target, torch.Tensor) and target.dim() >= 1)
     maps: dict = {n: [] for n in names}

@@ -55,7 +55,7 @@ from vitlens.lrp.chefer import CheferRecorder, chefer_rules
 from vitlens.methods import (ATTENTION_RELEVANCE, ATTENTIONS, CAM, GRADIENTS, INPUT_GRADIENT, LAYER_GRADIENTS, LRP,
                              PATH_GRADIENTS, PERTURB, Captured, get_method, resolve_layers)
 from vitlens.models.base import ExplainableModel, ImageModel
-from vitlens.models.capture import AttentionRecorder
+from vitlens.models.capture import AttentionRecorder, HeadMeanRecorder
 from vitlens.models.layers import find_module
 
 # ------------------------------------------------------------------------------------------ precision
@@ -343,9 +343,14 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
     want_gradients = bool({GRADIENTS, LAYER_GRADIENTS, CAM, INPUT_GRADIENT} & needs)
     capture = ATTENTIONS in needs or task.keep_attentions or libra
     with model.eval_mode(), torch.set_grad_enabled(want_gradients), contextlib.ExitStack() as stack:
+        # Chefer, GMAR and GMAR++ read each layer through a term computed in the backward; without LibraGrad or a
+        # caller that wants the attention itself, the per-head attention need not be kept at all
+        terms = _layer_terms(task, methods) if GRADIENTS in needs and not libra else None
         if libra:
             recorder = LibraRecorder()
             stack.enter_context(lrp_rules(model.module, LIBRAGRAD))
+        elif _head_means_suffice(task, methods, terms):
+            recorder = HeadMeanRecorder(keep_block_outputs=LAYER_GRADIENTS in needs)
         else:
             recorder = AttentionRecorder(keep_block_outputs=LAYER_GRADIENTS in needs)
         if capture:
@@ -368,35 +373,43 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
             raise MethodError(f"target layer '{missing[0]}' is not used by the model's forward pass")
         cam_inputs = [activations[name] for name in cam_names]
         spatial_acts = {name: task.cam_spatial(up(act.detach()), name) for name, act in zip(cam_names, cam_inputs)}
-        # LibraGrad detaches queries and keys: a layer's attention no longer leads to the earlier ones, so its
-        # gradients are kept (reducing them in the backward would take one backward per layer)
-        terms = _layer_terms(task, methods) if GRADIENTS in needs and not libra else None
-        for slot in range(values.shape[1] if methods else 0):
-            gradients, cam, layer_terms = None, {}, {}
-            inputs = [leaf] if INPUT_GRADIENT in needs else []
-            wanted = [] if GRADIENTS not in needs else recorder.attentions[:1] if terms else recorder.attentions
-            shared = wanted + cam_inputs + inputs
-            input_gradient = None
-            if shared:
-                # one backward for every method that needs d(target score)/d(something)
-                score = values[:, slot].sum()
-                with _reducing(recorder.attentions, attentions, terms, layer_terms, up, score):
-                    grads = _grads(score, shared)
-                if GRADIENTS in needs and not terms:
-                    gradients = [up(g) for g in grads[:len(recorder.attentions)]]
-                for name, grad in zip(cam_names, grads[len(shared) - len(cam_inputs) - len(inputs):]):
-                    cam[name] = (spatial_acts[name], task.cam_spatial(up(grad), name))
-                if inputs:  # d(target score)/d(input): saliency, input x gradient
-                    input_gradient = (up(leaf.detach()), up(grads[-1]))
+        # (LibraGrad detaches queries and keys: a layer's attention no longer leads to the earlier ones, so its
+        # gradients are kept, as reducing them in the backward would take one backward per layer)
+        sources = recorder.gradient_sources
+        # with head means only every layer's gradient source is asked for (each is small, (B, heads, N, d)): no layer
+        # is left to an extra backward, so the pass's last backward may free the graph as it goes
+        every_source = not terms or isinstance(recorder, HeadMeanRecorder)
+        slots = values.shape[1] if methods else 0
+        for slot in range(slots):
+            # LeGrad's partial backwards first, so that the slot's shared backward is the last to need the graph
             layer_gradients = {}
             for pool, layer in sorted(layer_requests):
                 with _autocast(model, dtype):  # the final norm and head are the model's computation
                     score = task.layer_score(recorder.block_outputs[layer], pool, slot)
                 # reduced at once to what LeGrad reads, the positive part's mean over heads: the per-head
                 # gradient of every layer is never held (H times the memory), and a view still cuts its rows
-                gradient = _grads(score, [recorder.attentions[layer]])[0]
+                gradient = recorder.attention_gradient(layer, _grads(score, [sources[layer]])[0])
                 layer_gradients[(pool, layer)] = up(gradient).clamp_min(0).mean(dim=1, keepdim=True)
                 del gradient
+            gradients, cam, layer_terms = None, {}, {}
+            inputs = [leaf] if INPUT_GRADIENT in needs else []
+            wanted = [] if GRADIENTS not in needs else sources if every_source else sources[:1]
+            shared = wanted + cam_inputs + inputs
+            input_gradient = None
+            if shared:
+                # one backward for every method that needs d(target score)/d(something); the pass's last frees
+                # each saved tensor once it has been used, as a plain backward does
+                score = values[:, slot].sum()
+                last = slot == slots - 1 and every_source
+                with _reducing(recorder, terms, layer_terms, up, score, asked_every_layer=every_source):
+                    grads = _grads(score, shared, retain=not last)
+                if GRADIENTS in needs and not terms:
+                    gradients = [up(g) for g in grads[:len(sources)]]
+                for name, grad in zip(cam_names, grads[len(shared) - len(cam_inputs) - len(inputs):]):
+                    cam[name] = (spatial_acts[name], task.cam_spatial(up(grad), name))
+                if inputs:  # d(target score)/d(input): saliency, input x gradient
+                    input_gradient = (up(leaf.detach()), up(grads[-1]))
+                del grads
             readout = up(recorder.readout) if recorder.readout is not None else None  # an image-dependent head
             captured = Captured(attentions, gradients, readout, model.num_prefix_tokens, (0, 0), layer_gradients,
                                 cam, list(default_cam),
@@ -582,41 +595,73 @@ def keeps_attention_gradients(methods: dict) -> bool:
 
 
 @contextlib.contextmanager
-def _reducing(tensors: list, detached: list, terms, store: dict, up, score: torch.Tensor):
+def _reducing(recorder: AttentionRecorder, terms, store: dict, up, score: torch.Tensor,
+              asked_every_layer: bool = False):
     """While the backward runs, reduce each attention gradient to the ``terms`` as it is produced.
 
-    A hook on every captured attention tensor computes ``term(attention, gradient, **params)`` for each
-    (term, params) into ``store[(term, params)][layer]``; the gradient itself is then freed by autograd, so the
-    per-head gradients of all layers are never held at once. The backward is asked for the first layer's
-    gradient only: in a ViT every later attention lies on the way to it, so every hook runs. A layer whose
-    attention does not depend on the first one's (not a ViT of the usual kind) gets its gradient from one
-    more backward of ``score``, reduced the same way.
+    A hook on every layer's gradient source (the attention, or with :class:`HeadMeanRecorder` the attention's
+    output) reads the layer's attention and gradient (:meth:`~AttentionRecorder.attention_and_gradient`) and
+    computes ``term(attention, gradient, **params)`` for each (term, params) into ``store[(term, params)][layer]``;
+    the gradient is then freed by autograd, so the per-head gradients of all layers are never held at once. The
+    backward is asked for the first layer's gradient only: in a ViT every later attention lies on the way to it,
+    so every hook runs. A layer whose attention does not depend on the first one's (not a ViT of the usual kind)
+    gets its gradient from one more backward of ``score``, reduced the same way; when the backward was asked for
+    every layer's source (``asked_every_layer``), a layer whose hook did not run is one the score does not depend
+    on, and its gradient is zero.
     """
     if not terms:
         yield
         return
+    sources = recorder.gradient_sources
     for key in terms:
-        store[key] = [None] * len(tensors)
+        store[key] = [None] * len(sources)
 
     def reduce(layer: int, gradient: torch.Tensor) -> None:
-        gradient = up(gradient.detach())
+        attention, gradient = recorder.attention_and_gradient(layer, gradient.detach())
+        attention, gradient = up(attention), up(gradient)
         for term, params in terms:
-            store[(term, params)][layer] = term(detached[layer], gradient, **dict(params)).detach()
+            store[(term, params)][layer] = term(attention, gradient, **dict(params)).detach()
 
     handles = [tensor.register_hook(lambda gradient, layer=layer: reduce(layer, gradient))
-               for layer, tensor in enumerate(tensors)]
+               for layer, tensor in enumerate(sources)]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-    missing = [layer for layer in range(len(tensors)) if store[terms[0]][layer] is None]
+        recorder.backward_done()
+    missing = [layer for layer in range(len(sources)) if store[terms[0]][layer] is None]
     for layer in missing:
-        reduce(layer, _grads(score, [tensors[layer]])[0])
+        reduce(layer, torch.zeros_like(sources[layer]) if asked_every_layer else _grads(score, [sources[layer]])[0])
+    recorder.backward_done()
 
 
-def _grads(score: torch.Tensor, tensors: list) -> list:
-    grads = torch.autograd.grad(score, tensors, retain_graph=True, allow_unused=True)
+def _head_means_suffice(task: ExplainTask, methods: dict, terms) -> bool:
+    """Whether the pass may keep each layer's attention as its head mean only (:class:`HeadMeanRecorder`): an
+    image pass whose caller does not want the attention, every gradient method reading a layer through its term
+    (``terms``) and every method reading the attention itself only through its mean over heads."""
+    if task.keep_attentions or not task.whole_batch_view:
+        return False
+    if any(GRADIENTS in get_method(name).needs for name in methods) and not terms:
+        return False
+    return _reads_head_means_only(methods)
+
+
+def _reads_head_means_only(methods: dict) -> bool:
+    return all(ATTENTIONS not in get_method(name).needs or get_method(name).reads_head_means(params)
+               for name, params in methods.items())
+
+
+def keeps_head_means_only(methods: dict) -> bool:
+    """Whether an image pass with these methods keeps each layer's attention as its head mean only (for the memory
+    estimate; LibraGrad passes keep the attention and its gradients)."""
+    if any(params.get("libragrad") for params in methods.values()):
+        return False
+    return not keeps_attention_gradients(methods) and _reads_head_means_only(methods)
+
+
+def _grads(score: torch.Tensor, tensors: list, retain: bool = True) -> list:
+    grads = torch.autograd.grad(score, tensors, retain_graph=retain, allow_unused=True)
     return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(tensors, grads)]
 
 

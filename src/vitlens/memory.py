@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -35,6 +36,10 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb"
 #: the share of the free memory the default budget uses (the rest: the caller's own tensors, fragmentation)
 DEFAULT_SHARE = 0.8
 ACTIVATION_FACTOR = 17
+#: with head means only: (B, 1, N, N) per layer for the means, each method's term and LeGrad's gradient (at most
+#: six), and a few (B, heads, N, N) transients of the one layer the backward is at
+HEAD_MEAN_COPIES = 6
+LAYER_TRANSIENTS = 3
 
 _SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -85,8 +90,17 @@ def default_budget(device) -> int | None:
     return int(free * DEFAULT_SHARE) if free is not None else None
 
 
-def model_sizes(model, input_size) -> tuple[int, int]:
-    """(attention bytes, residual-stream bytes) of one image at ``input_size``, from one dry forward (cached)."""
+class Sizes(NamedTuple):
+    """What one image at one input size occupies, from one dry forward."""
+
+    attention: int  #: bytes of every layer's (heads, N, N) attention, float32
+    stream: int     #: bytes of every layer's (N, D) residual stream, float32
+    heads: int
+    layers: int
+
+
+def model_sizes(model, input_size) -> Sizes:
+    """The :class:`Sizes` of one image at ``input_size``, from one dry forward (cached)."""
     key = tuple(int(v) for v in input_size)
     cached = _SIZES.setdefault(model, {})
     if key not in cached:
@@ -98,7 +112,8 @@ def model_sizes(model, input_size) -> tuple[int, int]:
             recorder = _dry_forward(model, x, keep_block_outputs=False)
         attention = sum(a[0].numel() for a in recorder.attentions) * 4
         stream = sum(h[0].numel() for h in recorder.block_outputs) * 4
-        cached[key] = (attention, stream)
+        heads = max((a.shape[1] for a in recorder.attentions if a.dim() == 4), default=1)
+        cached[key] = Sizes(attention, stream, int(heads), len(recorder.attentions))
     return cached[key]
 
 
@@ -111,13 +126,18 @@ def _dry_forward(model, x: torch.Tensor, keep_block_outputs: bool):
     return recorder
 
 
-def bytes_per_image(model, kept_gradients: bool, input_size) -> int:
+def bytes_per_image(model, kept_gradients: bool, input_size, head_means: bool = False) -> int:
     """The estimated peak of one image in one pass (see the module docstring); ``kept_gradients``: the pass holds
-    every layer's attention gradient at once (:func:`vitlens.engine.keeps_attention_gradients`)."""
+    every layer's attention gradient at once (:func:`vitlens.engine.keeps_attention_gradients`); ``head_means``:
+    it keeps each layer's attention as its head mean only (:func:`vitlens.engine.keeps_head_means_only`)."""
     if not getattr(model, "has_attention", False):
         return 0  # CNNs: activations of an ordinary backward, which the caller's batch size already sizes
-    attention, stream = model_sizes(model, input_size)
-    return (2 + int(kept_gradients)) * attention + ACTIVATION_FACTOR * stream
+    sizes = model_sizes(model, input_size)
+    if head_means:
+        copies = HEAD_MEAN_COPIES / sizes.heads + LAYER_TRANSIENTS / max(1, sizes.layers)
+    else:
+        copies = 2 + int(kept_gradients)
+    return int(copies * sizes.attention) + ACTIVATION_FACTOR * sizes.stream
 
 
 def images_per_pass(batch_size: int, per_image: int, budget: int | None) -> int:
@@ -127,5 +147,5 @@ def images_per_pass(batch_size: int, per_image: int, budget: int | None) -> int:
     return max(1, min(batch_size, budget // per_image))
 
 
-__all__ = ["DEFAULT_SHARE", "bytes_per_image", "default_budget", "free_memory", "images_per_pass", "model_sizes",
-           "parse_size"]
+__all__ = ["DEFAULT_SHARE", "Sizes", "bytes_per_image", "default_budget", "free_memory", "images_per_pass",
+           "model_sizes", "parse_size"]

@@ -139,16 +139,20 @@ def test_a_layer_the_backward_does_not_reach_gets_its_own_backward():
     """_reducing asks the backward for the first attention only; a later attention that does not lead to it gets
     its gradient from one more backward, reduced the same way (no layer is left without its term)."""
     from vitlens.engine import _grads, _reducing
+    from vitlens.models import AttentionRecorder
 
     first = torch.rand(1, 2, 3, 3, requires_grad=True)
     second = torch.rand(1, 2, 3, 3, requires_grad=True)  # independent of the first
     score = (2 * first).sum() + (first * second * 3).sum()
+    recorder = AttentionRecorder()
+    recorder.on_probabilities(0, first)
+    recorder.on_probabilities(1, second)
 
     def term(attention, gradient):
         return (gradient * attention).sum(dim=1)
 
     terms, store = [(term, ())], {}
-    with _reducing([first, second], [first.detach(), second.detach()], terms, store, lambda t: t, score):
+    with _reducing(recorder, terms, store, lambda t: t, score):
         _grads(score, [first])
     expected_first = ((2 + 3 * second.detach()) * first.detach()).sum(dim=1)
     expected_second = (3 * first.detach() * second.detach()).sum(dim=1)

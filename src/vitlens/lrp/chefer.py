@@ -203,6 +203,8 @@ class _ResidualAdds(TorchFunctionMode):
 class CheferRecorder(AttentionRecorder):
     """Attention under Chefer's rules: z-rule halved on Q K^T and A V, identity softmax; alpha-1 projections."""
 
+    rules_attention = True
+
     def attend(self, q, k, v, scale, layer, mask=None):
         # the z-rule on q k^T before the scale, as the reference (its scale multiplies the product)
         scores = halved_z_matmul(q, k.transpose(-2, -1)) * scale

@@ -79,6 +79,8 @@ class LRPConfig:
 class LRPRecorder(AttentionRecorder):
     """Attention with the AttnLRP / CP-LRP rules, projections with the Gamma rule."""
 
+    rules_attention = True
+
     def __init__(self, config: LRPConfig):
         super().__init__()
         self.config = config

@@ -185,6 +185,18 @@ def module_names(value) -> list:
     return list(value)
 
 
+def _per_head(params: Mapping) -> bool:
+    return False
+
+
+def _head_means(params: Mapping) -> bool:
+    return True
+
+
+def _mean_fused(params: Mapping) -> bool:
+    return params.get("head_fusion", "mean") == "mean"
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A named method: its function, what it needs captured, its default parameters and what each accepts."""
@@ -204,6 +216,10 @@ class MethodSpec:
     #: engine reduce each gradient as the backward produces it instead of keeping them all
     layer_term: Callable | None = None
     term_params: tuple = ()
+    #: ``reads_head_means(params)``: with these parameters the method reads each layer's attention only through its
+    #: mean over heads, its ``layer_term`` or LeGrad's layer gradients, never one head on its own; the engine may
+    #: then keep the head means alone (:class:`~vitlens.models.capture.HeadMeanRecorder`)
+    reads_head_means: Callable = _per_head
 
     def check(self, overrides: Mapping | None) -> dict:
         """The given parameters, each checked against its declaration (one-line MethodError otherwise)."""
@@ -248,7 +264,8 @@ CAM_LAYERS = Param("module_names", "target layer(s), several are fused; None: th
 
 register(MethodSpec("attention", raw_attention, frozenset({ATTENTIONS}), False, {"layer": -1},
                     "raw last-layer attention of the class token, mean over heads (baseline)",
-                    declared={"layer": Param("layer", "the layer whose attention is shown")}))
+                    declared={"layer": Param("layer", "the layer whose attention is shown")},
+                    reads_head_means=_head_means))
 register(MethodSpec("rollout", attention_rollout, frozenset({ATTENTIONS}), False,
                     {"head_fusion": "mean", "discard_ratio": 0.0, "start_layer": 0, "residual": 1.0},
                     "attention rollout (Abnar & Zuidema 2020)",
@@ -256,34 +273,37 @@ register(MethodSpec("rollout", attention_rollout, frozenset({ATTENTIONS}), False
                                                    choices=("mean", "max", "min")),
                               "discard_ratio": Param("float", "share of the weakest patch-to-patch attention set to "
                                                               "zero in each layer", low=0, high=1, high_open=True),
-                              "start_layer": START_LAYER, "residual": RESIDUAL}))
+                              "start_layer": START_LAYER, "residual": RESIDUAL},
+                    reads_head_means=_mean_fused))
 register(MethodSpec("gmar-l1", gmar, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"norm": "l1", "residual": 1.0, "start_layer": 0},
                     "gradient-weighted head rollout, L1 head norms (Jo et al. 2025)",
                     declared={"norm": HEAD_NORM, "residual": RESIDUAL, "start_layer": START_LAYER},
-                    layer_term=gmar_term, term_params=("norm",)))
+                    layer_term=gmar_term, term_params=("norm",), reads_head_means=_head_means))
 register(MethodSpec("gmar-l2", gmar, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"norm": "l2", "residual": 1.0, "start_layer": 0},
                     "gradient-weighted head rollout, L2 head norms (Jo et al. 2025)",
                     declared={"norm": HEAD_NORM, "residual": RESIDUAL, "start_layer": START_LAYER},
-                    layer_term=gmar_term, term_params=("norm",)))
+                    layer_term=gmar_term, term_params=("norm",), reads_head_means=_head_means))
 register(MethodSpec("gmar++", gmar_plus_plus, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"norm": "l2", "residual": 1.0, "normalize": "none", "start_layer": 0},
                     "positive gradients x attention, per-layer head weights, residual rollout",
                     declared={"norm": HEAD_NORM, "residual": RESIDUAL, "start_layer": START_LAYER,
                               "normalize": Param("choice", "'layer' divides each layer's weighted attention by its "
                                                            "mean row sum", choices=("none", "layer"))},
-                    layer_term=gmar_plus_plus_term, term_params=("norm", "normalize")))
+                    layer_term=gmar_plus_plus_term, term_params=("norm", "normalize"),
+                    reads_head_means=_head_means))
 register(MethodSpec("legrad", legrad, frozenset({ATTENTIONS, LAYER_GRADIENTS}), True,
                     {"layers": "all", "pool": "model"},
                     "per-layer gradient of per-layer scores (Bousselham et al. 2025)",
                     declared={"layers": Param("layers", "the layers whose scores are explained and averaged"),
                               "pool": Param("choice", "read each layer's score as the model pools, or from the "
-                                                      "mean of all tokens", choices=("model", "mean"))}))
+                                                      "mean of all tokens", choices=("model", "mean"))},
+                    reads_head_means=_head_means))
 register(MethodSpec("chefer", chefer_rollout, frozenset({ATTENTIONS, GRADIENTS}), True,
                     {"start_layer": 0},
                     "gradient x attention rollout (Chefer et al., ICCV 2021)",
-                    declared={"start_layer": START_LAYER}, layer_term=chefer_term))
+                    declared={"start_layer": START_LAYER}, layer_term=chefer_term, reads_head_means=_head_means))
 
 for _name, _fn, _summary in (
     ("gradcam", gradcam, "Grad-CAM: channels weighted by mean gradients (Selvaraju et al. 2017)"),

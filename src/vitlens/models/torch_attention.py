@@ -265,7 +265,7 @@ class TorchAttentionModel(ImageModel):
         s = self.survey
         modules = dict(self.module.named_modules())
         hooked = [name for name in dict.fromkeys(s.calls) if not isinstance(modules[name], nn.MultiheadAttention)]
-        if hooked and type(recorder).attend is not AttentionRecorder.attend:
+        if hooked and recorder.rules_attention:
             # a hook sees the probabilities only after they are computed: it cannot change how
             # Q K^T and A V pass relevance (AttnLRP's rules), so the result would be silently wrong
             raise MethodError(f"AttnLRP / CP-LRP need the attention computed by vitlens, but '{hooked[0]}' is a "
