@@ -1,8 +1,9 @@
 """How many images one pass may hold: a memory budget, an estimate of the peak per image, and sizes.
 
-The engine keeps every layer's attention (B, heads, N, N), and for gradient methods its gradient and
-LeGrad's per-layer gradients, besides the model's own activations: for ViT-L/16 at 384 px that is
-about 2.7 GB per image, so a batch that fits a ViT-B does not fit a ViT-L. :func:`vitlens.explain`
+Unless every method reads the attention only through its head mean (see ``engine.keeps_head_means_only``), the
+engine keeps every layer's attention (B, heads, N, N), and for some gradient methods its gradient, besides the
+model's own activations: for ViT-L/16 at 384 px that is about 2 GB per image, so a batch that fits a ViT-B does not
+fit a ViT-L. :func:`vitlens.explain`
 splits a batch into chunks whose estimated peak stays within a budget (``memory_budget``), and on
 CUDA halves a chunk and tries again when the device runs out of memory anyway.
 
@@ -11,12 +12,15 @@ and input size): the attention tensors' size ``S_A`` (sum over layers of heads x
 the residual stream's size ``S_X`` (sum over layers of N x D x 4 bytes), combined as
 
     peak per image ~ (2 + g) S_A + 17 S_X      g = 1 when the pass keeps every layer's attention gradient
+    peak per image ~ (6 / H + 3 / L) S_A + 17 S_X      when it keeps head means only (H heads, L layers)
 
 (kept attention + the transient products of the explicit attention and of the backward; the gradients,
-where a method reads them otherwise than through a layer term, see ``engine._reducing``; 17 x the stream
-for the activations autograd keeps). Measured with ``benchmarks/memory.py`` on CPU, six rollout-family
-methods (no gradient kept): ViT-B/16 at 224 px 0.16 GiB estimated, 0.22 measured; ViT-L/16 at 384 px
-1.85 estimated, 1.69 measured (within 30 %). The estimate decides a split, it is not a guarantee.
+where a method reads them otherwise than through a layer term, see ``engine._reducing``; with head means only,
+(B, 1, N, N) per layer for the means, the terms and LeGrad's gradients, and the transients of the one layer the
+backward is at; 17 x the stream for the activations autograd keeps). Measured with ``benchmarks/memory.py`` on
+CPU, six rollout-family methods (head means only): ViT-B/16 at 224 px 0.13 GiB estimated, 0.16 measured;
+ViT-L/16 at 384 px 1.14 estimated, 1.25 measured (within 20 %). The estimate decides a split, it is not a
+guarantee.
 """
 
 from __future__ import annotations
