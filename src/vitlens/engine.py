@@ -147,16 +147,26 @@ class ExplainTask:
         How many views :meth:`views` returns (the methods' outputs are collected per view).
     keep_attentions : bool
         Capture attention even when no method needs it (text attention views).
-    whole_batch_view : bool
-        The task's one view is the batch as captured (images). Then the attention gradients are reduced to
-        what the methods read while the backward produces them (``Captured.layer_terms``).
+    reduces_in_backward : bool
+        Each view is a block of the batch's tensors (:meth:`view_blocks`), so the attention gradients can be
+        reduced in the backward and the attention kept as head means; False where a view assembles several
+        attention calls into one map (encoder-decoders).
     """
 
     model: ExplainableModel
     targets: torch.Tensor | None = None
     num_views: int = 1
     keep_attentions: bool = False
-    whole_batch_view: bool = False
+    reduces_in_backward: bool = True
+
+    def view_blocks(self, slot: int = 0) -> list | None:
+        """Per view of ``slot``, the (batch row, token positions) it cuts out of the batch's (B, ..., N, N)
+        tensors (text: a sequence's real tokens); None: the one view is the batch as captured (images).
+
+        The attention gradients are reduced to what the methods read while the backward produces them
+        (``Captured.layer_terms``), each view's part from that view's block, so that a view reads the terms of
+        its own tokens."""
+        return None
 
     def leaf(self) -> torch.Tensor:
         """The batch input the gradients start from, as a fresh detached tensor."""
@@ -401,7 +411,8 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
                 # each saved tensor once it has been used, as a plain backward does
                 score = values[:, slot].sum()
                 last = slot == slots - 1 and every_source
-                with _reducing(recorder, terms, layer_terms, up, score, asked_every_layer=every_source):
+                with _reducing(recorder, terms, layer_terms, up, score, asked_every_layer=every_source,
+                               blocks=task.view_blocks(slot)):
                     grads = _grads(score, shared, retain=not last)
                 if GRADIENTS in needs and not terms:
                     gradients = [up(g) for g in grads[:len(sources)]]
@@ -566,10 +577,10 @@ def _hook_layers(model: ExplainableModel, names: list, stack: contextlib.ExitSta
 def _layer_terms(task: ExplainTask, methods: dict) -> list | None:
     """The (term, params) every gradient method of the pass reads each layer through, or None to keep the gradients.
 
-    Only where every method that needs the attention gradients declares a ``layer_term`` and the task's one view is
-    the whole batch (a text view cuts its sequence's tokens out of the padded batch before a method reads it).
+    Only where every method that needs the attention gradients declares a ``layer_term`` and the task's views are
+    blocks of the batch (:attr:`ExplainTask.reduces_in_backward`).
     """
-    if not task.whole_batch_view:
+    if not task.reduces_in_backward:
         return None
     wanted = []
     for name, params in methods.items():
@@ -596,7 +607,7 @@ def keeps_attention_gradients(methods: dict) -> bool:
 
 @contextlib.contextmanager
 def _reducing(recorder: AttentionRecorder, terms, store: dict, up, score: torch.Tensor,
-              asked_every_layer: bool = False):
+              asked_every_layer: bool = False, blocks: list | None = None):
     """While the backward runs, reduce each attention gradient to the ``terms`` as it is produced.
 
     A hook on every layer's gradient source (the attention, or with :class:`HeadMeanRecorder` the attention's
@@ -607,7 +618,9 @@ def _reducing(recorder: AttentionRecorder, terms, store: dict, up, score: torch.
     so every hook runs. A layer whose attention does not depend on the first one's (not a ViT of the usual kind)
     gets its gradient from one more backward of ``score``, reduced the same way; when the backward was asked for
     every layer's source (``asked_every_layer``), a layer whose hook did not run is one the score does not depend
-    on, and its gradient is zero.
+    on, and its gradient is zero. With view ``blocks`` (:meth:`ExplainTask.view_blocks`) each view's term is
+    computed from its block alone and put in its place of a (B, N, N) tensor (zero elsewhere), so that cutting the
+    view out of the stored term gives exactly the term of the view.
     """
     if not terms:
         yield
@@ -619,8 +632,23 @@ def _reducing(recorder: AttentionRecorder, terms, store: dict, up, score: torch.
     def reduce(layer: int, gradient: torch.Tensor) -> None:
         attention, gradient = recorder.attention_and_gradient(layer, gradient.detach())
         attention, gradient = up(attention), up(gradient)
-        for term, params in terms:
-            store[(term, params)][layer] = term(attention, gradient, **dict(params)).detach()
+        if blocks is None:
+            for term, params in terms:
+                store[(term, params)][layer] = term(attention, gradient, **dict(params)).detach()
+            return
+        placed = {key: attention.new_zeros(attention.shape[0], *attention.shape[-2:]) for key in terms}
+        for row, idx in blocks:
+            whole = _whole_row(idx, attention.shape[-1])
+            a, g = (attention[row:row + 1], gradient[row:row + 1]) if whole else \
+                (_block(attention, row, idx), _block(gradient, row, idx))
+            for term, params in terms:
+                part = term(a, g, **dict(params)).detach()[0]
+                if whole:
+                    placed[(term, params)][row] = part
+                else:
+                    placed[(term, params)][row, idx.unsqueeze(1), idx.unsqueeze(0)] = part
+        for key, value in placed.items():
+            store[key][layer] = value
 
     handles = [tensor.register_hook(lambda gradient, layer=layer: reduce(layer, gradient))
                for layer, tensor in enumerate(sources)]
@@ -640,7 +668,7 @@ def _head_means_suffice(task: ExplainTask, methods: dict, terms) -> bool:
     """Whether the pass may keep each layer's attention as its head mean only (:class:`HeadMeanRecorder`): an
     image pass whose caller does not want the attention, every gradient method reading a layer through its term
     (``terms``) and every method reading the attention itself only through its mean over heads."""
-    if task.keep_attentions or not task.whole_batch_view:
+    if task.keep_attentions or not task.reduces_in_backward:
         return False
     if any(GRADIENTS in get_method(name).needs for name in methods) and not terms:
         return False
@@ -658,6 +686,16 @@ def keeps_head_means_only(methods: dict) -> bool:
     if any(params.get("libragrad") for params in methods.values()):
         return False
     return not keeps_attention_gradients(methods) and _reads_head_means_only(methods)
+
+
+def _whole_row(idx: torch.Tensor, n: int) -> bool:
+    """Do the positions ``idx`` cover a row of ``n`` tokens in order (a sequence without padding)?"""
+    return idx.numel() == n and bool((idx == torch.arange(n, device=idx.device)).all())
+
+
+def _block(t: torch.Tensor, row: int, idx: torch.Tensor) -> torch.Tensor:
+    """Batch row ``row`` of a (B, ..., N, N) tensor, restricted to the token positions ``idx``: (1, ..., n, n)."""
+    return t[row:row + 1].index_select(-2, idx).index_select(-1, idx)
 
 
 def _grads(score: torch.Tensor, tensors: list, retain: bool = True) -> list:
@@ -713,8 +751,6 @@ class ImageTask(ExplainTask):
     Targets are class logits; the gradient starts from the pixels; rollout-style maps are read with
     the model's own token readout on its patch grid; Grad-CAM reads any spatial layer.
     """
-
-    whole_batch_view = True  # the methods see the batch as captured: gradients can be reduced in the backward
 
     def __init__(self, model: ImageModel, x: torch.Tensor, target=None):
         model.check_input(x)

@@ -87,6 +87,9 @@ class ContinuationTask(TextTask):
     def views(self, captured, slot=0):
         return [_sequence_captured(self.model, self.batch, 0, captured, self._prefix(slot))]
 
+    def view_blocks(self, slot=0):
+        return [(0, self._prefix(slot))]
+
     def input_views(self, leaf, values, slot=0):
         return [_sequence_channels(self.batch, 0, leaf, values, idx=self._prefix(slot))]
 

@@ -305,6 +305,9 @@ class Seq2SeqTask(ExplainTask):
     ``attention`` method, readout one-hot at row t), the input gradient cut to its real source tokens.
     """
 
+    # a view joins the encoder's, the decoder's and the cross-attention into one map: not a block of the batch
+    reduces_in_backward = False
+
     def __init__(self, model: Seq2SeqModel, batch: Seq2SeqBatch, contrast: torch.Tensor | None = None,
                  keep_attentions: bool = True):
         self.model, self.batch = model, batch

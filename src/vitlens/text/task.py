@@ -204,6 +204,9 @@ class TextTask(ExplainTask):
     def views(self, captured, slot=0):
         return [_sequence_captured(self.model, self.batch, s, captured) for s in range(len(self.batch))]
 
+    def view_blocks(self, slot=0):
+        return [(s, self.batch.real_index(s)) for s in range(len(self.batch))]
+
     def lrp_views(self, leaf, grad, key, slot=0):
         return [Captured([], None, None, 0, (1, xs.shape[-1]), input_relevance={key: (xs, gs)})
                 for xs, gs in self.input_views(leaf, grad, slot)]
@@ -314,6 +317,8 @@ def _sequence_captured(model: TextModel, batch: TextBatch, s: int, captured: Cap
     attn = [block(a) for a in captured.attentions]
     grads = None if captured.gradients is None else [block(g) for g in captured.gradients]
     layer_grads = {key: block(g) for key, g in captured.layer_gradients.items()}
+    # the engine's terms: each view's part was computed from its own block (ExplainTask.view_blocks)
+    terms = {key: [block(t) for t in per_layer] for key, per_layer in captured.layer_terms.items()}
     # without attention (input-gradient methods alone): the readout in float32 on the batch's device
     device, dtype = (attn[0].device, attn[0].dtype) if attn else (batch.input_ids.device, torch.float32)
     readout = model.readout_weights(n, device=device, dtype=dtype)
@@ -322,7 +327,7 @@ def _sequence_captured(model: TextModel, batch: TextBatch, s: int, captured: Cap
     if captured.input_gradient is not None:
         input_gradient = _sequence_channels(batch, s, *captured.input_gradient, idx=idx)
     return Captured(attentions=attn, gradients=grads, readout=readout, num_prefix=0, grid=(1, n),
-                    layer_gradients=layer_grads, inputs=ids, input_gradient=input_gradient)
+                    layer_gradients=layer_grads, inputs=ids, input_gradient=input_gradient, layer_terms=terms)
 
 
 def _sequence_channels(batch: TextBatch, s: int, *tensors, idx=None) -> tuple:
