@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import vitlens
-from tests.methods.general_reference import batched_and_alone, module_snapshot, reference_params
+from tests.methods.general_reference import batched_and_alone, general_reference, module_snapshot, reference_params
 from tests.methods.test_methods_reference import assert_scaled_close
 from vitlens.engine import run_batch
 from vitlens.methods import REGISTRY
@@ -64,6 +64,26 @@ def explain_one(model, x, method, params, targets, grid=None):
     if grid is not None:
         assert actual.dtype == torch.float64 and actual.shape == (x.shape[0], *grid)
     return actual, reference_params(method, REGISTRY[method].params(params))
+
+
+def per_image_reference(method, params, cap, prefix):
+    """general_reference read with each image's own readout row (``cap['readout']``, (B, N): a pooling head's)."""
+    out = []
+    for b in range(cap["A"][0].shape[0]):
+        one = {"A": [a[b:b + 1] for a in cap["A"]], "G": [g[b:b + 1] for g in cap["G"]],
+               "LG": {key: g[b:b + 1] for key, g in cap["LG"].items()}}
+        out.append(general_reference(method, params, one, cap["readout"][b], prefix)[0])
+    return np.stack(out)
+
+
+def check_per_image_reference(model, x, method, params, targets, cap, prefix, grid):
+    """One method's map equals :func:`per_image_reference` (to float64 rounding of its scale) and differs between
+    the two images; returns (the method's resolved parameters, the reference)."""
+    actual, full = explain_one(model, x, method, params, targets, grid=grid)
+    expected = per_image_reference(method, full, cap, prefix)
+    assert_scaled_close(actual.numpy(), expected)
+    assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()  # not degenerate
+    return full, expected
 
 
 def check_gradcam_formula(model, x, targets, cam, grid, prefix=1):

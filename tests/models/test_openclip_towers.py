@@ -33,12 +33,12 @@ import vitlens
 from tests.methods.general_reference import CASES, readout_vector
 from tests.methods.test_methods_reference import assert_scaled_close
 from tests.models.family_checks import (check_batched_equals_alone, check_capture_keeps_the_logits,
-                                        check_gradcam_formula, check_module_as_given, explain_one, reference_gradients)
+                                        check_gradcam_formula, check_module_as_given, check_per_image_reference,
+                                        reference_gradients)
 from tests.models.family_checks import layer_norm as _ln
 from tests.models.family_checks import linear as _lin
 from tests.models.prompted_checks import check_logits_are_the_models, check_lrp_refused, check_two_prompts_differ
 from tests.models.test_openclip import PROMPTS, TEXT, explicit_forward, tokens, unit_init
-from tests.models.test_timm_map_pool import per_image_reference
 from tests.models.test_timm_map_pool import pooled as map_pooled
 from vitlens.errors import MethodError, ModelError
 from vitlens.models import AttentionRecorder
@@ -170,11 +170,8 @@ def test_timm_tower_facts_logits_and_capture(timm_setup):
 
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_timm_tower_matches_independent_float64_reference(timm_setup, method, params):
-    cap, prefix = timm_setup["cap"], timm_setup["prefix"]
-    actual, full = explain_one(timm_setup["model"], timm_setup["x"], method, params, TARGETS, grid=GRID)
-    expected = per_image_reference(method, full, cap, prefix)
-    assert_scaled_close(actual.numpy(), expected)
-    assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()  # not degenerate
+    check_per_image_reference(timm_setup["model"], timm_setup["x"], method, params, TARGETS, timm_setup["cap"],
+                              timm_setup["prefix"], GRID)
 
 
 def test_timm_tower_gradcam_prompts_and_batches(timm_setup):
@@ -269,10 +266,7 @@ def test_coca_facts_logits_and_pooler_readout(coca_setup):
 
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_coca_matches_independent_float64_reference(coca_setup, method, params):
-    actual, full = explain_one(coca_setup["model"], coca_setup["x"], method, params, TARGETS, grid=GRID)
-    expected = per_image_reference(method, full, coca_setup["cap"], 1)
-    assert_scaled_close(actual.numpy(), expected)
-    assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()
+    check_per_image_reference(coca_setup["model"], coca_setup["x"], method, params, TARGETS, coca_setup["cap"], 1, GRID)
 
 
 def test_coca_gradcam_prompts_and_batches(coca_setup):

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 import vitlens
 from tests.methods.general_reference import CASES, general_reference, readout_vector
-from tests.methods.test_methods_reference import assert_scaled_close
 from tests.models.family_checks import (check_batched_equals_alone, check_capture_keeps_the_logits,
-                                        check_gradcam_formula, check_module_as_given, explain_one,
+                                        check_gradcam_formula, check_module_as_given, check_per_image_reference,
                                         reference_gradients)
 from tests.models.family_checks import layer_norm as _ln
 from tests.models.family_checks import linear as _lin
@@ -116,16 +115,6 @@ def reference_capture(module, x, targets):
     return {**cap, "readout": readout.detach().numpy()}
 
 
-def per_image_reference(method, params, cap, prefix):
-    """general_reference read with each image's own pooling row."""
-    out = []
-    for b in range(cap["A"][0].shape[0]):
-        one = {"A": [a[b:b + 1] for a in cap["A"]], "G": [g[b:b + 1] for g in cap["G"]],
-               "LG": {key: g[b:b + 1] for key, g in cap["LG"].items()}}
-        out.append(general_reference(method, params, one, cap["readout"][b], prefix)[0])
-    return np.stack(out)
-
-
 @pytest.fixture(scope="module", params=list(MODELS), ids=list(MODELS))
 def setup(request):
     module = tiny_map_vit(request.param, seed=len(request.param))
@@ -167,10 +156,8 @@ def test_capture_reports_the_pooling_attention_as_the_readout(setup):
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{p}".replace(" ", "") for m, p in CASES])
 def test_matches_independent_float64_reference(setup, method, params):
     cap, prefix = setup["cap"], setup["prefix"]
-    actual, full = explain_one(setup["model"], setup["x"], method, params, TARGETS, grid=GRID)
-    expected = per_image_reference(method, full, cap, prefix)
-    assert_scaled_close(actual.numpy(), expected)
-    assert np.abs(expected[0] - expected[1]).max() > 1e-3 * np.abs(expected).max()  # not degenerate
+    full, expected = check_per_image_reference(setup["model"], setup["x"], method, params, TARGETS, cap, prefix,
+                                               GRID)
     if method != "legrad":
         # the pooling row matters: the mean of the patch rows would give another map
         mean = general_reference(method, full, cap, readout_vector("mean", prefix, prefix + 16), prefix)
