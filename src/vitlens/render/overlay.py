@@ -8,6 +8,7 @@ picture a user actually looked at, not with the model's 224x224 crop.
 from __future__ import annotations
 
 import os
+import struct
 import zlib
 from pathlib import Path
 
@@ -158,10 +159,9 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike, photo: bool = F
     path : path-like
         Destination; the format is PNG whatever the suffix.
     photo : bool
-        The image is a photograph (an overlay): compress with Huffman coding only. zlib's
-        string matching finds almost nothing in camera noise, so this is several times faster
-        than the default for files of about the same size (a 500 x 375 ImageNet overlay: 10 ms,
-        269 kB against 54 ms, 275 kB); drawings with flat areas keep the default.
+        The image is a photograph (an overlay): encoded by :func:`photo_png` (one filter for every row,
+        Huffman coding only), several times faster than Pillow's default for files of about the same size;
+        drawings with flat areas keep Pillow's default.
 
     Returns
     -------
@@ -172,5 +172,42 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike, photo: bool = F
     OutputError
         One-line message when the directory cannot be created or the file cannot be written.
     """
-    options = {"compress_type": zlib.Z_HUFFMAN_ONLY} if photo else {}
-    return write_atomic(path, lambda handle: image.save(handle, format="PNG", **options))
+    if photo:
+        return write_atomic(path, lambda handle: photo_png(image, handle))
+    return write_atomic(path, lambda handle: image.save(handle, format="PNG"))
+
+
+#: rows per block that :func:`photo_png` filters and compresses at once (memory stays bounded for huge images)
+_PNG_BLOCK_ROWS = 256
+
+
+def photo_png(image: Image.Image, handle) -> None:
+    """Write ``image`` (converted to RGB) to the binary file ``handle`` as an 8-bit RGB PNG, encoded for speed.
+
+    Every row gets PNG's Sub filter (each byte minus the same channel of the pixel to its left, modulo 256), and
+    zlib compresses with Huffman coding only: zlib's string matching finds almost nothing in camera noise, and
+    Pillow's encoder tries all five filters on every row, which costs more than the compression. A 227 x 227
+    ImageNet overlay takes 1.1 ms and 110 kB, against 2.6 ms and 104 kB with Pillow's Huffman-only PNG (10.5 ms
+    and 414 kB for a full-resolution photo, against 4.8 ms and 426 kB here). The image is stored losslessly;
+    rows are filtered and compressed a block at a time, so a huge image never has a second full-size copy.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    height, width, _ = pixels.shape
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+    parts = []
+    for top in range(0, height, _PNG_BLOCK_ROWS):
+        rows = pixels[top:top + _PNG_BLOCK_ROWS].reshape(-1, width * 3)
+        block = np.empty((rows.shape[0], width * 3 + 1), dtype=np.uint8)
+        block[:, 0] = 1  # the filter type byte: Sub
+        block[:, 1:4] = rows[:, :3]
+        np.subtract(rows[:, 3:], rows[:, :-3], out=block[:, 4:])  # uint8 arithmetic wraps modulo 256, as PNG's does
+        parts.append(compressor.compress(block.tobytes()))
+    parts.append(compressor.flush())
+    handle.write(b"\x89PNG\r\n\x1a\n")
+    handle.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))  # 8-bit RGB
+    handle.write(_png_chunk(b"IDAT", b"".join(parts)))
+    handle.write(_png_chunk(b"IEND", b""))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
