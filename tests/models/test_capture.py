@@ -49,6 +49,20 @@ def test_recomputed_attention_is_the_explicit_one_with_every_gradient(mask):
     assert torch.autograd.gradcheck(lambda *t: RecomputedAttention.apply(*t, 0.5, mask, {})[0], (q, k, v))
 
 
+def test_a_learnt_additive_mask_gets_its_gradient():
+    """A mask computed from parameters (BEiT's relative position bias) is differentiated as in the explicit path."""
+    q, k, v = qkv()
+    bias = torch.randn(3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    out, _ = RecomputedAttention.apply(q, k, v, 0.5, bias.unsqueeze(0), {})
+    expected = explicit(q, k, v, 0.5, bias.unsqueeze(0))
+    weights = torch.randn_like(out)
+    ours = torch.autograd.grad((out * weights).sum(), [q, k, v, bias])
+    theirs = torch.autograd.grad((expected * weights).sum(), [q, k, v, bias])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda b: RecomputedAttention.apply(q, k, v, 0.5, b.unsqueeze(0), {})[0], (bias,))
+
+
 def test_recomputed_attention_under_bf16_autocast_follows_the_explicit_one():
     q, k, v = qkv(torch.float32, n=17)
     with torch.autocast("cpu", dtype=torch.bfloat16):

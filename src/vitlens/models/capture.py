@@ -179,8 +179,9 @@ class RecomputedAttention(torch.autograd.Function):
 
         dA = d_out v^T     dv = A^T d_out     dS = A * (dA - rowsum(dA * A))     dq = scale dS k     dk = dS^T (q scale)
 
-    which is autograd's own backward of the explicit computation. The mask is a constant (no gradient). Under
-    autocast the products run in the autocast dtype and the softmax in float32, in the forward and the backward.
+    which is autograd's own backward of the explicit computation; an additive mask that requires a gradient (BEiT's
+    relative position bias) gets ``dS`` summed to its shape. Under autocast the products run in the autocast dtype
+    and the softmax in float32, in the forward and the backward.
     """
 
     @staticmethod
@@ -211,7 +212,10 @@ class RecomputedAttention(torch.autograd.Function):
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
             grad_q = (grad_scores.to(k.dtype) @ k) * ctx.scale
             grad_k = (grad_scores.to(q.dtype).transpose(-2, -1) @ q) * ctx.scale
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
+        grad_mask = None
+        if ctx.needs_input_grad[4]:
+            grad_mask = grad_scores.sum_to_size(ctx.mask.shape).to(ctx.mask.dtype)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, grad_mask, None
 
 
 def masked_scores(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
