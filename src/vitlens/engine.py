@@ -354,7 +354,9 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
     capture = ATTENTIONS in needs or task.keep_attentions or libra
     with model.eval_mode(), torch.set_grad_enabled(want_gradients), contextlib.ExitStack() as stack:
         # Chefer, GMAR and GMAR++ read each layer through a term computed in the backward; without LibraGrad or a
-        # caller that wants the attention itself, the per-head attention need not be kept at all
+        # caller that wants the attention itself, the per-head attention need not be kept at all. (LibraGrad
+        # detaches queries and keys: a layer's attention no longer leads to the earlier ones, so its gradients are
+        # kept, as reducing them in the backward would take one backward per layer.)
         terms = _layer_terms(task, methods) if GRADIENTS in needs and not libra else None
         if libra:
             recorder = LibraRecorder()
@@ -383,8 +385,6 @@ def _shared_pass(task: ExplainTask, methods: dict, result: PassResult, dtype=Non
             raise MethodError(f"target layer '{missing[0]}' is not used by the model's forward pass")
         cam_inputs = [activations[name] for name in cam_names]
         spatial_acts = {name: task.cam_spatial(up(act.detach()), name) for name, act in zip(cam_names, cam_inputs)}
-        # (LibraGrad detaches queries and keys: a layer's attention no longer leads to the earlier ones, so its
-        # gradients are kept, as reducing them in the backward would take one backward per layer)
         sources = recorder.gradient_sources
         # with head means only every layer's gradient source is asked for (each is small, (B, heads, N, d)): no layer
         # is left to an extra backward, so the pass's last backward may free the graph as it goes
