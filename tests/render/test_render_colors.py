@@ -101,3 +101,15 @@ def test_signed_colour_map_puts_zero_relevance_at_the_neutral_colour():
     assert colours[0, 0][2] > 200 and colours[0, 2][0] > 200
     np.testing.assert_array_equal(colours[0, 0][::-1], colours[0, 2])
 
+
+
+@pytest.mark.parametrize("cmap", ["jet", "bwr", "viridis", "gray", "RdBu_r"])
+def test_apply_colormap_is_matplotlibs_own_quantisation(cmap):
+    """The cached byte table gives exactly what ``colormap(values, bytes=True)`` gives, edges included."""
+    from matplotlib import colormaps
+
+    rng = np.random.default_rng(7)
+    values = np.concatenate([rng.random(5000), [0.0, 1.0, 0.5, 1 - 1e-7, 1 / 256, 255 / 256, np.nextafter(1, 0)]])
+    values = values.astype(np.float32).reshape(1, -1)
+    expected = colormaps[cmap](values, bytes=True)[..., :3]
+    np.testing.assert_array_equal(apply_colormap(values, cmap), expected)

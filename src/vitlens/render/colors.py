@@ -5,6 +5,8 @@ Only the colormap registry of matplotlib is used here: no figure, no backend, no
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from matplotlib import colormaps
 
@@ -86,10 +88,19 @@ def apply_colormap(values: np.ndarray, cmap: str = "jet") -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 2:
         raise ValueError(f"apply_colormap expects a 2-D map, got shape {arr.shape}")
+    lut = _byte_lut(cmap)
+    # matplotlib's own quantisation of a float in [0, 1] to one of the colormap's N entries (1.0 is the last one),
+    # then its byte table: what colormap(values, bytes=True) gives, without its per-call overhead
+    index = (clean_unit(arr) * len(lut)).astype(np.int64)
+    np.clip(index, 0, len(lut) - 1, out=index)
+    return lut[index]
+
+
+@functools.lru_cache(maxsize=32)
+def _byte_lut(cmap: str) -> np.ndarray:
+    """(N, 3) uint8: the colormap's entries as matplotlib gives them with ``bytes=True`` (integers index the table)."""
     colormap = get_cmap(cmap)
-    # bytes=True makes matplotlib do the 0..255 quantisation exactly as it does for its own images.
-    rgba = colormap(clean_unit(arr), bytes=True)
-    return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
+    return np.ascontiguousarray(colormap(np.arange(colormap.N), bytes=True)[:, :3], dtype=np.uint8)
 
 
 #: Percentile of |R| at which the signed colour scale saturates. Relevance is heavy-tailed (a few
