@@ -222,6 +222,44 @@ def test_resume_removes_temp_files_left_by_a_killed_run(tmp_path, capsys, tiny):
     assert temp_files(out) == []
 
 
+@pytest.mark.parametrize("emptied", ["overlays/rollout/im01__{c}.png", "maps/rollout/im01__{c}.npy",
+                                     "originals/im01.jpg", "records/im01.json"])
+def test_files_a_power_cut_left_empty_are_redone(tmp_path, capsys, tiny, emptied):
+    """Per-image files are not flushed one by one: after a power cut the newest may be empty. The record's
+    file sizes tell, and the resumed run redoes exactly that image, to the same bytes."""
+    folder = photo_folder(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    code, _, err = explain(capsys, folder, tiny, out, "--methods", "rollout")
+    assert code == 0, err
+    before = snapshot(out)
+    record = json.loads((out / "records" / "im01.json").read_text())
+    assert set(record["files"]) == {record["original"], record["outputs"][0]["overlay"], record["outputs"][0]["map"]}
+    assert all(size == (out / name).stat().st_size > 0 for name, size in record["files"].items())
+    (out / emptied.format(c=record["outputs"][0]["target"])).write_bytes(b"")
+
+    code, stdout, err = explain(capsys, folder, tiny, out, "--methods", "rollout")
+    assert code == 0, err
+    assert stdout.startswith("explained 1 image(s), 2 already done, 0 failed")
+    after = snapshot(out)
+    assert {path: data for path, (_, data) in after.items()} == {path: data for path, (_, data) in before.items()}
+    # the other images were not touched
+    assert [p for p in before if "im01" not in p and p not in ("manifest.json", "run.json")
+            and after[p][0] != before[p][0]] == []
+
+
+def test_per_image_files_are_not_flushed_one_by_one(tmp_path, tiny_model, monkeypatch):
+    """One fsync per file cost more than drawing it: only run.json and the manifest are flushed, whatever the
+    number of images."""
+    flushed = []
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(fd))
+    folder = photo_folder(tmp_path / "in", 4)
+    summary = run_explain(resolve_inputs([str(folder)]), tiny_model, ["rollout"], out_dir=tmp_path / "out",
+                          batch_size=2, progress=False)
+    assert summary.explained == 4
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 4
+    assert len(flushed) == 2
+
+
 def test_keyboard_interrupt_exits_130_and_the_run_resumes(tmp_path, capsys, tiny, monkeypatch):
     import vitlens.runner as runner
 

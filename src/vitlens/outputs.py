@@ -15,7 +15,12 @@ manifest, the report and ``vitlens evaluate`` are assembled from.
 
 Every file is written atomically (temp file + rename). An image counts as done only when its
 record exists, and the record is written after all of its files, so a run killed at any moment
-and started again redoes exactly the unfinished images and ends with the same files. Different
+and started again redoes exactly the unfinished images and ends with the same files. The record
+lists the size of each of its files (``files``), and an image also counts as done only when every
+one of them has that size: per-image files are not flushed to the disk one by one (an ``fsync`` per
+file cost more than drawing and encoding it), so a power cut or a kernel crash may leave the newest
+files, or their records, empty, and a resumed run redoes those images. ``run.json`` and the manifest
+are flushed. Different
 images may be written by different threads (or ranks of a distributed run) at the same time: an
 image's files are written by one thread, in order, the record last.
 """
@@ -223,9 +228,10 @@ class RunWriter:
         record = self.read_record(key)
         if record is None or (path is not None and record.get("path") != path):
             return False
-        files = [record.get("original")] + [o.get(k) for o in record.get("outputs", [])
-                                            for k in ("overlay", "map")]
-        return all(f is None or (self.out / f).is_file() for f in files)
+        files = record.get("files")
+        if not isinstance(files, dict):
+            return False
+        return all(_file_size(self.out / name) == size for name, size in files.items())
 
     def read_record(self, key: str) -> dict | None:
         path = self.records_dir / f"{key}.json"
@@ -251,7 +257,7 @@ class RunWriter:
             original = f"originals/{key}.jpg"
             thumb = image.copy()
             thumb.thumbnail((ORIGINAL_MAX_SIDE, ORIGINAL_MAX_SIDE))
-            write_atomic(self.out / original, lambda fh: thumb.save(fh, format="JPEG", quality=90))
+            write_atomic(self.out / original, lambda fh: thumb.save(fh, format="JPEG", quality=90), durable=False)
         # one downscaled canvas for every overlay of the image, not a full-resolution copy per method
         canvas, canvas_box = fit_within(image, crop_box, self.overlay_max_side) if "overlays" in self.save \
             else (None, None)
@@ -272,11 +278,11 @@ class RunWriter:
                     else:
                         pixel_map = result.maps[method][index, slot].numpy()
                         drawn = overlay_on_original(canvas, pixel_map, canvas_box, cmap=self.cmap, alpha=self.alpha)
-                    save_png_atomic(drawn, self.out / overlay_file, photo=True)
+                    save_png_atomic(drawn, self.out / overlay_file, photo=True, durable=False)
                     entry["overlay"] = overlay_file
                 if "maps" in self.save:
                     map_file = f"maps/{method}/{stem}.npy"
-                    write_atomic(self.out / map_file, lambda fh, a=raw: np.save(fh, a))
+                    write_atomic(self.out / map_file, lambda fh, a=raw: np.save(fh, a), durable=False)
                     entry["map"] = map_file
                 flagged = degenerate.get((method, slot))
                 if flagged is not None:
@@ -304,19 +310,24 @@ class RunWriter:
             "targets": [p.to_dict() for p in result.target_predictions(index)],
             "original": original,
             "outputs": outputs,
+            "files": self._sizes([original] + [o.get(k) for o in outputs for k in ("overlay", "map")]),
             **(extra or {}),
         }
         self._write_record(key, record)
         return record
 
+    def _sizes(self, names) -> dict:
+        """Relative path -> size in bytes of the files just written (what :meth:`done` checks)."""
+        return {name: (self.out / name).stat().st_size for name in names if name is not None}
+
     def write_failure(self, key: str, path: str | None, error: str, label=None, label_name=None) -> dict:
         record = {"key": key, "path": path, "label": label, "label_name": label_name, "status": "failed",
-                  "error": error, "prediction": None, "targets": [], "outputs": []}
+                  "error": error, "prediction": None, "targets": [], "outputs": [], "files": {}}
         self._write_record(key, record)
         return record
 
     def _write_record(self, key: str, record: dict) -> None:
-        write_text_atomic(self.records_dir / f"{key}.json", json.dumps(record, indent=1) + "\n")
+        write_text_atomic(self.records_dir / f"{key}.json", json.dumps(record, indent=1) + "\n", durable=False)
         with self._order_lock:
             if key not in self.order:
                 self.order.append(key)
@@ -347,6 +358,13 @@ class RunWriter:
         path = self.out / MANIFEST_FILE
         write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
         return path
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def result_input(result, index: int) -> torch.Tensor:

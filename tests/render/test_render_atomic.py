@@ -76,3 +76,16 @@ def test_write_text_atomic_round_trip(tmp_path):
     path = write_text_atomic(tmp_path / "r.html", "héllo <b>")
     assert path.read_text(encoding="utf-8") == "héllo <b>"
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_writes_are_flushed_before_the_rename(tmp_path, monkeypatch, durable):
+    events = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append("replace"), real_replace(src, dst)))
+    write_text_atomic(tmp_path / "t.json", "{}", durable=durable)
+    save_png_atomic(Image.new("RGB", (2, 2)), tmp_path / "p.png", photo=True, durable=durable)
+    assert events == (["fsync", "replace"] * 2 if durable else ["replace"] * 2)
+    assert (tmp_path / "t.json").read_text() == "{}"
+    assert _leftovers(tmp_path) == []

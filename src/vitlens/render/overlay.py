@@ -153,7 +153,7 @@ def heatmap_image(heatmap: np.ndarray, cmap: str = "jet") -> Image.Image:
     return Image.fromarray(apply_colormap(heatmap, cmap))
 
 
-def save_png_atomic(image: Image.Image, path: str | os.PathLike, photo: bool = False) -> Path:
+def save_png_atomic(image: Image.Image, path: str | os.PathLike, photo: bool = False, durable: bool = True) -> Path:
     """Save ``image`` as PNG without ever leaving a half-written file at ``path``.
 
     The PNG is written to a hidden temp file in the same directory and moved into place
@@ -168,6 +168,8 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike, photo: bool = F
         The image is a photograph (an overlay): encoded by :func:`photo_png` (one filter for every row,
         Huffman coding only), several times faster than Pillow's default for files of about the same size;
         drawings with flat areas keep Pillow's default.
+    durable : bool
+        On the disk before it is in place (see :func:`~vitlens.render.atomic.write_atomic`).
 
     Returns
     -------
@@ -179,8 +181,8 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike, photo: bool = F
         One-line message when the directory cannot be created or the file cannot be written.
     """
     if photo:
-        return write_atomic(path, lambda handle: photo_png(image, handle))
-    return write_atomic(path, lambda handle: image.save(handle, format="PNG"))
+        return write_atomic(path, lambda handle: photo_png(image, handle), durable=durable)
+    return write_atomic(path, lambda handle: image.save(handle, format="PNG"), durable=durable)
 
 
 #: rows per block that :func:`photo_png` filters and compresses at once (memory stays bounded for huge images)
