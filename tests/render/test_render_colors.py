@@ -3,6 +3,7 @@ import pytest
 
 from vitlens.errors import VitlensError
 from vitlens.render import ColormapError, apply_colormap, signed_to_unit
+from vitlens.render.colors import colormap_image
 from vitlens.render.colors import SIGNED_PERCENTILE, signed_bound
 
 
@@ -103,8 +104,8 @@ def test_signed_colour_map_puts_zero_relevance_at_the_neutral_colour():
 
 
 
-@pytest.mark.parametrize("cmap", ["jet", "bwr", "viridis", "gray", "RdBu_r"])
-def test_apply_colormap_is_matplotlibs_own_quantisation(cmap):
+@pytest.mark.parametrize("cmap", ["jet", "bwr", "viridis", "gray", "RdBu_r", "tab10", "vitlens_test_1000"])
+def test_apply_colormap_is_matplotlibs_own_quantisation(cmap, many_entry_colormap):
     """The cached byte table gives exactly what ``colormap(values, bytes=True)`` gives, edges included."""
     from matplotlib import colormaps
 
@@ -113,3 +114,17 @@ def test_apply_colormap_is_matplotlibs_own_quantisation(cmap):
     values = values.astype(np.float32).reshape(1, -1)
     expected = colormaps[cmap](values, bytes=True)[..., :3]
     np.testing.assert_array_equal(apply_colormap(values, cmap), expected)
+    # what overlays draw with: the same colours as a picture (a palette lookup for N <= 256 entries)
+    np.testing.assert_array_equal(np.asarray(colormap_image(values, cmap)), expected)
+
+
+@pytest.fixture(scope="module")
+def many_entry_colormap():
+    """A colormap of 1000 entries (more than a palette image holds), registered for this module only."""
+    from matplotlib import colormaps
+    from matplotlib.colors import LinearSegmentedColormap
+
+    colormaps.register(LinearSegmentedColormap.from_list("vitlens_test_1000", ["navy", "gold", "crimson"], N=1000))
+    assert colormaps["vitlens_test_1000"].N == 1000
+    yield
+    colormaps.unregister("vitlens_test_1000")

@@ -10,6 +10,7 @@ from vitlens.render import (
     overlay,
     resize_map,
     signed_overlay,
+    signed_to_unit,
 )
 
 
@@ -105,6 +106,21 @@ def test_zero_relevance_leaves_the_photo_untouched():
         np.testing.assert_array_equal(out[:4, :4], photo[:4, :4])
     assert (np.asarray(signed_overlay(img, np.array([[0.0, 0.0], [0.0, 5.0]]), alpha=1.0))[-1, -1]
             != photo[-1, -1]).any()
+
+
+@pytest.mark.parametrize("alpha", [0.7, 1.0, 0.3])
+def test_signed_overlay_is_the_per_pixel_blend_within_one_grey_level(alpha):
+    """(1 - w) photo + w colour with w = alpha |2u - 1|, stated in float64: Pillow's masked blend is at most one
+    grey level away from it (its mask holds w in steps of 1/255)."""
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 256, (45, 61, 3), dtype=np.uint8))
+    relevance = rng.standard_normal((7, 9))
+    unit = resize_map(signed_to_unit(relevance), img.size).astype(np.float64)
+    weight = (alpha * np.abs(2.0 * unit - 1.0))[..., None]
+    exact = (1.0 - weight) * np.asarray(img, dtype=np.float64) + weight * apply_colormap(unit, "bwr")
+    got = np.asarray(signed_overlay(img, relevance, cmap="bwr", alpha=alpha), dtype=np.float64)
+    assert np.abs(got - exact).max() <= 1.0
+    assert np.abs(got - np.rint(exact)).max() <= 1.0
 
 
 def test_heatmap_image_has_map_resolution(gradient_map):

