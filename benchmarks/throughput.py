@@ -9,17 +9,19 @@ Real ViT-Tiny/16 (ImageNet, ../shared/data/vit_tiny_in1k_augreg) on real ImageNe
              decoding, the same explain step, and writing overlays + maps + originals + records
              (``--save all``, the default) or maps + records (``--save maps``)
 
-pipeline efficiency = pipeline images/s / bare images/s (target >= 0.9). Repeats are interleaved and
-the median is reported. On a CPU whose cores all compute (the default), decoding and writing can only
-take their CPU time from the model; ``--torch-threads 1`` on a 2-core machine leaves one core to them,
-as a GPU run leaves the CPU, and shows whether the pipeline hides them.
+pipeline efficiency = pipeline images/s / bare images/s (target >= 0.9). Repeats are interleaved; the
+efficiency is the median of each repeat's ratio to the bare rate measured just before it, with the
+range over the repeats (a shared machine's speed drifts too much for a ratio of medians). On a CPU
+whose cores all compute (the default), decoding and writing can only take their CPU time from the
+model; ``--torch-threads 1`` on a 2-core machine leaves one core to them, as a GPU run leaves the CPU,
+and shows whether the pipeline hides them.
 
 ``--processes`` also runs the command line end to end: ``python -m vitlens explain`` in one
 process against ``torchrun --nproc-per-node 2 -m vitlens explain`` (one thread per process, as
 torchrun sets it), comparing the images/s each prints (model loading excluded).
 
     python benchmarks/throughput.py [--images 64] [--batch 16] [--repeats 3] [--device cpu] [--processes]
-                                    [--torch-threads N]
+                                    [--torch-threads N] [--io-cost]
 """
 
 from __future__ import annotations
@@ -67,6 +69,35 @@ def pipeline_rate(model, samples, methods, batch, save) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def io_cost(model, samples, images, methods, batch) -> tuple[float, float]:
+    """CPU milliseconds per image, on one thread, of decoding and of writing every file (``--save all``).
+
+    The work the pipeline must fit beside the model: a steadier figure than the efficiency on a shared
+    machine, since it is the calling thread's own time (its CPU time, not the process's).
+    """
+    from vitlens.outputs import RunWriter
+    from vitlens.runner import decoding_size
+
+    reduce = decoding_size(model.preprocess, 1024)
+    start = time.thread_time()
+    for sample in samples:
+        load_sample(sample, reduce=reduce)
+    decode = (time.thread_time() - start) / len(samples)
+    out = Path(tempfile.mkdtemp(prefix="vitlens-throughput-"))
+    try:
+        writer = RunWriter(out, model, {m: {} for m in methods}, save="all")
+        spent = 0.0
+        for i in range(0, len(images), batch):
+            result = vitlens.explain(model, images[i:i + batch], methods=methods, batch_size=batch)
+            start = time.thread_time()
+            for j, sample in enumerate(samples[i:i + batch]):
+                writer.write_image(sample.key, sample.path, images[i + j], result.inputs[j].crop_box, result, j)
+            spent += time.thread_time() - start
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return 1e3 * decode, 1e3 * spent / len(images)
+
+
 def command_rate(command: list[str], env: dict) -> float:
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -81,6 +112,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--processes", action="store_true", help="also time 1 vs 2 processes (torchrun, gloo)")
+    parser.add_argument("--io-cost", action="store_true",
+                        help="also report the CPU time per image of decoding and of writing every file, on one thread")
     parser.add_argument("--torch-threads", type=int,
                         help="torch's intra-op threads (default: torch's own choice, all cores); fewer leave cores "
                              "to the decoding and writing threads, as a GPU run does")
@@ -95,7 +128,9 @@ def main() -> None:
             "all methods": vitlens.methods.parse_methods("all", model)}
     print(f"{args.images} ImageNet val images, batch {args.batch}, {args.device}, torch threads "
           f"{torch.get_num_threads()}, median of {args.repeats} interleaved runs")
-    print(f"{'methods':22s} {'bare img/s':>11s} {'save all':>9s} {'eff.':>5s} {'save maps':>10s} {'eff.':>5s}")
+    print("efficiency: the median of each repeat's pipeline rate over the bare rate measured just before it "
+          "(min-max over the repeats in brackets)")
+    print(f"{'methods':22s} {'bare img/s':>11s} {'save all':>9s} {'eff.':>16s} {'save maps':>10s} {'eff.':>16s}")
     for name, methods in sets.items():
         bare_rate(model, images[:args.batch], methods, args.batch, args.device)  # warm-up
         rates: dict = {"bare": [], "all": [], "maps": []}
@@ -103,8 +138,21 @@ def main() -> None:
             rates["bare"].append(bare_rate(model, images, methods, args.batch, args.device))
             rates["all"].append(pipeline_rate(model, samples, methods, args.batch, "all"))
             rates["maps"].append(pipeline_rate(model, samples, methods, args.batch, "maps"))
-        bare, full, maps = (statistics.median(rates[k]) for k in ("bare", "all", "maps"))
-        print(f"{name:22s} {bare:11.2f} {full:9.2f} {full / bare:5.2f} {maps:10.2f} {maps / bare:5.2f}", flush=True)
+        cells = []
+        for kind in ("all", "maps"):
+            # paired ratios: a shared machine's speed drifts by 10-20 % within minutes, a pair's much less
+            ratios = [pipeline / bare for pipeline, bare in zip(rates[kind], rates["bare"])]
+            spread = f"({min(ratios):.2f}-{max(ratios):.2f})"
+            cells.append(f"{statistics.median(rates[kind]):9.2f} {statistics.median(ratios):5.2f} {spread:>10s}")
+        print(f"{name:22s} {statistics.median(rates['bare']):11.2f} {cells[0]} {cells[1]:>27s}", flush=True)
+    if args.io_cost:
+        torch.set_num_threads(1)  # the writing is timed on the calling thread alone
+        print(f"\nCPU ms per image on one thread, median of {args.repeats} passes: decoding, and writing every file "
+              "(--save all)")
+        for name, methods in sets.items():
+            costs = [io_cost(model, samples, images, methods, args.batch) for _ in range(args.repeats)]
+            decode, write = (statistics.median(c[k] for c in costs) for k in (0, 1))
+            print(f"{name:22s} decode {decode:6.2f}   write {write:6.2f}", flush=True)
 
     if args.processes:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
