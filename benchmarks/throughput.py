@@ -75,10 +75,11 @@ def io_cost(model, samples, images, methods, batch) -> tuple[float, float]:
     The work the pipeline must fit beside the model: a steadier figure than the efficiency on a shared
     machine, since it is the calling thread's own time (its CPU time, not the process's).
     """
+    from vitlens.cliargs import OVERLAY_MAX_SIDE
     from vitlens.outputs import RunWriter
     from vitlens.runner import decoding_size
 
-    reduce = decoding_size(model.preprocess, 1024)
+    reduce = decoding_size(model.preprocess, OVERLAY_MAX_SIDE)  # what a default run decodes
     start = time.thread_time()
     for sample in samples:
         load_sample(sample, reduce=reduce)

@@ -3,8 +3,7 @@ import pytest
 
 from vitlens.errors import VitlensError
 from vitlens.render import ColormapError, apply_colormap, signed_to_unit
-from vitlens.render.colors import colormap_image
-from vitlens.render.colors import SIGNED_PERCENTILE, signed_bound
+from vitlens.render.colors import SIGNED_PERCENTILE, colormap_image, signed_bound
 
 
 def test_jet_endpoints_are_dark_blue_and_dark_red():
